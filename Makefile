@@ -1,0 +1,43 @@
+# One task runner: people and CI call the same targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+DEV_SECRET ?= dev-secret
+FILE ?= ../shared/fixtures/calenso/customer.created.nested.json
+
+.PHONY: install run send test test-fast lint format ci clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[embedded,fast,test,lint]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)  ## Create the virtual environment and install calhook with everything.
+
+run: install  ## Start Redis (embedded unless REDIS_URL is set), the ingress on :8080 and a worker.
+	CALHOOK_AUTH_SECRETS="$${CALHOOK_AUTH_SECRETS:-$(DEV_SECRET)}" $(BIN)/calhook dev
+
+send: install  ## Post FILE to the running pipeline, as Calenso would.
+	CALHOOK_AUTH_SECRETS="$${CALHOOK_AUTH_SECRETS:-$(DEV_SECRET)}" $(BIN)/calhook send $(FILE)
+
+test: install  ## The whole suite, fault-injection tests included.
+	$(BIN)/pytest
+
+test-fast: install  ## The suite without the long fault-injection tests.
+	$(BIN)/pytest -m "not slow"
+
+lint: install  ## ruff and mypy (strict), as CI runs them.
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+ci: lint test  ## What .ci/run runs.
+
+clean:
+	rm -rf $(VENV) .calhook .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from calhook.cli import main
+
+main()

@@ -1,0 +1,229 @@
+"""``calhook``: the one command people use to run and inspect the pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+
+from calhook import __version__, logs
+from calhook.constants import DISPATCH_QUEUE
+from calhook.settings import Settings, SettingsError, get_settings
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="calhook")
+def main() -> None:
+    """Receive Calenso webhooks and turn each into reliable Celery work."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Bind address [CALHOOK_HOST].")
+@click.option("--port", type=int, default=None, help="Port [CALHOOK_PORT].")
+def serve(host: str | None, port: int | None) -> None:
+    """Run the HTTP ingress."""
+    from aiohttp import web
+
+    from ingest import create_app
+
+    settings = _settings()
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        settings.require_redis_url()
+        app = create_app(settings)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(
+        app,
+        host=host or settings.host,
+        port=port if port is not None else settings.port,
+        access_log=None,
+        print=None,
+        # Requests in flight get this long to finish before cleanup flushes the publisher.
+        shutdown_timeout=10.0,
+    )
+
+
+def _all_queues() -> list[str]:
+    from workers.registry import load_modules, registry
+
+    load_modules(_settings().handler_modules)
+    return [DISPATCH_QUEUE, *sorted(registry.queues() - {DISPATCH_QUEUE})]
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("-Q", "--queues", default=None, help="Comma-separated queues [all of them].")
+@click.option("-c", "--concurrency", type=int, default=None, help="Child processes [CPUs].")
+@click.option("-P", "--pool", default="prefork", show_default=True, help="Celery pool.")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(
+    queues: str | None, concurrency: int | None, pool: str, celery_args: tuple[str, ...]
+) -> None:
+    """Run a Celery worker on the given queues (extra arguments go to Celery)."""
+    try:
+        _settings().require_redis_url()
+        from workers.app import create_celery
+
+        app = create_celery()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    argv = ["worker", "-Q", queues or ",".join(_all_queues()), "-P", pool, "--without-mingle"]
+    if concurrency:
+        argv += ["-c", str(concurrency)]
+    app.worker_main([*argv, *celery_args])
+
+
+@main.command()
+@click.option("--port", type=int, default=None, help="Ingress port [CALHOOK_PORT].")
+def dev(port: int | None) -> None:
+    """Run everything for development: Redis (embedded if REDIS_URL is unset), ingress, worker."""
+    from calhook.redis_server import RedisServer, RedisServerError
+
+    settings = _settings()
+    env = dict(os.environ)
+    env.setdefault("CALHOOK_LOG_FORMAT", "console")
+    server = None
+    if not settings.redis_url:
+        server = RedisServer(Path(settings.data_dir) / "redis")
+        try:
+            env["REDIS_URL"] = server.start()
+        except RedisServerError as exc:
+            raise click.ClickException(str(exc)) from None
+    port = port if port is not None else settings.port
+    me = [sys.executable, "-m", "calhook"]
+    children = [
+        subprocess.Popen([*me, "serve", "--port", str(port)], env=env),
+        subprocess.Popen([*me, "worker", "-c", "2"], env=env),
+    ]
+    secret = settings.auth_secrets[0].get_secret_value() if settings.auth_secrets else None
+    click.echo(
+        f"\ncalhook is running.\n"
+        f"  Redis:   {env['REDIS_URL']}{' (embedded, data in ' + str(server.data_dir) + ')' if server else ''}\n"
+        f"  Post to: http://127.0.0.1:{port}/webhooks/calenso"
+        f"{f' with header {settings.auth_header}: {secret}' if secret else ''}\n"
+        f"  Try:     calhook send ../shared/fixtures/calenso/customer.created.nested.json\n"
+        f"  Stop:    Ctrl-C\n",
+        err=True,
+    )
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if server is not None:
+            server.stop()
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--url", default=None, help="Ingress URL [http://127.0.0.1:$CALHOOK_PORT/…].")
+@click.option("--endpoint", default=None, help="A named endpoint instead of the default one.")
+@click.option("--secret", default=None, help="Secret to send [first of CALHOOK_AUTH_SECRETS].")
+def send(files: tuple[str, ...], url: str | None, endpoint: str | None, secret: str | None) -> None:
+    """POST each FILE to the ingress as Calenso would, and print the answer."""
+    settings = _settings()
+    target = url or f"http://127.0.0.1:{settings.port}/webhooks/calenso"
+    header = settings.auth_header
+    if endpoint:
+        target = f"{target.rstrip('/')}/{endpoint}"
+        named = settings.endpoints.get(endpoint)
+        if named is not None:
+            header = named.header
+            if secret is None and named.secrets:
+                secret = named.secrets[0].get_secret_value()
+    if secret is None and settings.auth_secrets:
+        secret = settings.auth_secrets[0].get_secret_value()
+    failed = False
+    for file in files:
+        headers = {"Content-Type": "application/json"}
+        if secret:
+            headers[header] = secret
+        request = urllib.request.Request(  # noqa: S310 (the URL is the operator's own)
+            target, data=Path(file).read_bytes(), headers=headers, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+                status, answer = response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            status, answer, failed = exc.code, exc.read().decode(), True
+        except urllib.error.URLError as exc:
+            raise click.ClickException(f"cannot reach {target}: {exc.reason}") from None
+        click.echo(f"{file}: {status} {answer}")
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of the envelope and the canonical event views."""
+    from schemas import event_json_schema
+
+    click.echo(json.dumps(event_json_schema(), indent=2, sort_keys=True))
+
+
+@main.group()
+def parked() -> None:
+    """Events dispatch could not route (unknown type, schema failure, no handler)."""
+
+
+def _store(kind: str) -> Any:
+    from workers.connections import redis_client
+    from workers.stores import RecordStore
+
+    try:
+        _settings().require_redis_url()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    return RecordStore(redis_client(), kind)
+
+
+@parked.command("list")
+@click.option("--limit", type=int, default=50, show_default=True)
+def parked_list(limit: int) -> None:
+    """List parked events, oldest first."""
+    store = _store("parked")
+    click.echo(f"{store.count()} parked")
+    for record_id in store.ids(limit=limit):
+        record = store.get(record_id) or {}
+        click.echo(f"{record_id}  {record.get('type', '')!s:<40} {record.get('reason', '')}")
+
+
+@parked.command("show")
+@click.argument("event_id")
+def parked_show(event_id: str) -> None:
+    """Show one parked event, with its reason and body."""
+    record = _store("parked").get(event_id)
+    if record is None:
+        raise click.ClickException(f"no parked event {event_id}")
+    click.echo(json.dumps(record, indent=2))

@@ -1,0 +1,28 @@
+"""Names and numbers shared by the ingress and the workers; units are in the names."""
+
+from typing import Final
+
+KEY_PREFIX: Final = "calhook:"
+
+# Queues. Handlers name their own queue; these are the ones calhook itself uses.
+DISPATCH_QUEUE: Final = "dispatch"
+AUDIT_QUEUE: Final = "audit"
+
+DISPATCH_TASK: Final = "calhook.dispatch"
+HANDLER_TASK_PREFIX: Final = "calhook.handler."
+
+# A retransmission of the same bytes is recognised for at least this long (the issue asks 24 h;
+# twice that covers a sender that retries "tomorrow").
+DEDUP_TTL_S_DEFAULT: Final = 48 * 3600
+# The fan-out marker only has to outlive the redelivery of one dispatch message.
+DISPATCHED_TTL_S: Final = 7 * 24 * 3600
+
+
+def dedup_key(digest_hex: str) -> str:
+    """Redis key remembering the first event_id given to a body."""
+    return f"{KEY_PREFIX}dedup:{digest_hex}"
+
+
+def dispatched_key(event_id: str) -> str:
+    """Redis key marking that an event has been fanned out to its handlers."""
+    return f"{KEY_PREFIX}dispatched:{event_id}"

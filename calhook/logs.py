@@ -1,0 +1,90 @@
+"""Logging: one JSON object per line, or a readable line for `make run`.
+
+Fields bound with :func:`bind` (``event_id``, ``type``, ``handler``, ``attempt`` …) appear on every
+line logged in that context, from our code and from Celery's own loggers alike. Personal data is
+never logged: callers log ids and masked values (:mod:`calhook.privacy`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime as dt
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("calhook_log", default={})
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+@contextlib.contextmanager
+def bind(**fields: Any) -> Iterator[None]:
+    """Add ``fields`` to every log line written inside the ``with`` block."""
+    token = _context.set({**_context.get(), **fields})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = dict(_context.get())
+    for key, value in vars(record).items():
+        if key not in _RECORD_FIELDS and not key.startswith("_"):
+            fields[key] = value
+    return fields
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, then the bound and extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        line.update(_fields(record))
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+class ConsoleFormatter(logging.Formatter):
+    """``12:00:01 INFO  calhook.ingest accepted event_id=… type=…`` for people at a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = dt.datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        extras = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        text = f"{ts} {record.levelname:<5} {record.name} {record.getMessage()}"
+        if extras:
+            text = f"{text}  {extras}"
+        if record.exc_info:
+            text = f"{text}\n{self.formatException(record.exc_info)}"
+        return text
+
+
+def configure(fmt: str = "json", level: str = "INFO") -> None:
+    """Send every logger's records to stderr in ``fmt``; replaces earlier handlers."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # aiohttp's access log repeats what our own "accepted" line says, with less.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,204 @@
+"""The one typed settings object of a process, read once from the environment.
+
+Nothing else in calhook reads ``os.environ``. Every field is listed, with its variable name and
+default, in the README's settings table (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from calhook.constants import DEDUP_TTL_S_DEFAULT
+
+_ENDPOINT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+DEFAULT_ENDPOINT = "default"
+
+
+class SettingsError(Exception):
+    """Raised when the environment holds a setting calhook cannot use; names the variable."""
+
+
+class Endpoint(BaseModel):
+    """A webhook endpoint: the header Calenso sends its secret in, and the accepted secrets."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    header: str = "Authorization"
+    secrets: tuple[SecretStr, ...] = ()
+
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+CsvList = Annotated[tuple[str, ...], NoDecode]
+CsvSecrets = Annotated[tuple[SecretStr, ...], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every setting of calhook. Variables are ``CALHOOK_<FIELD>`` unless an alias says otherwise."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CALHOOK_",
+        extra="ignore",
+        frozen=True,
+        case_sensitive=False,
+        populate_by_name=True,
+    )
+
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL"),
+        description="Broker Redis. Unset: `calhook dev` and the tests start an embedded server.",
+    )
+    # Ingress
+    host: str = Field("0.0.0.0", description="Address the ingress binds to.")  # noqa: S104
+    port: int = Field(8080, ge=0, le=65535, description="Port the ingress listens on.")
+    auth_header: str = Field(
+        "Authorization", description="Header that carries the secret on the default endpoint."
+    )
+    auth_secrets: CsvSecrets = Field(
+        (), description="Comma-separated secrets accepted on the default endpoint (rotation)."
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Start without any secret (development only; warns on every start)."
+    )
+    endpoints: dict[str, Endpoint] = Field(
+        default_factory=dict,
+        description='Named endpoints as JSON: {"shop": {"header": "X-Key", "secrets": "a,b"}}, '
+        "served at /webhooks/calenso/{name}.",
+    )
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest body accepted (413).")
+    dedup_ttl_s: int = Field(
+        DEDUP_TTL_S_DEFAULT, ge=86_400, description="How long a retransmission is recognised."
+    )
+    publish_batch_max: int = Field(
+        256, ge=1, description="Most events written to Redis in one pipelined round trip."
+    )
+    redis_timeout_s: float = Field(
+        2.0, gt=0, description="Deadline of one Redis round trip from the ingress."
+    )
+    # Schemas
+    created_tz: str = Field("UTC", description="Zone of Calenso's naive `created` timestamps.")
+    # Workers
+    handler_modules: CsvList = Field(
+        ("workers.tasks.audit",),
+        description="Comma-separated modules whose handlers the workers load.",
+    )
+    task_time_limit_s: int = Field(300, ge=1, description="Hard wall-time limit of one task.")
+    visibility_timeout_s: int = Field(
+        900, ge=1, description="Redis redelivers an unacked task after this; > task time limit."
+    )
+    worker_max_memory_kb: int = Field(
+        512_000, ge=0, description="Replace a worker child above this RSS (0: never)."
+    )
+    soft_shutdown_s: float = Field(
+        25.0, ge=0, description="On SIGTERM, let running tasks finish this long before requeue."
+    )
+    # Operations
+    log_format: Literal["json", "console"] = Field("json", description="Log line format.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level.")
+    data_dir: str = Field(".calhook", description="Folder of `calhook dev`'s embedded Redis.")
+
+    @field_validator("handler_modules", "auth_secrets", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoint_names(cls, value: dict[str, Endpoint]) -> dict[str, Endpoint]:
+        for name in value:
+            if not _ENDPOINT_NAME.match(name) or name == DEFAULT_ENDPOINT:
+                raise ValueError(f"endpoint name {name!r} must match {_ENDPOINT_NAME.pattern}")
+        return value
+
+    @field_validator("created_tz")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _limits(self) -> Settings:
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            # A task still running when its message becomes visible again runs twice
+            # (RELIABILITY.md item 3).
+            raise ValueError(
+                "CALHOOK_VISIBILITY_TIMEOUT_S must be greater than CALHOOK_TASK_TIME_LIMIT_S"
+            )
+        return self
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The zone of naive ``created`` timestamps."""
+        return ZoneInfo(self.created_tz)
+
+    def endpoint(self, name: str) -> Endpoint | None:
+        """The endpoint called ``name`` (the default endpoint for ``"default"``), if any."""
+        if name == DEFAULT_ENDPOINT:
+            return Endpoint(header=self.auth_header, secrets=self.auth_secrets)
+        return self.endpoints.get(name)
+
+    def require_redis_url(self) -> str:
+        """The broker URL, or a SettingsError naming the variable."""
+        if not self.redis_url:
+            raise SettingsError("REDIS_URL is not set (use `calhook dev` for an embedded Redis)")
+        return self.redis_url
+
+
+def env_names() -> dict[str, str]:
+    """Map each settings field to the environment variable that sets it."""
+    names = {}
+    prefix = Settings.model_config.get("env_prefix", "")
+    for field_name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            names[field_name] = str(alias.choices[0])
+        else:
+            names[field_name] = f"{prefix}{field_name}".upper()
+    return names
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment; a bad value raises SettingsError naming it."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        names = env_names()
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False):
+            field = str(error["loc"][0]) if error["loc"] else ""
+            problems.append(f"{names.get(field, field or 'settings')}: {error['msg']}")
+        raise SettingsError("; ".join(problems)) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The settings of this process, read once."""
+    return load_settings()

@@ -1,0 +1,199 @@
+"""The ingress: a thin aiohttp app that makes each authentic Calenso delivery durable, then answers.
+
+Order of checks on ``POST /webhooks/calenso[/{endpoint}]``: endpoint → secret → size → JSON →
+envelope (a string ``type`` and an object ``data``) → dedup and enqueue in one Redis script →
+``202 {"status": "accepted", "event_id": …}``. Everything past the envelope (the event's own
+schema, unknown types) is the dispatch task's business: such events are accepted and parked there,
+never refused here, because Calenso may not send them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK, dedup_key
+from calhook.ids import new_event_id
+from calhook.messages import task_message
+from calhook.settings import DEFAULT_ENDPOINT, Endpoint, Settings, SettingsError
+from ingest.auth import authenticate
+from ingest.errors import (
+    BodyTooLarge,
+    IngestError,
+    MalformedJson,
+    NotJson,
+    UnknownEndpoint,
+    UnusableEnvelope,
+    Unavailable,
+)
+from ingest.publisher import Outgoing, PublishError, Publisher
+from schemas import EnvelopeError, parse_envelope
+
+log = logging.getLogger("calhook.ingest")
+
+SETTINGS = web.AppKey("settings", Settings)
+ENDPOINTS = web.AppKey("endpoints", dict[str, Endpoint])
+REDIS = web.AppKey("redis", Redis)
+PUBLISHER = web.AppKey("publisher", Publisher)
+
+_JSON_TYPES = ("application/json", "text/json")
+
+
+def _json(status: int, payload: dict[str, Any]) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Map every refusal to its status and a JSON body that says what is wrong."""
+    try:
+        return await handler(request)
+    except IngestError as exc:
+        return _json(exc.status, {"status": "error", "error": exc.code, "detail": exc.message})
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _json(exc.status, {"status": "error", "error": exc.reason, "detail": exc.reason})
+
+
+def _endpoints(settings: Settings) -> dict[str, Endpoint]:
+    endpoints = {DEFAULT_ENDPOINT: settings.endpoint(DEFAULT_ENDPOINT)}
+    endpoints.update(settings.endpoints)
+    open_ = sorted(name for name, ep in endpoints.items() if ep is not None and not ep.secrets)
+    if open_ and not settings.allow_unauthenticated:
+        raise SettingsError(
+            f"no secret configured for endpoint(s) {', '.join(open_)}: set CALHOOK_AUTH_SECRETS "
+            "(and secrets in CALHOOK_ENDPOINTS), or CALHOOK_ALLOW_UNAUTHENTICATED=true for "
+            "development"
+        )
+    if open_:
+        log.warning("accepting unauthenticated webhooks", extra={"endpoints": open_})
+    return {name: ep for name, ep in endpoints.items() if ep is not None}
+
+
+def _parse_json(body: bytes, content_type: str) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # A body that parses is taken whatever its declared type: an authentic event must not
+        # be refused for a header. One that does not parse is answered by what it claimed.
+        declared_json = content_type in _JSON_TYPES or content_type.endswith("+json")
+        if declared_json or not content_type:
+            raise MalformedJson(f"body is not valid JSON: {exc}") from None
+        raise NotJson(f"expected a JSON body, got {content_type}") from None
+
+
+async def receive(request: web.Request) -> web.Response:
+    """Accept one Calenso delivery; see the module docstring for the order of checks."""
+    name = request.match_info.get("endpoint", DEFAULT_ENDPOINT)
+    endpoint = request.app[ENDPOINTS].get(name)
+    if endpoint is None:
+        raise UnknownEndpoint(f"no endpoint named {name!r}")
+    authenticate(endpoint, request.headers)
+
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"body of {request.content_length} bytes exceeds {limit}")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(f"body exceeds {limit} bytes") from None
+
+    try:
+        envelope = parse_envelope(_parse_json(body, request.content_type))
+    except EnvelopeError as exc:
+        raise UnusableEnvelope(str(exc)) from None
+
+    event_id = new_event_id()
+    message = task_message(
+        DISPATCH_TASK,
+        queue=DISPATCH_QUEUE,
+        task_id=event_id,
+        kwargs={
+            "event_id": event_id,
+            "body": body.decode(),
+            "endpoint": name,
+            "received_at": time.time(),
+        },
+        kwargsrepr=orjson.dumps({"event_id": event_id, "type": envelope.type[:100]}).decode(),
+    )
+    digest = hashlib.sha256(name.encode() + b"\0" + body).hexdigest()
+    try:
+        first = await request.app[PUBLISHER].publish(Outgoing(dedup_key(digest), event_id, message))
+    except PublishError as exc:
+        log.error("not durable", extra={"type": envelope.type[:100], "error": str(exc)})
+        raise Unavailable("the event could not be stored; send it again") from None
+
+    if first is not None:
+        log.info("duplicate", extra={"event_id": first, "type": envelope.type[:100]})
+        return _json(200, {"status": "duplicate", "event_id": first})
+    log.info(
+        "accepted",
+        extra={"event_id": event_id, "type": envelope.type[:100], "endpoint": name, "bytes": len(body)},
+    )
+    return _json(202, {"status": "accepted", "event_id": event_id})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return _json(200, {"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: Redis answers a PING within the round-trip deadline."""
+    try:
+        await request.app[REDIS].ping()
+    except (RedisError, OSError) as exc:
+        return _json(503, {"status": "unavailable", "redis": repr(exc)})
+    return _json(200, {"status": "ready", "redis": "ok"})
+
+
+async def _redis_and_publisher(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    redis = Redis.from_url(
+        settings.require_redis_url(),
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        health_check_interval=30,
+    )
+    publisher = Publisher(
+        redis,
+        queue=DISPATCH_QUEUE,
+        dedup_ttl_s=settings.dedup_ttl_s,
+        batch_max=settings.publish_batch_max,
+        timeout_s=settings.redis_timeout_s,
+    )
+    app[REDIS] = redis
+    app[PUBLISHER] = publisher
+    await publisher.start()
+    yield
+    # Graceful shutdown: requests still in flight get their answer from these last writes.
+    await publisher.close()
+    await redis.aclose()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the ingress app; refuses to build without secrets unless explicitly allowed."""
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_errors])
+    app[SETTINGS] = settings
+    app[ENDPOINTS] = _endpoints(settings)
+    app.cleanup_ctx.append(_redis_and_publisher)
+    app.add_routes(
+        [
+            web.post("/webhooks/calenso", receive),
+            web.post("/webhooks/calenso/{endpoint}", receive),
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+        ]
+    )
+    return app

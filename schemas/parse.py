@@ -1,0 +1,68 @@
+"""Turn an envelope into its family's canonical event model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, tzinfo
+from typing import Any
+
+from pydantic import ValidationError
+
+from schemas._flat import resolve
+from schemas._lenient import CREATED_TZ
+from schemas.catalogue import family_of
+from schemas.envelope import Envelope, parse_envelope
+from schemas.errors import ErrorDetail, PayloadError, strip_validation_errors, summarise
+from schemas.events import MODEL_BY_FAMILY, CalensoEvent, Shape, UnknownEvent
+
+
+def detect_shape(data: Mapping[str, Any]) -> Shape:
+    """Return ``"nested"`` when some top-level value is an object (or a list of objects).
+
+    Only a label for the parsed event: field lookup tries both shapes whatever this says.
+    """
+    for value in data.values():
+        if isinstance(value, Mapping):
+            return "nested"
+        if isinstance(value, list) and any(isinstance(item, Mapping) for item in value):
+            return "nested"
+    return "flat"
+
+
+def parse_event(
+    envelope: Envelope | Mapping[str, Any], *, created_tz: tzinfo = UTC
+) -> CalensoEvent:
+    """Parse a delivery into the canonical model of its family.
+
+    ``envelope`` is an :class:`Envelope` or the decoded body (then checked with
+    :func:`parse_envelope`). A naive ``created`` is read in ``created_tz``; every datetime on the
+    result is aware. A type outside the catalogue gives an :class:`UnknownEvent`, never an error.
+
+    Raises :class:`EnvelopeError` for envelope problems and :class:`PayloadError` when ``data``
+    fails its family's schema or ``created`` is missing or unparseable.
+    """
+    if not isinstance(created_tz, tzinfo):
+        raise TypeError("created_tz must be a tzinfo, e.g. zoneinfo.ZoneInfo('Europe/Zurich')")
+    if not isinstance(envelope, Envelope):
+        envelope = parse_envelope(envelope)
+    family = family_of(envelope.type)
+    model = MODEL_BY_FAMILY[family] if family is not None else UnknownEvent
+    fields: dict[str, Any] = {
+        "type": envelope.type,
+        "family": family,
+        "source": envelope.source,
+        "shape": detect_shape(envelope.data),
+        "raw_data": envelope.data,
+    }
+    if envelope.created is not None:
+        fields["created"] = envelope.created
+    fields.update(resolve(model, envelope.data))
+    errors: list[ErrorDetail] | None = None
+    try:
+        return model.model_validate(fields, context={CREATED_TZ: created_tz})
+    except ValidationError as exc:
+        errors = strip_validation_errors(exc)
+    # Raised outside the except block so the ValidationError, whose text quotes input values,
+    # is not attached as __context__ and cannot reach a logged traceback.
+    label = family.value if family is not None else "unknown"
+    raise PayloadError(f"invalid {label} event: {summarise(errors)}", errors)

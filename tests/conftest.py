@@ -1,0 +1,83 @@
+"""Shared fixtures: a real Redis, a real Celery worker process, the real ingress app."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from calhook.redis_server import RedisServer
+from calhook.settings import Settings, load_settings
+from tests.support.recording import RECORD_QUEUE
+from tests.support.waiting import wait_for
+from tests.support.worker import WorkerProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "calenso"
+SECRET = "test-webhook-token-0001"
+ALL_QUEUES = ("dispatch", "audit", RECORD_QUEUE)
+
+
+def fixture_files() -> list[Path]:
+    """Every Calenso sample payload, current and planned, nested and flat."""
+    files = sorted(FIXTURES.glob("*.json")) + sorted((FIXTURES / "planned").glob("*.json"))
+    return [f for f in files if f.name != "request.example.json"]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """REDIS_URL when set (the tests flush that database!), else an embedded server of our own."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_db(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on an empty database."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_settings(redis_url: str) -> Callable[..., Settings]:
+    """Settings for tests: the test Redis and a known secret, plus any overrides."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {"redis_url": redis_url, "auth_secrets": SECRET}
+        values.update(overrides)
+        return load_settings(**values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def worker_process(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """One real worker for the session, consuming every queue."""
+    worker = WorkerProcess(redis_url, tmp_path_factory.mktemp("worker") / "worker.log").start()
+    yield worker
+    worker.stop()
+
+
+def queues_drained(client: redis.Redis) -> bool:
+    """True when no task is waiting or in flight on any queue."""
+    waiting = sum(int(client.llen(q)) for q in ALL_QUEUES)  # type: ignore[arg-type]
+    return waiting == 0 and int(client.hlen("unacked")) == 0  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def worker(worker_process: WorkerProcess, redis_db: redis.Redis) -> Iterator[WorkerProcess]:
+    """The session's worker, on an empty database; the test ends with the queues drained."""
+    yield worker_process
+    wait_for(lambda: queues_drained(redis_db), timeout_s=30, what="queues to drain")

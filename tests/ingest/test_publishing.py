@@ -1,0 +1,109 @@
+"""Publishing: Celery's own message format, batching, a loop that never waits on Redis, and a
+shutdown that flushes what is pending."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import pytest
+import redis
+from celery import Celery
+from pytest_aiohttp import AiohttpClient
+from redis.asyncio import Redis as AsyncRedis
+
+from calhook.messages import read_task_message, task_message
+from calhook.settings import Settings
+from ingest import create_app
+from ingest.app import PUBLISHER
+from ingest.publisher import Outgoing, Publisher
+from tests.conftest import FIXTURES, SECRET
+from tests.support.proxy import SlowProxy
+
+BODY = (FIXTURES / "appointment.booking.created.nested.json").read_bytes()
+AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
+
+
+def shape(value: Any) -> Any:
+    """The keys and value types of a message, recursively, without the values."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shape(v) for v in value]
+    return type(value).__name__
+
+
+def test_message_has_the_shape_celery_itself_writes(redis_db: redis.Redis, redis_url: str) -> None:
+    celery = Celery("probe", broker=redis_url)
+    celery.conf.task_ignore_result = True
+    celery.send_task("calhook.dispatch", kwargs={"event_id": "x"}, queue="probe", task_id="t-1")
+    theirs = orjson.loads(redis_db.lindex("probe", 0))  # type: ignore[arg-type]
+    celery.close()
+
+    ours = orjson.loads(task_message("calhook.dispatch", queue="probe", kwargs={"event_id": "x"}))
+
+    # Values Celery fills from its own process differ by design: ignore_result is our
+    # choice (True), reply_to is unused (no results).
+    theirs["headers"]["ignore_result"] = True
+    assert shape(ours) == shape(theirs)
+    assert ours["properties"]["delivery_info"] == theirs["properties"]["delivery_info"]
+    assert read_task_message(orjson.dumps(ours))[1:3] == read_task_message(orjson.dumps(theirs))[1:3]
+
+
+@pytest.fixture
+async def slow_redis(redis_url: str) -> AsyncIterator[SlowProxy]:
+    target = urlsplit(redis_url)
+    proxy = SlowProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+async def test_slow_redis_does_not_stall_other_requests(
+    aiohttp_client: AiohttpClient,
+    make_settings: Callable[..., Settings],
+    redis_db: redis.Redis,
+    slow_redis: SlowProxy,
+) -> None:
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{slow_redis.port}/0")
+    app = create_app(settings)
+    client = await aiohttp_client(app)
+    assert (await client.get("/readyz")).status == 200  # connected before Redis turns slow
+    slow_redis.delay_s = 0.4
+
+    posts = [
+        asyncio.create_task(client.post("/webhooks/calenso", data=BODY + b" " * n, headers=AUTH))
+        for n in range(30)
+    ]
+    health = await client.get("/healthz")
+
+    assert health.status == 200
+    assert not any(p.done() for p in posts), "a health check waited for Redis"
+    answers = await asyncio.gather(*posts)
+    assert [a.status for a in answers] == [202] * 30
+    publisher = app[PUBLISHER]
+    assert publisher.largest_batch > 1, "concurrent requests were not batched"
+    assert publisher.batches < 30
+    assert redis_db.llen("dispatch") == 30
+
+
+async def test_close_flushes_pending_writes(redis_db: redis.Redis, slow_redis: SlowProxy) -> None:
+    client = AsyncRedis.from_url(f"redis://127.0.0.1:{slow_redis.port}/0")
+    await client.ping()
+    publisher = Publisher(client, queue="dispatch", dedup_ttl_s=86_400, batch_max=4, timeout_s=5)
+    await publisher.start()
+    slow_redis.delay_s = 0.2
+
+    pending = [
+        asyncio.create_task(publisher.publish(Outgoing(f"d{n}", f"e{n}", b"m%d" % n)))
+        for n in range(10)
+    ]
+    await asyncio.sleep(0)  # let every publish enqueue itself before shutdown starts
+    await publisher.close()
+
+    assert await asyncio.gather(*pending) == [None] * 10
+    assert redis_db.llen("dispatch") == 10
+    await client.aclose()

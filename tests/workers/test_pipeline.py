@@ -1,0 +1,212 @@
+"""End to end: the real ingress app → real Redis → a real `calhook worker` process.
+
+Given every Calenso sample, nested and flat, posted over HTTP, then each is dispatched and each of
+its handlers runs exactly once with the right canonical view; what cannot be routed is parked,
+what fails is dead-lettered, nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK
+from calhook.messages import task_message
+from calhook.settings import Settings
+from ingest import create_app
+from schemas import CURRENT_TYPES, PLANNED_TYPES
+from tests.conftest import SECRET, fixture_files, queues_drained
+from tests.support.recording import FAILING_TYPE, RUNS_KEY, VIEWS_KEY
+from tests.support.waiting import await_for, wait_for
+from tests.support.worker import WorkerProcess
+
+AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: AiohttpClient, make_settings: Callable[..., Settings], redis_db: redis.Redis
+) -> Client:
+    return await aiohttp_client(create_app(make_settings()))
+
+
+async def post(client: Client, body: bytes) -> str:
+    response = await client.post("/webhooks/calenso", data=body, headers=AUTH)
+    assert response.status == 202, await response.text()
+    return str((await response.json())["event_id"])
+
+
+def expected_view(fixture: Path) -> dict[str, Any]:
+    """What the canonical view must say, read from the nested sample of the same event."""
+    nested = fixture.with_name(fixture.name.replace(".flat.", ".nested."))
+    body = json.loads(nested.read_text())
+    data = body["data"]
+    customer = data.get("customer") or data.get("appointment", {}).get("customer")
+    start = (data.get("appointment") or data.get("event_slot") or {}).get("start_utc")
+    return {
+        "type": body["type"],
+        "customer_uuid": customer["uuid"] if customer and "lead" not in data else None,
+        "customer_email": customer["email"] if customer and "lead" not in data else None,
+        "start_utc": dt.datetime.fromisoformat(start).replace(tzinfo=dt.UTC) if start else None,
+        "shape": "flat" if ".flat." in fixture.name else "nested",
+    }
+
+
+def seen_view(view: dict[str, Any]) -> dict[str, Any]:
+    thing = view.get("appointment") or view.get("slot") or {}
+    start = thing.get("start_utc")
+    return {
+        "type": view["type"],
+        "customer_uuid": (view.get("customer") or {}).get("uuid"),
+        "customer_email": (view.get("customer") or {}).get("email"),
+        "start_utc": dt.datetime.fromisoformat(start) if start else None,
+        "shape": view["shape"],
+    }
+
+
+def runs(redis_db: redis.Redis) -> Counter[str]:
+    raw: dict[bytes, bytes] = redis_db.hgetall(RUNS_KEY)  # type: ignore[assignment]
+    return Counter({k.decode(): int(v) for k, v in raw.items()})
+
+
+def handler_lines(worker: WorkerProcess, event_id: str) -> list[dict[str, Any]]:
+    return [
+        line
+        for line in worker.lines()
+        if line.get("event_id") == event_id and line.get("msg") in ("handler done", "audit")
+    ]
+
+
+async def test_every_sample_is_dispatched_and_handled_exactly_once(
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis
+) -> None:
+    posted = {path: await post(client, path.read_bytes()) for path in fixture_files()}
+    current = {p: e for p, e in posted.items() if json.loads(p.read_text())["type"] in CURRENT_TYPES}
+    planned = {p: e for p, e in posted.items() if p not in current}
+    assert len(current) == 18
+    assert len(planned) == 6
+
+    def finished() -> bool:
+        done = Counter(
+            line["event_id"] for line in worker.lines() if line.get("msg") == "handler done"
+        )
+        return (
+            all(done[e] >= 2 for e in current.values())
+            and redis_db.zcard("calhook:parked") == len(planned)
+            and queues_drained(redis_db)
+        )
+
+    await await_for(finished, what="every sample handled or parked")
+
+    assert set(runs(redis_db).values()) == {1}
+    assert len(runs(redis_db)) == len(current)
+    for path, event_id in current.items():
+        view = orjson.loads(redis_db.hget(VIEWS_KEY, event_id))  # type: ignore[arg-type]
+        assert seen_view(view) == expected_view(path), path.name
+        lines = handler_lines(worker, event_id)
+        done = [ln["handler"] for ln in lines if ln["msg"] == "handler done"]
+        assert sorted(done) == ["audit", "record"], path.name
+    for path, event_id in planned.items():
+        parked = redis_db.hgetall(f"calhook:parked:{event_id}")
+        assert parked[b"reason"] == b"planned_type_without_handler", path.name
+        assert parked[b"type"].decode() in PLANNED_TYPES
+        assert parked[b"body"] == path.read_bytes()
+
+
+async def test_audit_line_masks_personal_data(
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis
+) -> None:
+    sample = fixture_files()[0]  # appointment.booking.cancelled.flat.json
+    event_id = await post(client, sample.read_bytes())
+    await await_for(lambda: f"{event_id}:record" in runs(redis_db), what="the event handled")
+
+    [audit] = wait_for(
+        lambda: [ln for ln in handler_lines(worker, event_id) if ln["msg"] == "audit"],
+        what="the audit line",
+    )
+    assert audit["handler"] == "audit"
+    assert audit["type"] == "appointment.booking.cancelled"
+    assert audit["customer_uuid"] == "c3a9e5d2-41b7-4f0e-8c2d-6e1f0a9b7d34"
+    assert audit["email"] == "l***@e***.org"
+    assert audit["phone"] == "+41*******42"
+    assert audit["starts_at"] == "2025-03-20T13:00:00+00:00"
+    log_text = worker.log_path.read_text()
+    for personal in ("luca.brunner@example.org", "+41790000142", "Brunner", "Musterweg"):
+        assert personal not in log_text
+
+
+async def test_unknown_type_and_invalid_payload_are_parked_with_the_reason(
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis
+) -> None:
+    unknown = await post(
+        client, orjson.dumps({"type": "invoice.paid", "created": "2025-01-01 00:00:00", "data": {}})
+    )
+    invalid = await post(
+        client,
+        orjson.dumps(
+            {
+                "type": "customer.created",
+                "created": "2025-01-01 00:00:00",
+                "data": {"customer": {"email": "anna.muster@example.org"}},
+            }
+        ),
+    )
+
+    await await_for(lambda: redis_db.zcard("calhook:parked") == 2, what="both parked")
+
+    assert redis_db.hget(f"calhook:parked:{unknown}", "reason") == b"unknown_type"
+    record = redis_db.hgetall(f"calhook:parked:{invalid}")
+    assert record[b"reason"] == b"schema_invalid"
+    errors = orjson.loads(record[b"errors"])
+    assert any("uuid" in e["loc"] for e in errors), errors
+    assert b"anna.muster" not in record[b"errors"]
+    assert b"anna.muster" in record[b"body"]  # kept for replay, not lost
+    assert runs(redis_db) == Counter()
+
+
+async def test_failing_handler_goes_to_the_dead_letter_store(
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis
+) -> None:
+    event_id = await post(
+        client, orjson.dumps({"type": FAILING_TYPE, "created": "2025-01-01 00:00:00", "data": {}})
+    )
+
+    await await_for(
+        lambda: redis_db.exists(f"calhook:dead:{event_id}.explode"), what="the dead letter"
+    )
+
+    record = redis_db.hgetall(f"calhook:dead:{event_id}.explode")
+    assert record[b"handler"] == b"explode"
+    assert record[b"error"] == b"RuntimeError: this handler always fails"
+    assert b"raise RuntimeError" in record[b"traceback"]
+    assert runs(redis_db)[f"{event_id}:explode"] == 1
+
+
+def test_redelivered_dispatch_fans_out_once(
+    worker: WorkerProcess, redis_db: redis.Redis
+) -> None:
+    body = fixture_files()[-1].read_text()  # a current type handled by audit and record
+    kwargs = {"event_id": "e-redelivered", "body": body, "endpoint": "default", "received_at": 1.0}
+    if json.loads(body)["type"] not in CURRENT_TYPES:
+        body = (Path(fixture_files()[0])).read_text()
+        kwargs["body"] = body
+
+    for _ in range(2):
+        redis_db.lpush(DISPATCH_QUEUE, task_message(DISPATCH_TASK, queue=DISPATCH_QUEUE, kwargs=kwargs))
+
+    wait_for(lambda: "e-redelivered:record" in runs(redis_db) and queues_drained(redis_db))
+    assert runs(redis_db)["e-redelivered:record"] == 1
+    assert [ln["msg"] for ln in worker.lines() if ln.get("event_id") == "e-redelivered"].count(
+        "already dispatched"
+    ) == 1

@@ -1,0 +1,146 @@
+"""The Celery app: reliability settings, the dispatch task and one task per registered handler.
+
+Settings follow ../shared/RELIABILITY.md; each is there for a named way Celery on Redis loses or
+repeats work. ``workers.celery_app`` holds the app for ``celery -A``; ``calhook worker`` uses it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import traceback
+from typing import Any
+
+import orjson
+from celery import Celery, Task
+from celery.signals import setup_logging
+
+from calhook import logs
+from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK
+from calhook.settings import Settings, get_settings
+from schemas import parse_event
+from workers.connections import redis_client
+from workers.dispatch import Delivery, Dispatcher
+from workers.registry import Handler, HandlerContext, Registry, load_modules, registry
+from workers.stores import DEAD, PARKED, RecordStore
+
+log = logging.getLogger("calhook.worker")
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings; each line guards against one failure in RELIABILITY.md (item number)."""
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    return {
+        "broker_url": settings.require_redis_url(),
+        "broker_connection_retry_on_startup": True,
+        # 3, 10: redeliver only after the longest a task may run; set where kombu reads it.
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "task_time_limit": settings.task_time_limit_s,
+        "task_soft_time_limit": max(1, settings.task_time_limit_s * 9 // 10),
+        # 1, 2: ack after the handler ran; a killed child puts the message back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # 6: take one message at a time, so nothing waits behind a slow task or a dead worker.
+        "worker_prefetch_multiplier": 1,
+        # 11: no result keys piling up in the broker.
+        "task_ignore_result": True,
+        "result_backend": None,
+        # 8: a lost broker connection must not leave a task running while it is redelivered.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # 7: on SIGTERM, finish running tasks for a while, then requeue what is left.
+        "worker_soft_shutdown_timeout": settings.soft_shutdown_s,
+        "worker_enable_soft_shutdown_on_idle": True,
+        # 2: a leaking handler gets its child replaced rather than OOM-killed mid-task.
+        "worker_max_memory_per_child": settings.worker_max_memory_kb or None,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": DISPATCH_QUEUE,
+        "task_create_missing_queues": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+    }
+
+
+@functools.cache
+def _dispatcher() -> Dispatcher:
+    client = redis_client()
+    return Dispatcher(client, registry, RecordStore(client, PARKED), get_settings().zone)
+
+
+def _run_handler(h: Handler, delivery: Delivery, attempt: int) -> None:
+    """Run one handler on one event; a failure goes to the dead-letter store, never away."""
+    ctx = HandlerContext(
+        delivery.event_id, h.name, delivery.endpoint, delivery.received_at, attempt
+    )
+    started = time.perf_counter()
+    with logs.bind(handler=h.name, attempt=attempt):
+        try:
+            event = parse_event(orjson.loads(delivery.body), created_tz=get_settings().zone)
+            with logs.bind(type=event.type):
+                h.fn(event, ctx)
+        except Exception as exc:
+            duration_ms = round((time.perf_counter() - started) * 1000, 1)
+            RecordStore(redis_client(), DEAD).put(
+                f"{delivery.event_id}.{h.name}",
+                {
+                    **{k: str(v) for k, v in delivery.task_kwargs().items()},
+                    "handler": h.name,
+                    "queue": h.queue,
+                    "error": f"{type(exc).__name__}: {exc}"[:2000],
+                    "traceback": "".join(traceback.format_exception(exc, limit=-8))[-4000:],
+                    "attempts": str(attempt),
+                    "failed_at": repr(time.time()),
+                },
+            )
+            log.error(
+                "handler failed",
+                extra={"outcome": "dead_lettered", "error": type(exc).__name__,
+                       "duration_ms": duration_ms},
+            )
+            return
+        duration_ms = round((time.perf_counter() - started) * 1000, 1)
+        log.info("handler done", extra={"outcome": "ok", "duration_ms": duration_ms})
+
+
+def _register_tasks(app: Celery, handlers: Registry) -> None:
+    @app.task(name=DISPATCH_TASK, bind=True)
+    def dispatch(
+        self: Task[Any, Any], *, event_id: str, body: str, endpoint: str, received_at: float
+    ) -> None:
+        with logs.bind(event_id=event_id):
+            _dispatcher().dispatch(Delivery(event_id, body, endpoint, received_at))
+
+    for h in handlers:
+
+        def run(
+            self: Task[Any, Any],
+            *,
+            event_id: str,
+            body: str,
+            endpoint: str,
+            received_at: float,
+            handler: str,
+            _h: Handler = h,
+        ) -> None:
+            with logs.bind(event_id=event_id):
+                _run_handler(_h, Delivery(event_id, body, endpoint, received_at), 1)
+
+        app.task(name=h.task_name, bind=True, queue=h.queue)(run)
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    """The Celery app with calhook's settings, its handler modules loaded and their tasks."""
+    settings = settings or get_settings()
+    load_modules(settings.handler_modules)
+    app = Celery("calhook", set_as_current=True)
+    app.conf.update(celery_config(settings))
+    _register_tasks(app, registry)
+
+    @setup_logging.connect(weak=False)
+    def _logging(**_: Any) -> None:
+        logs.configure(settings.log_format, settings.log_level)
+
+    return app

@@ -1,0 +1,147 @@
+"""Dispatch: validate an accepted event fully, then fan it out, one task per (event, handler).
+
+Events that cannot be routed are parked with the reason, never dropped (DESIGN.md rule 1):
+a payload that fails its schema, a type nobody knows, a planned type nobody handles yet, a current
+type whose handlers are all switched off. ``calhook parked`` shows them; replay dispatches again.
+
+The fan-out is one Lua script: a marker per event and every handler message, written together.
+A dispatch message redelivered after a crash finds the marker and sends nothing twice.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from datetime import tzinfo
+
+import orjson
+import redis
+
+from calhook.constants import DISPATCHED_TTL_S, dispatched_key
+from calhook.logs import bind
+from calhook.messages import task_message
+from schemas import PLANNED_TYPES, SchemaError, family_of, parse_event
+from workers.registry import Registry
+from workers.stores import RecordStore
+
+log = logging.getLogger("calhook.dispatch")
+
+# KEYS[1] the event's marker, KEYS[2..n] queues; ARGV[1] marker ttl, ARGV[2..n] messages.
+_FAN_OUT_LUA = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+for i = 2, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i]) end
+return 1
+"""
+
+
+class ParkReason(enum.StrEnum):
+    """Why an event was parked instead of dispatched."""
+
+    SCHEMA_INVALID = "schema_invalid"
+    UNKNOWN_TYPE = "unknown_type"
+    PLANNED_TYPE = "planned_type_without_handler"
+    NO_HANDLER = "no_handler"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """An accepted event as the ingress queued it."""
+
+    event_id: str
+    body: str
+    endpoint: str
+    received_at: float
+
+    def task_kwargs(self) -> dict[str, object]:
+        """The keyword arguments of the dispatch and handler tasks."""
+        return {
+            "event_id": self.event_id,
+            "body": self.body,
+            "endpoint": self.endpoint,
+            "received_at": self.received_at,
+        }
+
+
+class Dispatcher:
+    """Routes deliveries to handler tasks, or parks them."""
+
+    def __init__(
+        self, client: redis.Redis, registry: Registry, parked: RecordStore, zone: tzinfo
+    ) -> None:
+        self._redis = client
+        self._registry = registry
+        self._parked = parked
+        self._zone = zone
+        self._fan_out = client.register_script(_FAN_OUT_LUA)
+
+    def dispatch(self, delivery: Delivery) -> list[str]:
+        """Fan ``delivery`` out; return the handler names it went to (empty when parked)."""
+        try:
+            event = parse_event(orjson.loads(delivery.body), created_tz=self._zone)
+        except (SchemaError, orjson.JSONDecodeError) as exc:
+            errors = getattr(exc, "errors", [{"loc": "", "msg": "body is not JSON", "type": ""}])
+            self._park(delivery, None, ParkReason.SCHEMA_INVALID, errors)
+            return []
+
+        with bind(type=event.type):
+            handlers = self._registry.for_type(event.type)
+            if not handlers:
+                if family_of(event.type) is None:
+                    reason = ParkReason.UNKNOWN_TYPE
+                elif event.type in PLANNED_TYPES:
+                    reason = ParkReason.PLANNED_TYPE
+                else:
+                    reason = ParkReason.NO_HANDLER
+                self._park(delivery, event.type, reason, [])
+                return []
+
+            queues, messages = [], []
+            for h in handlers:
+                queues.append(h.queue)
+                messages.append(
+                    task_message(
+                        h.task_name,
+                        queue=h.queue,
+                        task_id=f"{delivery.event_id}.{h.name}",
+                        root_id=delivery.event_id,
+                        parent_id=delivery.event_id,
+                        kwargs={**delivery.task_kwargs(), "handler": h.name},
+                        kwargsrepr=orjson.dumps(
+                            {"event_id": delivery.event_id, "type": event.type, "handler": h.name}
+                        ).decode(),
+                    )
+                )
+            names = [h.name for h in handlers]
+            sent = self._fan_out(
+                keys=[dispatched_key(delivery.event_id), *queues],
+                args=[DISPATCHED_TTL_S, *messages],
+            )
+            if sent:
+                log.info("dispatched", extra={"handlers": names})
+            else:
+                log.info("already dispatched", extra={"handlers": names})
+            return names
+
+    def _park(
+        self,
+        delivery: Delivery,
+        event_type: str | None,
+        reason: ParkReason,
+        errors: list[dict[str, str]],
+    ) -> None:
+        self._parked.put(
+            delivery.event_id,
+            {
+                "event_id": delivery.event_id,
+                "type": event_type or "",
+                "endpoint": delivery.endpoint,
+                "received_at": repr(delivery.received_at),
+                "parked_at": repr(time.time()),
+                "reason": reason.value,
+                "errors": errors,
+                "body": delivery.body,
+            },
+        )
+        log.warning("parked", extra={"reason": reason.value, "errors": errors})

@@ -1,0 +1,133 @@
+"""The handler registry: which functions react to which event types, on which queue.
+
+A team adds a reaction by writing a module and listing it in ``CALHOOK_HANDLER_MODULES``::
+
+    from workers.registry import HandlerContext, handler
+    from schemas import CustomerEvent
+
+    @handler("customer.created", "customer.updated", queue="crm", name="crm.sync_customer")
+    def sync_customer(event: CustomerEvent, ctx: HandlerContext) -> None:
+        ...
+
+Each (event, handler) pair becomes a task of its own on the handler's queue, so handlers retry
+and fail independently. A name is registered once; a second registration fails at import, so two
+modules can never silently compete for the same work.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from calhook.constants import HANDLER_TASK_PREFIX
+from workers.errors import DuplicateHandler, HandlerModuleError, UnknownHandler
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerContext:
+    """What a handler knows about the delivery besides the event itself."""
+
+    event_id: str
+    handler: str
+    endpoint: str
+    received_at: float
+    attempt: int = 1
+
+    @property
+    def idempotency_key(self) -> str:
+        """A key unique per (event, handler), stable across retries; pass it to outside systems."""
+        return f"{self.event_id}:{self.handler}"
+
+
+HandlerFn = Callable[[Any, HandlerContext], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """A registered handler."""
+
+    name: str
+    event_types: frozenset[str]
+    queue: str
+    fn: HandlerFn
+
+    @property
+    def task_name(self) -> str:
+        """The Celery task that runs this handler."""
+        return f"{HANDLER_TASK_PREFIX}{self.name}"
+
+
+class Registry:
+    """Handlers by name and by event type."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Handler] = {}
+        self._by_type: defaultdict[str, list[Handler]] = defaultdict(list)
+
+    def register(self, handler: Handler) -> Handler:
+        """Add ``handler``; raises DuplicateHandler if its name is taken."""
+        if handler.name in self._by_name:
+            raise DuplicateHandler(f"a handler named {handler.name!r} is already registered")
+        if not _NAME.match(handler.name) or not _NAME.match(handler.queue):
+            raise ValueError(f"handler name and queue must match {_NAME.pattern}")
+        if not handler.event_types:
+            raise ValueError(f"handler {handler.name!r} names no event type")
+        self._by_name[handler.name] = handler
+        for event_type in sorted(handler.event_types):
+            self._by_type[event_type].append(handler)
+        return handler
+
+    def handler(
+        self, *event_types: str, queue: str, name: str | None = None
+    ) -> Callable[[HandlerFn], HandlerFn]:
+        """Register the decorated function for ``event_types`` on ``queue``."""
+
+        def decorate(fn: HandlerFn) -> HandlerFn:
+            self.register(Handler(name or fn.__name__, frozenset(event_types), queue, fn))
+            return fn
+
+        return decorate
+
+    def for_type(self, event_type: str) -> tuple[Handler, ...]:
+        """The handlers of ``event_type``, in registration order."""
+        return tuple(self._by_type.get(event_type, ()))
+
+    def get(self, name: str) -> Handler:
+        """The handler called ``name``; raises UnknownHandler if none is loaded."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise UnknownHandler(f"no handler named {name!r} is loaded") from None
+
+    def queues(self) -> frozenset[str]:
+        """Every queue some handler uses."""
+        return frozenset(h.queue for h in self._by_name.values())
+
+    def __iter__(self) -> Iterator[Handler]:
+        return iter(self._by_name.values())
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+
+registry = Registry()
+"""The process-wide registry that :func:`handler` adds to and the workers read."""
+
+handler = registry.handler
+
+
+def load_modules(modules: Iterable[str]) -> None:
+    """Import each handler module, so that its decorators register with :data:`registry`."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise HandlerModuleError(
+                f"cannot import handler module {module!r} (CALHOOK_HANDLER_MODULES): {exc}"
+            ) from exc
