@@ -117,10 +117,11 @@ def dev(port: int | None) -> None:
         subprocess.Popen([*me, "serve", "--port", str(port)], env=env),
         subprocess.Popen([*me, "worker", "-c", "2"], env=env),
     ]
+    embedded = f" (embedded, data in {server.data_dir})" if server else ""
     secret = settings.auth_secrets[0].get_secret_value() if settings.auth_secrets else None
     click.echo(
         f"\ncalhook is running.\n"
-        f"  Redis:   {env['REDIS_URL']}{' (embedded, data in ' + str(server.data_dir) + ')' if server else ''}\n"
+        f"  Redis:   {env['REDIS_URL']}{embedded}\n"
         f"  Post to: http://127.0.0.1:{port}/webhooks/calenso"
         f"{f' with header {settings.auth_header}: {secret}' if secret else ''}\n"
         f"  Try:     calhook send ../shared/fixtures/calenso/customer.created.nested.json\n"

@@ -17,7 +17,12 @@ from typing import Any
 
 import orjson
 
-_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("calhook_log", default={})
+# Never mutated in place: bind() sets a new dict, so the shared empty default is safe.
+_EMPTY: dict[str, Any] = {}
+_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
+    "calhook_log",
+    default=_EMPTY,
+)
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {

@@ -58,7 +58,7 @@ CsvSecrets = Annotated[tuple[SecretStr, ...], NoDecode]
 
 
 class Settings(BaseSettings):
-    """Every setting of calhook. Variables are ``CALHOOK_<FIELD>`` unless an alias says otherwise."""
+    """Every setting of calhook; the variable is ``CALHOOK_<FIELD>`` unless an alias says so."""
 
     model_config = SettingsConfigDict(
         env_prefix="CALHOOK_",

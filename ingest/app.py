@@ -30,11 +30,11 @@ from ingest.errors import (
     IngestError,
     MalformedJson,
     NotJson,
+    Unavailable,
     UnknownEndpoint,
     UnusableEnvelope,
-    Unavailable,
 )
-from ingest.publisher import Outgoing, PublishError, Publisher
+from ingest.publisher import Outgoing, Publisher, PublishError
 from schemas import EnvelopeError, parse_envelope
 
 log = logging.getLogger("calhook.ingest")
@@ -139,7 +139,12 @@ async def receive(request: web.Request) -> web.Response:
         return _json(200, {"status": "duplicate", "event_id": first})
     log.info(
         "accepted",
-        extra={"event_id": event_id, "type": envelope.type[:100], "endpoint": name, "bytes": len(body)},
+        extra={
+            "event_id": event_id,
+            "type": envelope.type[:100],
+            "endpoint": name,
+            "bytes": len(body),
+        },
     )
     return _json(202, {"status": "accepted", "event_id": event_id})
 

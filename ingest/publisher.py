@@ -128,7 +128,9 @@ class Publisher:
             # Redis restarted or its script cache was flushed; NOSCRIPT means nothing ran.
             self._sha = await self._redis.script_load(_ENQUEUE_LUA)
             retry = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            for i, result in zip(retry, await self._pipeline([batch[i] for i in retry]), strict=True):
+            for i, result in zip(
+                retry, await self._pipeline([batch[i] for i in retry]), strict=True
+            ):
                 results[i] = result
         return results
 

@@ -72,8 +72,8 @@ def worker_process(
 
 def queues_drained(client: redis.Redis) -> bool:
     """True when no task is waiting or in flight on any queue."""
-    waiting = sum(int(client.llen(q)) for q in ALL_QUEUES)  # type: ignore[arg-type]
-    return waiting == 0 and int(client.hlen("unacked")) == 0  # type: ignore[arg-type]
+    waiting = sum(int(client.llen(q)) for q in ALL_QUEUES)
+    return waiting == 0 and int(client.hlen("unacked")) == 0
 
 
 @pytest.fixture

@@ -97,8 +97,11 @@ def _run_handler(h: Handler, delivery: Delivery, attempt: int) -> None:
             )
             log.error(
                 "handler failed",
-                extra={"outcome": "dead_lettered", "error": type(exc).__name__,
-                       "duration_ms": duration_ms},
+                extra={
+                    "outcome": "dead_lettered",
+                    "error": type(exc).__name__,
+                    "duration_ms": duration_ms,
+                },
             )
             return
         duration_ms = round((time.perf_counter() - started) * 1000, 1)

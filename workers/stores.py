@@ -65,5 +65,4 @@ class RecordStore:
 
     def count(self) -> int:
         """How many records there are."""
-        return int(self._redis.zcard(self._index))  # type: ignore[arg-type]
-
+        return int(self._redis.zcard(self._index))

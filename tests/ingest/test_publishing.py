@@ -50,7 +50,9 @@ def test_message_has_the_shape_celery_itself_writes(redis_db: redis.Redis, redis
     theirs["headers"]["ignore_result"] = True
     assert shape(ours) == shape(theirs)
     assert ours["properties"]["delivery_info"] == theirs["properties"]["delivery_info"]
-    assert read_task_message(orjson.dumps(ours))[1:3] == read_task_message(orjson.dumps(theirs))[1:3]
+    assert (
+        read_task_message(orjson.dumps(ours))[1:3] == read_task_message(orjson.dumps(theirs))[1:3]
+    )
 
 
 @pytest.fixture
