@@ -11,7 +11,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -96,6 +95,26 @@ def worker(
 
 
 @main.command()
+def scheduler() -> None:
+    """Move retries that are due from the delayed store onto their queues (run one or more)."""
+    import threading
+
+    from workers.connections import redis_client
+    from workers.delayed import DelayedStore, run_scheduler
+
+    settings = _settings()
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        settings.require_redis_url()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run_scheduler(DelayedStore(redis_client()), settings.scheduler_interval_s, stop)
+
+
+@main.command()
 @click.option("--port", type=int, default=None, help="Ingress port [CALHOOK_PORT].")
 def dev(port: int | None) -> None:
     """Run everything for development: Redis (embedded if REDIS_URL is unset), ingress, worker."""
@@ -116,6 +135,7 @@ def dev(port: int | None) -> None:
     children = [
         subprocess.Popen([*me, "serve", "--port", str(port)], env=env),
         subprocess.Popen([*me, "worker", "-c", "2"], env=env),
+        subprocess.Popen([*me, "scheduler"], env=env),
     ]
     embedded = f" (embedded, data in {server.data_dir})" if server else ""
     secret = settings.auth_secrets[0].get_secret_value() if settings.auth_secrets else None
@@ -193,38 +213,11 @@ def schema() -> None:
     click.echo(json.dumps(event_json_schema(), indent=2, sort_keys=True))
 
 
-@main.group()
-def parked() -> None:
-    """Events dispatch could not route (unknown type, schema failure, no handler)."""
+def _register_store_commands() -> None:
+    from calhook._cli_stores import dlq, parked
+
+    main.add_command(dlq)
+    main.add_command(parked)
 
 
-def _store(kind: str) -> Any:
-    from workers.connections import redis_client
-    from workers.stores import RecordStore
-
-    try:
-        _settings().require_redis_url()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
-    return RecordStore(redis_client(), kind)
-
-
-@parked.command("list")
-@click.option("--limit", type=int, default=50, show_default=True)
-def parked_list(limit: int) -> None:
-    """List parked events, oldest first."""
-    store = _store("parked")
-    click.echo(f"{store.count()} parked")
-    for record_id in store.ids(limit=limit):
-        record = store.get(record_id) or {}
-        click.echo(f"{record_id}  {record.get('type', '')!s:<40} {record.get('reason', '')}")
-
-
-@parked.command("show")
-@click.argument("event_id")
-def parked_show(event_id: str) -> None:
-    """Show one parked event, with its reason and body."""
-    record = _store("parked").get(event_id)
-    if record is None:
-        raise click.ClickException(f"no parked event {event_id}")
-    click.echo(json.dumps(record, indent=2))
+_register_store_commands()

@@ -12,9 +12,12 @@ import base64
 import os
 import socket
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK
 
 _ORIGIN = f"calhook@{socket.gethostname()}:{os.getpid()}"
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -85,3 +88,33 @@ def read_task_message(raw: bytes | str) -> tuple[str, list[Any], dict[str, Any],
     args, kwargs, _embed = orjson.loads(base64.b64decode(message["body"]))
     headers: dict[str, Any] = message["headers"]
     return str(headers["task"]), list(args), dict(kwargs), headers
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """An accepted event as the ingress queued it: what every calhook task receives."""
+
+    event_id: str
+    body: str
+    endpoint: str
+    received_at: float
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the dispatch task (handler tasks add theirs)."""
+        return {
+            "event_id": self.event_id,
+            "body": self.body,
+            "endpoint": self.endpoint,
+            "received_at": self.received_at,
+        }
+
+
+def dispatch_message(delivery: Delivery, event_type: str) -> bytes:
+    """The message of an event's dispatch task; its task id is the event id."""
+    return task_message(
+        DISPATCH_TASK,
+        queue=DISPATCH_QUEUE,
+        task_id=delivery.event_id,
+        kwargs=delivery.task_kwargs(),
+        kwargsrepr=orjson.dumps({"event_id": delivery.event_id, "type": event_type[:100]}).decode(),
+    )

@@ -55,6 +55,7 @@ def _split_csv(value: Any) -> Any:
 
 CsvList = Annotated[tuple[str, ...], NoDecode]
 CsvSecrets = Annotated[tuple[SecretStr, ...], NoDecode]
+CsvFloats = Annotated[tuple[float, ...], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -98,7 +99,10 @@ class Settings(BaseSettings):
         256, ge=1, description="Most events written to Redis in one pipelined round trip."
     )
     redis_timeout_s: float = Field(
-        2.0, gt=0, description="Deadline of one Redis round trip from the ingress."
+        0.25, gt=0, description="Deadline of a Redis write from the ingress; the spool after it."
+    )
+    spool_dir: str = Field(
+        ".calhook/spool", description="Folder of the ingress's local spool (one slot a process)."
     )
     # Schemas
     created_tz: str = Field("UTC", description="Zone of Calenso's naive `created` timestamps.")
@@ -114,6 +118,25 @@ class Settings(BaseSettings):
     worker_max_memory_kb: int = Field(
         512_000, ge=0, description="Replace a worker child above this RSS (0: never)."
     )
+    retry_schedule_s: CsvFloats = Field(
+        (10.0, 60.0, 300.0, 1800.0, 7200.0, 21600.0, 43200.0),
+        description="Delays before the 2nd, 3rd … attempt of a failed handler (about a day).",
+    )
+    retry_jitter: float = Field(
+        0.2, ge=0, le=1, description="Each delay varies by up to this fraction, either way."
+    )
+    quick_retries: int = Field(
+        2, ge=0, le=10, description="In-call retries of a transient error before the schedule."
+    )
+    max_deliveries: int = Field(
+        5, ge=2, description="A message delivered this often without finishing is dead-lettered."
+    )
+    scheduler_interval_s: float = Field(
+        1.0, gt=0, description="How often the scheduler moves due retries to their queues."
+    )
+    ledger_ttl_s: int = Field(
+        7 * 86_400, ge=86_400, description="How long handler outcomes and entity versions stay."
+    )
     soft_shutdown_s: float = Field(
         25.0, ge=0, description="On SIGTERM, let running tasks finish this long before requeue."
     )
@@ -122,10 +145,17 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level.")
     data_dir: str = Field(".calhook", description="Folder of `calhook dev`'s embedded Redis.")
 
-    @field_validator("handler_modules", "auth_secrets", mode="before")
+    @field_validator("handler_modules", "auth_secrets", "retry_schedule_s", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("retry_schedule_s")
+    @classmethod
+    def _positive_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(delay <= 0 for delay in value):
+            raise ValueError("retry delays must be positive")
+        return value
 
     @field_validator("endpoints")
     @classmethod

@@ -20,9 +20,9 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK, dedup_key
+from calhook.constants import DISPATCH_QUEUE, dedup_key
 from calhook.ids import new_event_id
-from calhook.messages import task_message
+from calhook.messages import Delivery, dispatch_message
 from calhook.settings import DEFAULT_ENDPOINT, Endpoint, Settings, SettingsError
 from ingest.auth import authenticate
 from ingest.errors import (
@@ -115,18 +115,7 @@ async def receive(request: web.Request) -> web.Response:
         raise UnusableEnvelope(str(exc)) from None
 
     event_id = new_event_id()
-    message = task_message(
-        DISPATCH_TASK,
-        queue=DISPATCH_QUEUE,
-        task_id=event_id,
-        kwargs={
-            "event_id": event_id,
-            "body": body.decode(),
-            "endpoint": name,
-            "received_at": time.time(),
-        },
-        kwargsrepr=orjson.dumps({"event_id": event_id, "type": envelope.type[:100]}).decode(),
-    )
+    message = dispatch_message(Delivery(event_id, body.decode(), name, time.time()), envelope.type)
     digest = hashlib.sha256(name.encode() + b"\0" + body).hexdigest()
     try:
         first = await request.app[PUBLISHER].publish(Outgoing(dedup_key(digest), event_id, message))

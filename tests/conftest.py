@@ -14,7 +14,7 @@ from calhook.redis_server import RedisServer
 from calhook.settings import Settings, load_settings
 from tests.support.recording import RECORD_QUEUE
 from tests.support.waiting import wait_for
-from tests.support.worker import WorkerProcess
+from tests.support.worker import SchedulerProcess, WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "calenso"
@@ -64,9 +64,14 @@ def make_settings(redis_url: str) -> Callable[..., Settings]:
 def worker_process(
     redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerProcess]:
-    """One real worker for the session, consuming every queue."""
-    worker = WorkerProcess(redis_url, tmp_path_factory.mktemp("worker") / "worker.log").start()
+    """One real worker for the session, consuming every queue, and a scheduler beside it."""
+    logs = tmp_path_factory.mktemp("pipeline")
+    worker = WorkerProcess(redis_url, logs / "worker.log")
+    scheduler = SchedulerProcess(redis_url, logs / "scheduler.log")
+    worker.start()
+    scheduler.start()
     yield worker
+    scheduler.stop()
     worker.stop()
 
 

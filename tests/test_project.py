@@ -39,7 +39,7 @@ def test_readme_defaults_are_the_real_defaults() -> None:
         if default in (None, (), {}):
             continue
         if isinstance(default, tuple):
-            default = ",".join(default)
+            default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
         assert documented[name].lower() == str(default).lower(), name
 
 

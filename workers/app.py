@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
-import traceback
 from typing import Any
 
-import orjson
 from celery import Celery, Task
 from celery.signals import setup_logging
 
 from calhook import logs
 from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK
+from calhook.messages import Delivery
 from calhook.settings import Settings, get_settings
-from schemas import parse_event
 from workers.connections import redis_client
-from workers.dispatch import Delivery, Dispatcher
-from workers.registry import Handler, HandlerContext, Registry, load_modules, registry
-from workers.stores import DEAD, PARKED, RecordStore
+from workers.dispatch import Dispatcher
+from workers.registry import Handler, Registry, load_modules, registry
+from workers.runner import HandlerRunner
+from workers.stores import PARKED, RecordStore
 
 log = logging.getLogger("calhook.worker")
 
@@ -70,42 +68,9 @@ def _dispatcher() -> Dispatcher:
     return Dispatcher(client, registry, RecordStore(client, PARKED), get_settings().zone)
 
 
-def _run_handler(h: Handler, delivery: Delivery, attempt: int) -> None:
-    """Run one handler on one event; a failure goes to the dead-letter store, never away."""
-    ctx = HandlerContext(
-        delivery.event_id, h.name, delivery.endpoint, delivery.received_at, attempt
-    )
-    started = time.perf_counter()
-    with logs.bind(handler=h.name, attempt=attempt):
-        try:
-            event = parse_event(orjson.loads(delivery.body), created_tz=get_settings().zone)
-            with logs.bind(type=event.type):
-                h.fn(event, ctx)
-        except Exception as exc:
-            duration_ms = round((time.perf_counter() - started) * 1000, 1)
-            RecordStore(redis_client(), DEAD).put(
-                f"{delivery.event_id}.{h.name}",
-                {
-                    **{k: str(v) for k, v in delivery.task_kwargs().items()},
-                    "handler": h.name,
-                    "queue": h.queue,
-                    "error": f"{type(exc).__name__}: {exc}"[:2000],
-                    "traceback": "".join(traceback.format_exception(exc, limit=-8))[-4000:],
-                    "attempts": str(attempt),
-                    "failed_at": repr(time.time()),
-                },
-            )
-            log.error(
-                "handler failed",
-                extra={
-                    "outcome": "dead_lettered",
-                    "error": type(exc).__name__,
-                    "duration_ms": duration_ms,
-                },
-            )
-            return
-        duration_ms = round((time.perf_counter() - started) * 1000, 1)
-        log.info("handler done", extra={"outcome": "ok", "duration_ms": duration_ms})
+@functools.cache
+def _runner() -> HandlerRunner:
+    return HandlerRunner(redis_client(), registry, get_settings())
 
 
 def _register_tasks(app: Celery, handlers: Registry) -> None:
@@ -126,10 +91,11 @@ def _register_tasks(app: Celery, handlers: Registry) -> None:
             endpoint: str,
             received_at: float,
             handler: str,
+            attempt: int = 1,
             _h: Handler = h,
         ) -> None:
             with logs.bind(event_id=event_id):
-                _run_handler(_h, Delivery(event_id, body, endpoint, received_at), 1)
+                _runner().run(_h.name, Delivery(event_id, body, endpoint, received_at), attempt)
 
         app.task(name=h.task_name, bind=True, queue=h.queue)(run)
 

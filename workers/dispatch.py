@@ -13,15 +13,14 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from dataclasses import dataclass
 from datetime import tzinfo
 
 import orjson
 import redis
 
-from calhook.constants import DISPATCHED_TTL_S, dispatched_key
+from calhook.constants import DISPATCHED_TTL_S, HANDLER_TASK_PREFIX, dispatched_key
 from calhook.logs import bind
-from calhook.messages import task_message
+from calhook.messages import Delivery, task_message
 from schemas import PLANNED_TYPES, SchemaError, family_of, parse_event
 from workers.registry import Registry
 from workers.stores import RecordStore
@@ -45,23 +44,26 @@ class ParkReason(enum.StrEnum):
     NO_HANDLER = "no_handler"
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """An accepted event as the ingress queued it."""
-
-    event_id: str
-    body: str
-    endpoint: str
-    received_at: float
-
-    def task_kwargs(self) -> dict[str, object]:
-        """The keyword arguments of the dispatch and handler tasks."""
-        return {
-            "event_id": self.event_id,
-            "body": self.body,
-            "endpoint": self.endpoint,
-            "received_at": self.received_at,
-        }
+def handler_message(
+    handler: str, queue: str, delivery: Delivery, event_type: str, attempt: int
+) -> bytes:
+    """The message of one (event, handler) task; every attempt has the same task id."""
+    return task_message(
+        f"{HANDLER_TASK_PREFIX}{handler}",
+        queue=queue,
+        task_id=f"{delivery.event_id}.{handler}",
+        root_id=delivery.event_id,
+        parent_id=delivery.event_id,
+        kwargs={**delivery.task_kwargs(), "handler": handler, "attempt": attempt},
+        kwargsrepr=orjson.dumps(
+            {
+                "event_id": delivery.event_id,
+                "type": event_type[:100],
+                "handler": handler,
+                "attempt": attempt,
+            }
+        ).decode(),
+    )
 
 
 class Dispatcher:
@@ -97,22 +99,8 @@ class Dispatcher:
                 self._park(delivery, event.type, reason, [])
                 return []
 
-            queues, messages = [], []
-            for h in handlers:
-                queues.append(h.queue)
-                messages.append(
-                    task_message(
-                        h.task_name,
-                        queue=h.queue,
-                        task_id=f"{delivery.event_id}.{h.name}",
-                        root_id=delivery.event_id,
-                        parent_id=delivery.event_id,
-                        kwargs={**delivery.task_kwargs(), "handler": h.name},
-                        kwargsrepr=orjson.dumps(
-                            {"event_id": delivery.event_id, "type": event.type, "handler": h.name}
-                        ).decode(),
-                    )
-                )
+            queues = [h.queue for h in handlers]
+            messages = [handler_message(h.name, h.queue, delivery, event.type, 1) for h in handlers]
             names = [h.name for h in handlers]
             sent = self._fan_out(
                 keys=[dispatched_key(delivery.event_id), *queues],

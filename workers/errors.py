@@ -17,3 +17,29 @@ class UnknownHandler(WorkerError):
 
 class HandlerModuleError(WorkerError):
     """Raised when a module listed in CALHOOK_HANDLER_MODULES cannot be imported."""
+
+
+class HandlerError(WorkerError):
+    """Base of the errors a handler raises to tell calhook how to go on."""
+
+
+class PermanentError(HandlerError):
+    """Raised by a handler when trying again cannot help (e.g. the CRM answered 400).
+
+    The (event, handler) goes straight to the dead-letter store, skipping the retry schedule.
+    """
+
+
+class TransientError(HandlerError):
+    """Raised by a handler when a quick retry may help (a dropped connection, a 503)."""
+
+
+class RetryLater(HandlerError):
+    """Raised by a handler when the other side said when to come back (a 429 ``Retry-After``).
+
+    The next attempt is scheduled no earlier than ``after_s`` seconds from now.
+    """
+
+    def __init__(self, message: str, after_s: float) -> None:
+        super().__init__(message)
+        self.after_s = after_s

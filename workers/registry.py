@@ -49,6 +49,20 @@ HandlerFn = Callable[[Any, HandlerContext], None]
 
 
 @dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a handler's failures are retried; unset fields take the settings' values.
+
+    ``quick_retries`` in-call retries (seconds apart) for transient errors, then one attempt per
+    delay of ``schedule_s``, then the dead-letter store. Exceptions of a ``permanent`` type skip
+    the schedule, as :class:`~workers.errors.PermanentError` always does.
+    """
+
+    quick_retries: int | None = None
+    schedule_s: tuple[float, ...] | None = None
+    permanent: tuple[type[BaseException], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Handler:
     """A registered handler."""
 
@@ -56,6 +70,8 @@ class Handler:
     event_types: frozenset[str]
     queue: str
     fn: HandlerFn
+    retry: RetryPolicy = RetryPolicy()
+    ordered: bool = False
 
     @property
     def task_name(self) -> str:
@@ -84,12 +100,30 @@ class Registry:
         return handler
 
     def handler(
-        self, *event_types: str, queue: str, name: str | None = None
+        self,
+        *event_types: str,
+        queue: str,
+        name: str | None = None,
+        retry: RetryPolicy | None = None,
+        ordered: bool = False,
     ) -> Callable[[HandlerFn], HandlerFn]:
-        """Register the decorated function for ``event_types`` on ``queue``."""
+        """Register the decorated function for ``event_types`` on ``queue``.
+
+        ``ordered=True`` runs it only for events newer than the last it applied to the same
+        customer or appointment (:mod:`workers.ordering`).
+        """
 
         def decorate(fn: HandlerFn) -> HandlerFn:
-            self.register(Handler(name or fn.__name__, frozenset(event_types), queue, fn))
+            self.register(
+                Handler(
+                    name or fn.__name__,
+                    frozenset(event_types),
+                    queue,
+                    fn,
+                    retry or RetryPolicy(),
+                    ordered,
+                )
+            )
             return fn
 
         return decorate

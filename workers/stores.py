@@ -9,6 +9,7 @@ Each record is one hash, indexed by time in a sorted set.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -50,18 +51,30 @@ class RecordStore:
             return None
         return {k.decode(): v.decode() for k, v in raw.items()}
 
+    def records(self, page: int = 500) -> Iterator[dict[str, str]]:
+        """Every record, oldest first, read a page at a time."""
+        offset = 0
+        while ids := self.ids(limit=page, offset=offset):
+            for record_id in ids:
+                record = self.get(record_id)
+                if record is not None:
+                    yield record
+            offset += page
+
     def ids(self, limit: int = 100, offset: int = 0) -> list[str]:
         """Record ids, oldest first."""
         found: list[bytes] = self._redis.zrange(self._index, offset, offset + limit - 1)  # type: ignore[assignment]
         return [i.decode() for i in found]
 
-    def remove(self, record_id: str) -> bool:
-        """Delete one record; True if it existed."""
-        with self._redis.pipeline(transaction=True) as pipe:
+    def remove(self, record_id: str, pipe: redis.client.Pipeline | None = None) -> None:
+        """Delete one record, now or as part of the caller's transaction ``pipe``."""
+        if pipe is not None:
             pipe.delete(self._key(record_id))
             pipe.zrem(self._index, record_id)
-            deleted, _ = pipe.execute()
-        return bool(deleted)
+            return
+        with self._redis.pipeline(transaction=True) as own:
+            self.remove(record_id, own)
+            own.execute()
 
     def count(self) -> int:
         """How many records there are."""

@@ -70,7 +70,9 @@ async def test_slow_redis_does_not_stall_other_requests(
     redis_db: redis.Redis,
     slow_redis: SlowProxy,
 ) -> None:
-    settings = make_settings(redis_url=f"redis://127.0.0.1:{slow_redis.port}/0")
+    settings = make_settings(
+        redis_url=f"redis://127.0.0.1:{slow_redis.port}/0", redis_timeout_s=5.0
+    )
     app = create_app(settings)
     client = await aiohttp_client(app)
     assert (await client.get("/readyz")).status == 200  # connected before Redis turns slow

@@ -1,33 +1,106 @@
-"""Handlers the tests load into the real worker: they record each run in Redis.
+"""Handlers the tests load into the real worker. Each records what it did in Redis.
 
-``record`` runs for every current type; ``explode`` always fails, for a custom type, so the
-dead-letter path and custom-type routing are exercised.
+- ``record`` (every current type): counts raw runs, and applies its effect once per
+  idempotency key, as a well-behaved outside system would; keeps the canonical view it saw.
+- ``fake_crm`` (customer events, ``ordered``): a CRM in a Redis hash per customer.
+- Custom types drive failures: ``test.always_fails``, ``test.flaky`` (fails ``data.fail_times``
+  times), ``test.permanent`` (permanent until ``FIXED_KEY`` is set), ``test.slow`` (sleeps
+  ``data.sleep_s``), ``test.poison`` (kills its own worker process).
 """
 
 from __future__ import annotations
 
-from schemas import CURRENT_TYPES, CalensoEvent
+import os
+import signal
+import time
+
+from schemas import CURRENT_TYPES, CalensoEvent, CustomerEvent, UnknownEvent
 from workers.connections import redis_client
+from workers.errors import PermanentError
 from workers.registry import HandlerContext, handler
 
 RUNS_KEY = "calhook:test:runs"
+EFFECTS_KEY = "calhook:test:effects"
 VIEWS_KEY = "calhook:test:views"
+FIXED_KEY = "calhook:test:fixed"
 RECORD_QUEUE = "record"
 FAILING_TYPE = "test.always_fails"
+FLAKY_TYPE = "test.flaky"
+PERMANENT_TYPE = "test.permanent"
+SLOW_TYPE = "test.slow"
+POISON_TYPE = "test.poison"
+
+
+def crm_key(customer_uuid: str) -> str:
+    return f"calhook:test:crm:{customer_uuid}"
+
+
+def count_run(ctx: HandlerContext) -> int:
+    return int(redis_client().hincrby(RUNS_KEY, f"{ctx.event_id}:{ctx.handler}", 1))
+
+
+def apply_effect(ctx: HandlerContext) -> None:
+    """The side effect, made idempotent by the key calhook hands to outside systems."""
+    client = redis_client()
+    if client.set(f"calhook:test:seen:{ctx.idempotency_key}", 1, nx=True):
+        client.hincrby(EFFECTS_KEY, f"{ctx.event_id}:{ctx.handler}", 1)
 
 
 @handler(*sorted(CURRENT_TYPES), queue=RECORD_QUEUE, name="record")
 def record(event: CalensoEvent, ctx: HandlerContext) -> None:
-    """Count the run and keep the canonical view the handler saw."""
-    client = redis_client()
-    with client.pipeline(transaction=True) as pipe:
-        pipe.hincrby(RUNS_KEY, f"{ctx.event_id}:{ctx.handler}", 1)
-        pipe.hset(VIEWS_KEY, ctx.event_id, event.model_dump_json())
-        pipe.execute()
+    count_run(ctx)
+    redis_client().hset(VIEWS_KEY, ctx.event_id, event.model_dump_json())
+    apply_effect(ctx)
+
+
+@handler("customer.created", "customer.updated", "customer.deleted", queue=RECORD_QUEUE,
+         name="fake_crm", ordered=True)  # fmt: skip
+def fake_crm(event: CustomerEvent, ctx: HandlerContext) -> None:
+    count_run(ctx)
+    key = crm_key(event.customer.uuid or "")
+    if event.type == "customer.deleted":
+        redis_client().hset(key, mapping={"deleted": 1, "event_id": ctx.event_id})
+    else:
+        redis_client().hset(
+            key,
+            mapping={
+                "deleted": 0,
+                "last_name": event.customer.last_name or "",
+                "event_id": ctx.event_id,
+            },
+        )
 
 
 @handler(FAILING_TYPE, queue=RECORD_QUEUE, name="explode")
 def explode(event: CalensoEvent, ctx: HandlerContext) -> None:
-    """Fail, every time."""
-    redis_client().hincrby(RUNS_KEY, f"{ctx.event_id}:{ctx.handler}", 1)
+    count_run(ctx)
     raise RuntimeError("this handler always fails")
+
+
+@handler(FLAKY_TYPE, queue=RECORD_QUEUE, name="flaky")
+def flaky(event: UnknownEvent, ctx: HandlerContext) -> None:
+    runs = count_run(ctx)
+    if runs <= int(event.raw_data.get("fail_times", 0)):
+        raise RuntimeError(f"failure {runs}")
+    apply_effect(ctx)
+
+
+@handler(PERMANENT_TYPE, queue=RECORD_QUEUE, name="permanent")
+def permanent(event: CalensoEvent, ctx: HandlerContext) -> None:
+    count_run(ctx)
+    if not redis_client().exists(FIXED_KEY):
+        raise PermanentError("the other side refused this for good (400)")
+    apply_effect(ctx)
+
+
+@handler(SLOW_TYPE, queue=RECORD_QUEUE, name="slow")
+def slow(event: UnknownEvent, ctx: HandlerContext) -> None:
+    count_run(ctx)
+    time.sleep(float(event.raw_data.get("sleep_s", 0.2)))
+    apply_effect(ctx)
+
+
+@handler(POISON_TYPE, queue=RECORD_QUEUE, name="poison")
+def poison(event: CalensoEvent, ctx: HandlerContext) -> None:
+    count_run(ctx)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,213 @@
+"""``calhook dlq …`` and ``calhook parked …``: read, replay and purge what needs people."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Iterable
+
+import click
+import redis
+
+from calhook.settings import SettingsError, get_settings
+
+
+def _client() -> redis.Redis:
+    from workers.connections import redis_client
+
+    try:
+        get_settings().require_redis_url()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    return redis_client()
+
+
+def _when(epoch: str | None) -> str:
+    if not epoch:
+        return "-"
+    return dt.datetime.fromtimestamp(float(epoch), dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _select(
+    records: Iterable[dict[str, str]],
+    ids: tuple[str, ...],
+    select_all: bool,
+    matches: Callable[[dict[str, str]], bool] | None,
+) -> list[str]:
+    if not ids and not select_all and matches is None:
+        raise click.UsageError("name records by ID, or select them with --all or a filter")
+    if ids:
+        return list(ids)
+    return [r["id"] for r in records if matches is None or matches(r)]
+
+
+@click.group()
+def dlq() -> None:
+    """Dead letters: (event, handler) pairs whose handler failed for good."""
+
+
+@dlq.command("list")
+@click.option("--handler", default=None, help="Only this handler's.")
+@click.option("--limit", type=int, default=50, show_default=True)
+def dlq_list(handler: str | None, limit: int) -> None:
+    """List dead letters, oldest first."""
+    from workers.stores import DEAD, RecordStore
+
+    store = RecordStore(_client(), DEAD)
+    click.echo(f"{store.count()} dead letters")
+    shown = 0
+    for record in store.records():
+        if handler and record.get("handler") != handler:
+            continue
+        click.echo(
+            f"{record['id']}  {record.get('reason', ''):<10} attempts={record.get('attempts', '?')}"
+            f"  {_when(record.get('failed_at'))}  {record.get('error', '')[:80]}"
+        )
+        shown += 1
+        if shown >= limit:
+            break
+
+
+@dlq.command("show")
+@click.argument("record_id")
+def dlq_show(record_id: str) -> None:
+    """Show one dead letter: error, traceback summary, attempts and the event's body."""
+    from workers.stores import DEAD, RecordStore
+
+    record = RecordStore(_client(), DEAD).get(record_id)
+    if record is None:
+        raise click.ClickException(f"no dead letter {record_id}")
+    click.echo(json.dumps(record, indent=2))
+
+
+@dlq.command("replay")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "select_all", is_flag=True, help="Every dead letter.")
+@click.option("--handler", default=None, help="Every dead letter of this handler.")
+def dlq_replay(ids: tuple[str, ...], select_all: bool, handler: str | None) -> None:
+    """Run only the failed handler again for each selected event (attempt 1)."""
+    from workers.ledger import Ledger
+    from workers.replay import ReplayError, replay_dead
+    from workers.stores import DEAD, RecordStore
+
+    client = _client()
+    store = RecordStore(client, DEAD)
+    matches = (lambda r: r.get("handler") == handler) if handler else None
+    ledger = Ledger(client, get_settings().ledger_ttl_s)
+    done = 0
+    for record_id in _select(store.records(), ids, select_all, matches):
+        try:
+            queue = replay_dead(client, record_id, ledger)
+        except ReplayError as exc:
+            click.echo(f"{record_id}: {exc}", err=True)
+            continue
+        click.echo(f"{record_id}: queued on {queue}")
+        done += 1
+    click.echo(f"{done} replayed")
+
+
+@dlq.command("purge")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "select_all", is_flag=True, help="Every dead letter.")
+@click.option("--handler", default=None, help="Every dead letter of this handler.")
+def dlq_purge(ids: tuple[str, ...], select_all: bool, handler: str | None) -> None:
+    """Delete dead letters for good."""
+    from workers.stores import DEAD, RecordStore
+
+    store = RecordStore(_client(), DEAD)
+    matches = (lambda r: r.get("handler") == handler) if handler else None
+    selected = _select(store.records(), ids, select_all, matches)
+    for record_id in selected:
+        store.remove(record_id)
+    click.echo(f"{len(selected)} purged")
+
+
+@click.group()
+def parked() -> None:
+    """Events dispatch could not route (unknown type, schema failure, no handler)."""
+
+
+@parked.command("list")
+@click.option("--reason", default=None, help="Only events parked for this reason.")
+@click.option("--limit", type=int, default=50, show_default=True)
+def parked_list(reason: str | None, limit: int) -> None:
+    """List parked events, oldest first."""
+    from workers.stores import PARKED, RecordStore
+
+    store = RecordStore(_client(), PARKED)
+    click.echo(f"{store.count()} parked")
+    shown = 0
+    for record in store.records():
+        if reason and record.get("reason") != reason:
+            continue
+        click.echo(
+            f"{record['id']}  {record.get('type', '')[:40]:<40} {record.get('reason', '')}"
+            f"  {_when(record.get('parked_at'))}"
+        )
+        shown += 1
+        if shown >= limit:
+            break
+
+
+@parked.command("show")
+@click.argument("event_id")
+def parked_show(event_id: str) -> None:
+    """Show one parked event, with its reason, errors and body."""
+    from workers.stores import PARKED, RecordStore
+
+    record = RecordStore(_client(), PARKED).get(event_id)
+    if record is None:
+        raise click.ClickException(f"no parked event {event_id}")
+    click.echo(json.dumps(record, indent=2))
+
+
+@parked.command("replay")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "select_all", is_flag=True, help="Every parked event.")
+@click.option("--reason", default=None, help="Every event parked for this reason.")
+@click.option("--type", "event_type", default=None, help="Every parked event of this type.")
+def parked_replay(
+    ids: tuple[str, ...], select_all: bool, reason: str | None, event_type: str | None
+) -> None:
+    """Dispatch the selected events again (e.g. after a handler for their type was deployed)."""
+    from workers.replay import ReplayError, replay_parked
+    from workers.stores import PARKED, RecordStore
+
+    client = _client()
+    store = RecordStore(client, PARKED)
+    done = 0
+    for record_id in _select(store.records(), ids, select_all, _filter(reason, event_type)):
+        try:
+            replay_parked(client, record_id)
+        except ReplayError as exc:
+            click.echo(f"{record_id}: {exc}", err=True)
+            continue
+        done += 1
+    click.echo(f"{done} replayed")
+
+
+@parked.command("purge")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "select_all", is_flag=True, help="Every parked event.")
+@click.option("--reason", default=None, help="Every event parked for this reason.")
+@click.option("--type", "event_type", default=None, help="Every parked event of this type.")
+def parked_purge(
+    ids: tuple[str, ...], select_all: bool, reason: str | None, event_type: str | None
+) -> None:
+    """Delete parked events for good."""
+    from workers.stores import PARKED, RecordStore
+
+    store = RecordStore(_client(), PARKED)
+    selected = _select(store.records(), ids, select_all, _filter(reason, event_type))
+    for record_id in selected:
+        store.remove(record_id)
+    click.echo(f"{len(selected)} purged")
+
+
+def _filter(reason: str | None, event_type: str | None) -> Callable[[dict[str, str]], bool] | None:
+    if reason is None and event_type is None:
+        return None
+    return lambda r: (
+        (reason is None or r.get("reason") == reason)
+        and (event_type is None or r.get("type") == event_type)
+    )

@@ -1,0 +1,237 @@
+"""Delivery guarantees with a real worker and scheduler: retries on a (compressed) schedule,
+dead letters and replay, the idempotency ledger, the poison cap and order per entity."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+from calhook.messages import Delivery
+from calhook.settings import Settings
+from ingest import create_app
+from tests.conftest import FIXTURES, ROOT, SECRET
+from tests.support.recording import (
+    EFFECTS_KEY,
+    FAILING_TYPE,
+    FIXED_KEY,
+    FLAKY_TYPE,
+    PERMANENT_TYPE,
+    POISON_TYPE,
+    RECORD_QUEUE,
+    RUNS_KEY,
+    crm_key,
+)
+from tests.support.waiting import await_for, wait_for
+from tests.support.worker import WorkerProcess
+from workers.dispatch import handler_message
+from workers.stores import PARKED, RecordStore
+
+AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: AiohttpClient, make_settings: Callable[..., Settings], redis_db: redis.Redis
+) -> Client:
+    return await aiohttp_client(create_app(make_settings()))
+
+
+async def post(client: Client, event_type: str, data: dict[str, Any], created: str = "") -> str:
+    body = {"type": event_type, "created": created or "2025-05-01 10:00:00", "data": data}
+    response = await client.post("/webhooks/calenso", data=orjson.dumps(body), headers=AUTH)
+    assert response.status == 202, await response.text()
+    return str((await response.json())["event_id"])
+
+
+def count(redis_db: redis.Redis, key: str, event_id: str, handler: str) -> int:
+    return int(redis_db.hget(key, f"{event_id}:{handler}") or 0)
+
+
+def outcomes(worker: WorkerProcess, event_id: str) -> list[str]:
+    return [
+        str(line["outcome"])
+        for line in worker.lines()
+        if line.get("event_id") == event_id and "outcome" in line
+    ]
+
+
+def calhook(redis_url: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "calhook", *args],
+        cwd=ROOT,
+        env={**os.environ, "REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout
+
+
+async def test_a_handler_failing_three_times_completes_on_schedule(
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis
+) -> None:
+    event_id = await post(client, FLAKY_TYPE, {"fail_times": 3})
+
+    await await_for(lambda: count(redis_db, EFFECTS_KEY, event_id, "flaky") == 1, what="success")
+
+    assert count(redis_db, RUNS_KEY, event_id, "flaky") == 4
+    assert outcomes(worker, event_id) == ["retry_scheduled"] * 3 + ["ok"]
+    delays = [
+        ln["retry_in_s"] for ln in worker.lines() if ln.get("event_id") == event_id
+        and ln.get("outcome") == "retry_scheduled"
+    ]  # fmt: skip
+    assert delays == [0.1, 0.2, 0.3]
+    assert redis_db.hget(f"calhook:ledger:{event_id}", "flaky") == b"done"
+
+
+async def test_a_handler_that_never_succeeds_ends_in_the_dead_letter_store(
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis
+) -> None:
+    event_id = await post(client, FAILING_TYPE, {})
+
+    await await_for(lambda: redis_db.exists(f"calhook:dead:{event_id}.explode"), what="dead")
+
+    record = redis_db.hgetall(f"calhook:dead:{event_id}.explode")
+    assert record[b"reason"] == b"exhausted"
+    assert record[b"attempts"] == b"4"
+    assert record[b"error"] == b"RuntimeError: this handler always fails"
+    assert b"raise RuntimeError" in record[b"traceback"]
+    assert count(redis_db, RUNS_KEY, event_id, "explode") == 4
+    assert redis_db.hget(f"calhook:ledger:{event_id}", "explode") == b"dead"
+
+
+async def test_a_permanent_error_skips_the_schedule_and_replay_after_the_fix_completes(
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis, redis_url: str
+) -> None:
+    event_id = await post(client, PERMANENT_TYPE, {})
+    dead_id = f"{event_id}.permanent"
+    await await_for(lambda: redis_db.exists(f"calhook:dead:{dead_id}"), what="dead")
+    assert redis_db.hget(f"calhook:dead:{dead_id}", "reason") == b"permanent"
+    assert count(redis_db, RUNS_KEY, event_id, "permanent") == 1
+    assert dead_id in calhook(redis_url, "dlq", "list")
+
+    redis_db.set(FIXED_KEY, 1)
+    replayed = calhook(redis_url, "dlq", "replay", "--handler", "permanent")
+
+    assert "1 replayed" in replayed
+    await await_for(lambda: count(redis_db, EFFECTS_KEY, event_id, "permanent") == 1)
+    assert not redis_db.exists(f"calhook:dead:{dead_id}")
+    assert redis_db.hget(f"calhook:ledger:{event_id}", "permanent") == b"done"
+    assert "0 dead letters" in calhook(redis_url, "dlq", "list")
+
+
+async def test_a_message_that_kills_its_worker_is_dead_lettered_after_the_cap(
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis
+) -> None:
+    event_id = await post(client, POISON_TYPE, {})
+
+    await await_for(
+        lambda: redis_db.exists(f"calhook:dead:{event_id}.poison"), timeout_s=60, what="dead"
+    )
+
+    record = redis_db.hgetall(f"calhook:dead:{event_id}.poison")
+    assert record[b"reason"] == b"poison"
+    # CALHOOK_MAX_DELIVERIES=3 in the tests: three runs killed the child, the fourth was refused.
+    assert count(redis_db, RUNS_KEY, event_id, "poison") == 3
+
+
+def test_a_redelivered_task_whose_effect_completed_does_not_run_again(
+    worker: WorkerProcess, redis_db: redis.Redis
+) -> None:
+    body = (FIXTURES / "lead.created.nested.json").read_text()
+    delivery = Delivery("e-twice", body, "default", time.time())
+    message = handler_message("record", RECORD_QUEUE, delivery, "lead.created", 1)
+
+    redis_db.lpush(RECORD_QUEUE, message)
+    wait_for(lambda: redis_db.hget("calhook:ledger:e-twice", "record") == b"done")
+    redis_db.lpush(RECORD_QUEUE, message)  # as Redis would after a lost ack
+    wait_for(lambda: "already finished" in [ln["msg"] for ln in worker.lines()
+                                             if ln.get("event_id") == "e-twice"])  # fmt: skip
+
+    assert count(redis_db, RUNS_KEY, "e-twice", "record") == 1
+    assert redis_db.hget("calhook:ledger:e-twice", "record#done") == b"1"
+
+
+def customer(last_name: str, uuid: str = "c0ffee00-0000-4000-8000-000000000001") -> dict[str, Any]:
+    return {"customer": {"uuid": uuid, "last_name": last_name, "lastname": last_name}}
+
+
+async def settle(redis_db: redis.Redis, worker: WorkerProcess, event_id: str) -> None:
+    await await_for(
+        lambda: redis_db.hget(f"calhook:ledger:{event_id}", "fake_crm") is not None,
+        what="the fake CRM handler to finish",
+    )
+
+
+async def test_late_older_customer_events_never_overwrite_newer_state(
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis
+) -> None:
+    crm = crm_key("c0ffee00-0000-4000-8000-000000000001")
+
+    async def send(event_type: str, name: str, created: str) -> str:
+        event_id = await post(client, event_type, customer(name), created)
+        await settle(redis_db, worker, event_id)
+        return event_id
+
+    await send("customer.created", "Created", "2025-05-01 10:00:00")
+    await send("customer.updated", "Newer", "2025-05-01 10:05:00")
+    stale = await send("customer.updated", "Older", "2025-05-01 10:02:00")
+    assert redis_db.hget(crm, "last_name") == b"Newer"
+    assert redis_db.hget(f"calhook:ledger:{stale}", "fake_crm") == b"skipped_stale"
+
+    await send("customer.deleted", "Newer", "2025-05-01 10:10:00")
+    await send("customer.updated", "Resurrected?", "2025-05-01 10:20:00")  # newer, but an update
+    await send("customer.updated", "Older", "2025-05-01 10:03:00")
+    assert redis_db.hget(crm, "deleted") == b"1"
+
+    await send("customer.created", "Back", "2025-05-01 10:30:00")
+    assert redis_db.hgetall(crm)[b"deleted"] == b"0"
+    assert redis_db.hget(crm, "last_name") == b"Back"
+
+
+async def test_in_the_same_second_an_update_beats_a_create_whatever_the_arrival(
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis
+) -> None:
+    uuid = "c0ffee00-0000-4000-8000-000000000002"
+    crm = crm_key(uuid)
+
+    update = await post(
+        client, "customer.updated", customer("Updated", uuid), "2025-05-02 08:00:00"
+    )
+    await settle(redis_db, worker, update)
+    create = await post(
+        client, "customer.created", customer("Created", uuid), "2025-05-02 08:00:00"
+    )
+    await settle(redis_db, worker, create)
+
+    assert redis_db.hget(crm, "last_name") == b"Updated"
+    assert redis_db.hget(f"calhook:ledger:{create}", "fake_crm") == b"skipped_stale"
+
+
+def test_a_parked_event_replays_through_dispatch(
+    worker: WorkerProcess, redis_db: redis.Redis, redis_url: str
+) -> None:
+    body = (FIXTURES / "lead.created.nested.json").read_text()
+    RecordStore(redis_db, PARKED).put(
+        "e-parked",
+        {"event_id": "e-parked", "type": "lead.created", "endpoint": "default",
+         "received_at": "1.0", "reason": "no_handler", "errors": [], "body": body},
+    )  # fmt: skip
+    assert "e-parked" in calhook(redis_url, "parked", "list")
+
+    assert "1 replayed" in calhook(redis_url, "parked", "replay", "--reason", "no_handler")
+
+    wait_for(lambda: count(redis_db, EFFECTS_KEY, "e-parked", "record") == 1)
+    assert redis_db.zcard("calhook:parked") == 0

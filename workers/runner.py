@@ -1,0 +1,194 @@
+"""Running one (event, handler): once, in order, retried on a schedule, or dead-lettered.
+
+For each delivery of a handler task:
+
+1. The ledger says the pair already finished → nothing runs (a redelivery after completion).
+2. The message arrived more than ``CALHOOK_MAX_DELIVERIES`` times without finishing → it keeps
+   killing its worker; dead-letter it instead of looping.
+3. An ``ordered`` handler sees only events newer than the entity's last applied one.
+4. The handler runs, with a few quick in-call retries for transient errors (tenacity; seconds,
+   well inside the task time limit).
+5. Success → ledger ``done``. A permanent error → dead letter. Anything else → the next attempt
+   goes into the delayed store at the schedule's next delay (or the handler's ``Retry-After``),
+   and the dead-letter store once the schedule is exhausted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+
+import orjson
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from calhook import logs
+from calhook.messages import Delivery
+from calhook.settings import Settings
+from schemas import CalensoEvent, SchemaError, parse_event
+from workers.delayed import DelayedStore
+from workers.dispatch import handler_message
+from workers.errors import PermanentError, RetryLater, TransientError
+from workers.ledger import Ledger, Outcome
+from workers.ordering import OrderGuard, version_of
+from workers.registry import Handler, HandlerContext, Registry
+from workers.stores import DEAD, RecordStore
+
+log = logging.getLogger("calhook.worker")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, PermanentError | RetryLater):
+        return False
+    return isinstance(exc, TransientError | ConnectionError | TimeoutError)
+
+
+def dead_letter_id(event_id: str, handler: str) -> str:
+    """The id of an (event, handler) in the dead-letter store."""
+    return f"{event_id}.{handler}"
+
+
+class HandlerRunner:
+    """Runs handler tasks against one Redis; one per worker process."""
+
+    def __init__(self, client: redis.Redis, registry: Registry, settings: Settings) -> None:
+        self._registry = registry
+        self._settings = settings
+        self.ledger = Ledger(client, settings.ledger_ttl_s)
+        self.dead = RecordStore(client, DEAD)
+        self.delayed = DelayedStore(client)
+        self.guard = OrderGuard(client, ttl_s=90 * 86_400, lock_s=settings.task_time_limit_s)
+
+    def run(self, handler_name: str, delivery: Delivery, attempt: int) -> str:
+        """Run one delivery of a handler task; return what came of it (for logs and tests)."""
+        h = self._registry.get(handler_name)
+        with logs.bind(handler=h.name, attempt=attempt):
+            return self._run(h, delivery, attempt)
+
+    def _run(self, h: Handler, delivery: Delivery, attempt: int) -> str:
+        event_id = delivery.event_id
+        prior = self.ledger.outcome(event_id, h.name)
+        if prior is not None:
+            log.info("already finished", extra={"outcome": prior.value})
+            return f"already_{prior.value}"
+        deliveries = self.ledger.count_delivery(event_id, h.name, attempt)
+        if deliveries > self._settings.max_deliveries:
+            self._dead_letter(
+                h,
+                delivery,
+                attempt,
+                "poison",
+                f"delivered {deliveries - 1} times without finishing; it may kill its worker",
+                None,
+            )
+            return "dead_poison"
+
+        started = time.perf_counter()
+        try:
+            event = parse_event(orjson.loads(delivery.body), created_tz=self._settings.zone)
+        except SchemaError as exc:
+            self._dead_letter(h, delivery, attempt, "permanent", f"schema: {exc}", exc)
+            return "dead_permanent"
+        ctx = HandlerContext(event_id, h.name, delivery.endpoint, delivery.received_at, attempt)
+        version = version_of(event, event_id) if h.ordered else None
+        with logs.bind(type=event.type):
+            try:
+                with self.guard.hold(h.name, version) as fresh:
+                    if not fresh:
+                        self.ledger.record(event_id, h.name, Outcome.SKIPPED_STALE)
+                        log.info("skipped stale", extra={"outcome": "skipped_stale"})
+                        return "skipped_stale"
+                    self._call(h, event, ctx)
+            except Exception as exc:
+                return self._failed(h, delivery, event.type, attempt, exc, started)
+            self.ledger.record(event_id, h.name, Outcome.DONE)
+            log.info("handler done", extra={"outcome": "ok", "duration_ms": _ms(started)})
+            return "done"
+
+    def _call(self, h: Handler, event: CalensoEvent, ctx: HandlerContext) -> None:
+        quick = h.retry.quick_retries
+        quick = self._settings.quick_retries if quick is None else quick
+        for try_ in Retrying(
+            stop=stop_after_attempt(quick + 1),
+            wait=wait_exponential_jitter(initial=0.2, max=2.0),
+            retry=retry_if_exception(_is_transient),
+            reraise=True,
+        ):
+            with try_:
+                h.fn(event, ctx)
+
+    def _failed(
+        self,
+        h: Handler,
+        delivery: Delivery,
+        event_type: str,
+        attempt: int,
+        exc: Exception,
+        started: float,
+    ) -> str:
+        extra = {"error": type(exc).__name__, "duration_ms": _ms(started)}
+        if isinstance(exc, (PermanentError, *h.retry.permanent)):
+            self._dead_letter(h, delivery, attempt, "permanent", _describe(exc), exc, event_type)
+            log.error("handler failed", extra={**extra, "outcome": "dead_permanent"})
+            return "dead_permanent"
+        schedule = h.retry.schedule_s or self._settings.retry_schedule_s
+        if attempt > len(schedule):
+            self._dead_letter(h, delivery, attempt, "exhausted", _describe(exc), exc, event_type)
+            log.error("handler failed", extra={**extra, "outcome": "dead_exhausted"})
+            return "dead_exhausted"
+        if isinstance(exc, RetryLater):
+            delay_s = max(exc.after_s, 0.0)
+        else:
+            jitter = self._settings.retry_jitter
+            delay_s = schedule[attempt - 1] * (1 + random.uniform(-jitter, jitter))  # noqa: S311
+        if isinstance(exc, SoftTimeLimitExceeded):
+            extra["error"] = "SoftTimeLimitExceeded"
+        self.delayed.schedule(
+            f"{delivery.event_id}.{h.name}#{attempt + 1}",
+            h.queue,
+            handler_message(h.name, h.queue, delivery, event_type, attempt + 1),
+            time.time() + delay_s,
+        )
+        log.warning(
+            "handler failed",
+            extra={**extra, "outcome": "retry_scheduled", "retry_in_s": round(delay_s, 3)},
+        )
+        return "retry_scheduled"
+
+    def _dead_letter(
+        self,
+        h: Handler,
+        delivery: Delivery,
+        attempt: int,
+        reason: str,
+        error: str,
+        exc: BaseException | None,
+        event_type: str = "",
+    ) -> None:
+        summary = "".join(traceback.format_exception(exc, limit=-8))[-4000:] if exc else ""
+        self.dead.put(
+            dead_letter_id(delivery.event_id, h.name),
+            {
+                **{k: str(v) for k, v in delivery.task_kwargs().items()},
+                "handler": h.name,
+                "queue": h.queue,
+                "type": event_type,
+                "reason": reason,
+                "error": error[:2000],
+                "traceback": summary,
+                "attempts": str(attempt),
+                "failed_at": repr(time.time()),
+            },
+        )
+        self.ledger.record(delivery.event_id, h.name, Outcome.DEAD)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
