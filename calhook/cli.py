@@ -123,6 +123,7 @@ def dev(port: int | None) -> None:
     settings = _settings()
     env = dict(os.environ)
     env.setdefault("CALHOOK_LOG_FORMAT", "console")
+    env.setdefault("CALHOOK_SPOOL_DIR", str(Path(settings.data_dir) / "spool"))
     server = None
     if not settings.redis_url:
         server = RedisServer(Path(settings.data_dir) / "redis")

@@ -9,10 +9,12 @@ never refused here, because Calenso may not send them again.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -25,6 +27,7 @@ from calhook.ids import new_event_id
 from calhook.messages import Delivery, dispatch_message
 from calhook.settings import DEFAULT_ENDPOINT, Endpoint, Settings, SettingsError
 from ingest.auth import authenticate
+from ingest.durable import DurableWriter, NotDurable
 from ingest.errors import (
     BodyTooLarge,
     IngestError,
@@ -34,7 +37,8 @@ from ingest.errors import (
     UnknownEndpoint,
     UnusableEnvelope,
 )
-from ingest.publisher import Outgoing, Publisher, PublishError
+from ingest.publisher import Outgoing, Publisher
+from ingest.spool import Spool, SpoolError
 from schemas import EnvelopeError, parse_envelope
 
 log = logging.getLogger("calhook.ingest")
@@ -43,6 +47,7 @@ SETTINGS = web.AppKey("settings", Settings)
 ENDPOINTS = web.AppKey("endpoints", dict[str, Endpoint])
 REDIS = web.AppKey("redis", Redis)
 PUBLISHER = web.AppKey("publisher", Publisher)
+WRITER = web.AppKey("writer", DurableWriter)
 
 _JSON_TYPES = ("application/json", "text/json")
 
@@ -118,8 +123,8 @@ async def receive(request: web.Request) -> web.Response:
     message = dispatch_message(Delivery(event_id, body.decode(), name, time.time()), envelope.type)
     digest = hashlib.sha256(name.encode() + b"\0" + body).hexdigest()
     try:
-        first = await request.app[PUBLISHER].publish(Outgoing(dedup_key(digest), event_id, message))
-    except PublishError as exc:
+        first = await request.app[WRITER].write(Outgoing(dedup_key(digest), event_id, message))
+    except NotDurable as exc:
         log.error("not durable", extra={"type": envelope.type[:100], "error": str(exc)})
         raise Unavailable("the event could not be stored; send it again") from None
 
@@ -144,19 +149,29 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: Redis answers a PING within the round-trip deadline."""
+    """Readiness: events can be made durable, in Redis or in the spool (which is reported)."""
+    writer = request.app[WRITER]
     try:
-        await request.app[REDIS].ping()
-    except (RedisError, OSError) as exc:
-        return _json(503, {"status": "unavailable", "redis": repr(exc)})
-    return _json(200, {"status": "ready", "redis": "ok"})
+        await asyncio.wait_for(request.app[REDIS].ping(), request.app[SETTINGS].redis_timeout_s)
+        redis_state = "ok"
+    except (RedisError, OSError, TimeoutError) as exc:
+        redis_state = f"unavailable: {exc!r}"
+    return _json(
+        200,
+        {
+            "status": "ready",
+            "redis": redis_state,
+            "spooling": writer.spooling,
+            "spool_depth": writer.spool_depth(),
+        },
+    )
 
 
-async def _redis_and_publisher(app: web.Application) -> AsyncIterator[None]:
+async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = Redis.from_url(
         settings.require_redis_url(),
-        socket_timeout=settings.redis_timeout_s,
+        socket_timeout=max(settings.redis_timeout_s, 1.0),
         socket_connect_timeout=settings.redis_timeout_s,
         health_check_interval=30,
     )
@@ -167,12 +182,18 @@ async def _redis_and_publisher(app: web.Application) -> AsyncIterator[None]:
         batch_max=settings.publish_batch_max,
         timeout_s=settings.redis_timeout_s,
     )
+    writer = DurableWriter(redis, publisher, Spool(Path(settings.spool_dir)))
     app[REDIS] = redis
     app[PUBLISHER] = publisher
+    app[WRITER] = writer
     await publisher.start()
+    try:
+        await writer.start()
+    except SpoolError as exc:
+        raise SettingsError(f"CALHOOK_SPOOL_DIR cannot be used: {exc}") from exc
     yield
     # Graceful shutdown: requests still in flight get their answer from these last writes.
-    await publisher.close()
+    await writer.close()
     await redis.aclose()
 
 
@@ -181,7 +202,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_errors])
     app[SETTINGS] = settings
     app[ENDPOINTS] = _endpoints(settings)
-    app.cleanup_ctx.append(_redis_and_publisher)
+    app.cleanup_ctx.append(_durable_writer)
     app.add_routes(
         [
             web.post("/webhooks/calenso", receive),

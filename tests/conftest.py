@@ -49,11 +49,15 @@ def redis_db(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def make_settings(redis_url: str) -> Callable[..., Settings]:
-    """Settings for tests: the test Redis and a known secret, plus any overrides."""
+def make_settings(redis_url: str, tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for tests: the test Redis, a known secret, a spool of its own, and overrides."""
 
     def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"redis_url": redis_url, "auth_secrets": SECRET}
+        values: dict[str, Any] = {
+            "redis_url": redis_url,
+            "auth_secrets": SECRET,
+            "spool_dir": str(tmp_path / "spool"),
+        }
         values.update(overrides)
         return load_settings(**values)
 

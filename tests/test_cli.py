@@ -67,7 +67,8 @@ def readyz(port: int) -> bool:
 def ingress_port(redis_url: str, redis_db: redis.Redis, tmp_path: Path) -> Iterator[int]:
     """A real `calhook serve` process on a free port."""
     port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "CALHOOK_AUTH_SECRETS": SECRET}
+    env = {**os.environ, "REDIS_URL": redis_url, "CALHOOK_AUTH_SECRETS": SECRET,
+           "CALHOOK_SPOOL_DIR": str(tmp_path / "spool")}  # fmt: skip
     with (tmp_path / "ingress.log").open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "calhook", "serve", "--port", str(port)],

@@ -6,7 +6,9 @@ documented answer, and only accepted events are on the dispatch queue.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -241,18 +243,38 @@ async def test_health_and_readiness(client: Client) -> None:
     assert (await ready.json())["redis"] == "ok"
 
 
-async def test_readiness_fails_when_redis_is_unreachable(
+async def test_unreachable_redis_spools_and_readiness_says_so(
     aiohttp_client: AiohttpClient, make_settings: Callable[..., Settings]
 ) -> None:
     from calhook.redis_server import free_port
 
-    settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=0.5)
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     client = await aiohttp_client(create_app(settings))
 
+    posted = await client.post(URL, data=BODY, headers=AUTH)
     ready = await client.get("/readyz")
+
+    assert posted.status == 202
+    state = await ready.json()
+    assert ready.status == 200
+    assert state["redis"].startswith("unavailable")
+    assert (state["spooling"], state["spool_depth"]) == (True, 1)
+
+
+async def test_redis_and_spool_both_down_is_503(
+    aiohttp_client: AiohttpClient, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    from calhook.redis_server import free_port
+
+    spool = tmp_path / "spool"
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", spool_dir=str(spool))
+    client = await aiohttp_client(create_app(settings))
+    for slot in spool.iterdir():  # the disk goes away under the running ingress
+        shutil.rmtree(slot)
+        slot.write_text("not a directory")
+
     posted = await client.post(URL, data=BODY, headers=AUTH)
 
-    assert ready.status == 503
     assert (await error_of(posted, 503)).startswith("unavailable")
 
 

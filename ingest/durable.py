@@ -1,0 +1,119 @@
+"""Making an event durable: Redis first, the local spool when Redis fails, and back.
+
+Normally events go to Redis through the :class:`~ingest.publisher.Publisher`. When a write fails
+or misses its deadline (``CALHOOK_REDIS_TIMEOUT_S``, well under a second), the event is appended
+to the spool instead, fsynced before the answer, and the writer switches to *spooling*: every
+event goes to the spool until the drainer has moved all of it to Redis, so arrival order is kept
+and a sick Redis is not hammered. The drainer resends through the same dedup-and-enqueue script,
+so an event whose first write did reach Redis (a timeout is not a refusal) is not queued twice.
+
+Only when Redis and the spool both fail is an event refused (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from ingest.publisher import Outgoing, Publisher, PublishError
+from ingest.spool import Spool, SpoolError
+
+log = logging.getLogger("calhook.ingest.durable")
+
+
+class NotDurable(Exception):
+    """Raised when neither Redis nor the spool took the event."""
+
+
+class DurableWriter:
+    """Writes events to Redis or, failing that, to the spool; drains the spool back."""
+
+    def __init__(
+        self, redis: Redis, publisher: Publisher, spool: Spool, *, retry_interval_s: float = 0.5
+    ) -> None:
+        self._redis = redis
+        self._publisher = publisher
+        self._spool = spool
+        self._retry_interval_s = retry_interval_s
+        self._spooling = False
+        self._wake = asyncio.Event()
+        self._drainer: asyncio.Task[None] | None = None
+        self.spooled = 0
+        self.drained = 0
+
+    @property
+    def spooling(self) -> bool:
+        """True while new events go to the spool."""
+        return self._spooling
+
+    def spool_depth(self) -> int:
+        """Events in this process's spool, not yet in Redis."""
+        return self._spool.depth()
+
+    async def start(self) -> None:
+        """Open the spool (recovering what a crashed predecessor left) and start the drainer."""
+        await self._spool.open()
+        if self._spool.depth():
+            log.warning("spool holds events from before", extra={"depth": self._spool.depth()})
+            self._spooling = True
+        self._drainer = asyncio.create_task(self._drain_forever(), name="calhook-spool-drainer")
+
+    async def close(self) -> None:
+        """Stop draining; flush pending Redis writes and spool appends. Leftovers stay on disk."""
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
+        await self._publisher.close()
+        await self._spool.close()
+
+    async def write(self, event: Outgoing) -> str | None:
+        """Make ``event`` durable; return the first event_id if Redis knew it as a duplicate."""
+        if not self._spooling:
+            try:
+                return await self._publisher.publish(event)
+            except PublishError as exc:
+                if not self._spooling:
+                    log.warning("redis unavailable, spooling", extra={"error": str(exc)})
+                    self._spooling = True
+                    self._wake.set()
+        try:
+            await self._spool.append(event)
+        except SpoolError as exc:
+            log.error("spool unavailable", extra={"error": str(exc)})
+            raise NotDurable(str(exc)) from exc
+        self.spooled += 1
+        return None
+
+    async def _sink(self, batch: list[Outgoing]) -> None:
+        # One pipelined round trip for the batch; a failure leaves it in the spool for next time.
+        await asyncio.gather(*(self._publisher.publish(event) for event in batch))
+
+    async def _drain_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._retry_interval_s * 10)
+            self._wake.clear()
+            while True:
+                try:
+                    await self._drain_once()
+                except (PublishError, RedisError, OSError, TimeoutError) as exc:
+                    log.info("spool drain waits for redis", extra={"error": repr(exc)})
+                    await asyncio.sleep(self._retry_interval_s)
+                    continue
+                break
+
+    async def _drain_once(self) -> None:
+        await self._redis.ping()
+        moved = await self._spool.drain(self._sink) + await self._spool.drain_orphans(self._sink)
+        if moved:
+            self.drained += moved
+            log.info("spool drained", extra={"moved": moved, "depth": self._spool.depth()})
+        if self._spooling and self._spool.depth() == 0:
+            # No await between the check and the switch: no append can slip in between.
+            self._spooling = False
+            log.info("redis is back, spooling ends")
