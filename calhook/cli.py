@@ -88,6 +88,12 @@ def worker(
         app = create_celery()
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
+    from workers.connections import redis_client
+    from workers.durability import warn_if_not_durable
+
+    settings = _settings()
+    logs.configure(settings.log_format, settings.log_level)
+    warn_if_not_durable(redis_client())
     argv = ["worker", "-Q", queues or ",".join(_all_queues()), "-P", pool, "--without-mingle"]
     if concurrency:
         argv += ["-c", str(concurrency)]

@@ -60,6 +60,7 @@ class DurableWriter:
         if self._spool.depth():
             log.warning("spool holds events from before", extra={"depth": self._spool.depth()})
             self._spooling = True
+            self._wake.set()
         self._drainer = asyncio.create_task(self._drain_forever(), name="calhook-spool-drainer")
 
     async def close(self) -> None:
