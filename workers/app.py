@@ -6,11 +6,14 @@ repeats work. ``workers.celery_app`` holds the app for ``celery -A``; ``calhook 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 from celery.signals import setup_logging
 
 from calhook import logs
@@ -19,6 +22,7 @@ from calhook.messages import Delivery
 from calhook.settings import Settings, get_settings
 from workers.connections import redis_client
 from workers.dispatch import Dispatcher
+from workers.ledger import Ledger
 from workers.registry import Handler, Registry, load_modules, registry
 from workers.runner import HandlerRunner
 from workers.stores import PARKED, RecordStore
@@ -37,9 +41,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_transport_options": transport,
         "task_time_limit": settings.task_time_limit_s,
         "task_soft_time_limit": max(1, settings.task_time_limit_s * 9 // 10),
-        # 1, 2: ack after the handler ran; a killed child puts the message back.
+        # 1, 2: ack after the handler ran; a killed child, or one past its hard time limit,
+        # puts the message back (our delivery counter stops a message that always does).
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        "task_acks_on_timeout": False,
         # 6: take one message at a time, so nothing waits behind a slow task or a dead worker.
         "worker_prefetch_multiplier": 1,
         # 11: no result keys piling up in the broker.
@@ -65,7 +71,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 @functools.cache
 def _dispatcher() -> Dispatcher:
     client = redis_client()
-    return Dispatcher(client, registry, RecordStore(client, PARKED), get_settings().zone)
+    settings = get_settings()
+    return Dispatcher(
+        client,
+        registry,
+        RecordStore(client, PARKED),
+        settings.zone,
+        Ledger(client, settings.ledger_ttl_s),
+        settings.max_deliveries,
+    )
 
 
 @functools.cache
@@ -73,12 +87,27 @@ def _runner() -> HandlerRunner:
     return HandlerRunner(redis_client(), registry, get_settings())
 
 
+@contextlib.contextmanager
+def _requeue_on_error() -> Iterator[None]:
+    """Put the message back if calhook itself fails (Redis unreachable, a bug).
+
+    Celery acks a late-ack task that raised (RELIABILITY.md item 12), which would lose the
+    event. Handler errors never get here: the runner retries or dead-letters them. What does
+    is requeued; the delivery counters stop a message that fails every time.
+    """
+    try:
+        yield
+    except Exception as exc:
+        log.error("task failed, requeued", extra={"error": repr(exc)[:500]})
+        raise Reject(exc, requeue=True) from exc
+
+
 def _register_tasks(app: Celery, handlers: Registry) -> None:
     @app.task(name=DISPATCH_TASK, bind=True)
     def dispatch(
         self: Task[Any, Any], *, event_id: str, body: str, endpoint: str, received_at: float
     ) -> None:
-        with logs.bind(event_id=event_id):
+        with logs.bind(event_id=event_id), _requeue_on_error():
             _dispatcher().dispatch(Delivery(event_id, body, endpoint, received_at))
 
     for h in handlers:
@@ -94,7 +123,7 @@ def _register_tasks(app: Celery, handlers: Registry) -> None:
             attempt: int = 1,
             _h: Handler = h,
         ) -> None:
-            with logs.bind(event_id=event_id):
+            with logs.bind(event_id=event_id), _requeue_on_error():
                 _runner().run(_h.name, Delivery(event_id, body, endpoint, received_at), attempt)
 
         app.task(name=h.task_name, bind=True, queue=h.queue)(run)

@@ -18,10 +18,16 @@ from datetime import tzinfo
 import orjson
 import redis
 
-from calhook.constants import DISPATCHED_TTL_S, HANDLER_TASK_PREFIX, dispatched_key
+from calhook.constants import (
+    DISPATCH_TASK,
+    DISPATCHED_TTL_S,
+    HANDLER_TASK_PREFIX,
+    dispatched_key,
+)
 from calhook.logs import bind
 from calhook.messages import Delivery, task_message
 from schemas import PLANNED_TYPES, SchemaError, family_of, parse_event
+from workers.ledger import Ledger
 from workers.registry import Registry
 from workers.stores import RecordStore
 
@@ -42,6 +48,7 @@ class ParkReason(enum.StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     PLANNED_TYPE = "planned_type_without_handler"
     NO_HANDLER = "no_handler"
+    POISON = "poison"
 
 
 def handler_message(
@@ -70,16 +77,29 @@ class Dispatcher:
     """Routes deliveries to handler tasks, or parks them."""
 
     def __init__(
-        self, client: redis.Redis, registry: Registry, parked: RecordStore, zone: tzinfo
+        self,
+        client: redis.Redis,
+        registry: Registry,
+        parked: RecordStore,
+        zone: tzinfo,
+        ledger: Ledger,
+        max_deliveries: int,
     ) -> None:
         self._redis = client
         self._registry = registry
         self._parked = parked
         self._zone = zone
+        self._ledger = ledger
+        self._max_deliveries = max_deliveries
         self._fan_out = client.register_script(_FAN_OUT_LUA)
 
     def dispatch(self, delivery: Delivery) -> list[str]:
         """Fan ``delivery`` out; return the handler names it went to (empty when parked)."""
+        deliveries = self._ledger.count_delivery(delivery.event_id, DISPATCH_TASK, 1)
+        if deliveries > self._max_deliveries:
+            # It failed or killed its worker every time so far: park it for people instead.
+            self._park(delivery, None, ParkReason.POISON, [])
+            return []
         try:
             event = parse_event(orjson.loads(delivery.body), created_tz=self._zone)
         except (SchemaError, orjson.JSONDecodeError) as exc:
