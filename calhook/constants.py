@@ -9,7 +9,10 @@ DISPATCH_QUEUE: Final = "dispatch"
 AUDIT_QUEUE: Final = "audit"
 
 DISPATCH_TASK: Final = "calhook.dispatch"
-HANDLER_TASK_PREFIX: Final = "calhook.handler."
+# One task name for every handler (the handler is an argument): a worker that does not know a
+# handler still accepts the message and dead-letters it, where Celery would discard a task
+# name it does not know.
+HANDLER_TASK: Final = "calhook.handle"
 
 # A retransmission of the same bytes is recognised for at least this long (the issue asks 24 h;
 # twice that covers a sender that retries "tomorrow").

@@ -152,10 +152,12 @@ async def readyz(request: web.Request) -> web.Response:
     """Readiness: events can be made durable, in Redis or in the spool (which is reported)."""
     writer = request.app[WRITER]
     try:
-        await asyncio.wait_for(request.app[REDIS].ping(), request.app[SETTINGS].redis_timeout_s)
+        async with asyncio.timeout(request.app[SETTINGS].redis_timeout_s):
+            await request.app[REDIS].ping()
         redis_state = "ok"
     except (RedisError, OSError, TimeoutError) as exc:
-        redis_state = f"unavailable: {exc!r}"
+        log.warning("readiness: redis unavailable", extra={"error": repr(exc)})
+        redis_state = "unavailable"
     return _json(
         200,
         {

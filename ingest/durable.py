@@ -24,6 +24,9 @@ from ingest.spool import Spool, SpoolError
 
 log = logging.getLogger("calhook.ingest.durable")
 
+# Events per drain round trip: small enough that a batch of large bodies meets its deadline.
+_DRAIN_BATCH = 64
+
 
 class NotDurable(Exception):
     """Raised when neither Redis nor the spool took the event."""
@@ -41,6 +44,7 @@ class DurableWriter:
         self._retry_interval_s = retry_interval_s
         self._spooling = False
         self._wake = asyncio.Event()
+        self._closing = False
         self._drainer: asyncio.Task[None] | None = None
         self.spooled = 0
         self.drained = 0
@@ -65,10 +69,11 @@ class DurableWriter:
 
     async def close(self) -> None:
         """Stop draining; flush pending Redis writes and spool appends. Leftovers stay on disk."""
+        self._closing = True
+        self._wake.set()
         if self._drainer is not None:
-            self._drainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drainer
+            # Let a batch in flight finish (its offset gets committed), then stop.
+            await self._drainer
         await self._publisher.close()
         await self._spool.close()
 
@@ -95,22 +100,37 @@ class DurableWriter:
         await asyncio.gather(*(self._publisher.publish(event) for event in batch))
 
     async def _drain_forever(self) -> None:
-        while True:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation of a
+        # task whose wait completes at the same moment, and the loop would never end.
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._retry_interval_s * 10)
+                async with asyncio.timeout(self._retry_interval_s * 10):
+                    await self._wake.wait()
             self._wake.clear()
-            while True:
+            while not self._closing:
                 try:
                     await self._drain_once()
                 except (PublishError, RedisError, OSError, TimeoutError) as exc:
                     log.info("spool drain waits for redis", extra={"error": repr(exc)})
-                    await asyncio.sleep(self._retry_interval_s)
-                    continue
-                break
+                except Exception:
+                    # A disk error (or a bug) must not end draining for good; try again later.
+                    log.exception("spool drain failed")
+                else:
+                    break
+                await self._sleep(self._retry_interval_s)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when closing."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while not self._closing:
+                    await self._wake.wait()
+                    self._wake.clear()
 
     async def _drain_once(self) -> None:
         await self._redis.ping()
-        moved = await self._spool.drain(self._sink) + await self._spool.drain_orphans(self._sink)
+        moved = await self._spool.drain(self._sink, batch_max=_DRAIN_BATCH)
+        moved += await self._spool.drain_orphans(self._sink, batch_max=_DRAIN_BATCH)
         if moved:
             self.drained += moved
             log.info("spool drained", extra={"moved": moved, "depth": self._spool.depth()})

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 log = logging.getLogger("calhook.ingest.publisher")
 
@@ -22,11 +22,19 @@ log = logging.getLogger("calhook.ingest.publisher")
 # Returns the first event_id for a body already seen, else nil once the message is queued.
 _ENQUEUE_LUA = """
 local first = redis.call('GET', KEYS[1])
-if first then return first end
+if first then
+  -- Our own id: a client retry of a write that had already succeeded.
+  if first == ARGV[1] then return false end
+  return first
+end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('LPUSH', KEYS[2], ARGV[2])
 return false
 """
+
+
+# A conservative loopback/LAN throughput for the deadline's size allowance.
+_BYTES_PER_S = 20 * 1024 * 1024
 
 
 class PublishError(Exception):
@@ -85,6 +93,8 @@ class Publisher:
         """Make ``event`` durable. Return None when queued, or the first id of a duplicate."""
         if self._closing:
             raise PublishError("the ingress is shutting down")
+        if self._sender is None or self._sender.done():
+            raise PublishError("the publisher is not running")
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._pending.append((event, future))
         self._wake.set()
@@ -104,9 +114,14 @@ class Publisher:
     async def _flush(self, batch: list[_Waiter]) -> None:
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(batch))
+        size = sum(len(event.message) for event, _ in batch)
         try:
-            results = await asyncio.wait_for(self._write(batch), self._timeout_s)
-        except (RedisError, OSError, TimeoutError) as exc:
+            # The deadline allows for the bytes to move: a batch of large bodies is not a sign
+            # of a sick Redis.
+            async with asyncio.timeout(self._timeout_s + size / _BYTES_PER_S):
+                results = await self._write(batch)
+        except Exception as exc:
+            # Whatever went wrong, this batch is not known to be durable; the sender lives on.
             log.warning("redis write failed", extra={"batch": len(batch), "error": repr(exc)})
             for _, future in batch:
                 if not future.done():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,13 +18,13 @@ from celery.exceptions import Reject
 from celery.signals import setup_logging
 
 from calhook import logs
-from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK
+from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK, HANDLER_TASK
 from calhook.messages import Delivery
 from calhook.settings import Settings, get_settings
 from workers.connections import redis_client
 from workers.dispatch import Dispatcher
 from workers.ledger import Ledger
-from workers.registry import Handler, Registry, load_modules, registry
+from workers.registry import load_modules, registry
 from workers.runner import HandlerRunner
 from workers.stores import PARKED, RecordStore
 
@@ -99,34 +100,45 @@ def _requeue_on_error() -> Iterator[None]:
         yield
     except Exception as exc:
         log.error("task failed, requeued", extra={"error": repr(exc)[:500]})
+        # A moment's pause, so a passing Redis hiccup does not burn every delivery at once.
+        time.sleep(1.0)
         raise Reject(exc, requeue=True) from exc
 
 
-def _register_tasks(app: Celery, handlers: Registry) -> None:
+def _register_tasks(app: Celery) -> None:
+    # ``**_unknown``: a newer ingress or dispatcher may add arguments; an older worker must
+    # still run the task rather than fail before our guard and have Celery ack it away.
     @app.task(name=DISPATCH_TASK, bind=True)
     def dispatch(
-        self: Task[Any, Any], *, event_id: str, body: str, endpoint: str, received_at: float
+        self: Task[Any, Any],
+        /,
+        *,
+        event_id: str,
+        body: str,
+        endpoint: str,
+        received_at: float,
+        **_unknown: Any,
     ) -> None:
         with logs.bind(event_id=event_id), _requeue_on_error():
             _dispatcher().dispatch(Delivery(event_id, body, endpoint, received_at))
 
-    for h in handlers:
-
-        def run(
-            self: Task[Any, Any],
-            *,
-            event_id: str,
-            body: str,
-            endpoint: str,
-            received_at: float,
-            handler: str,
-            attempt: int = 1,
-            _h: Handler = h,
-        ) -> None:
-            with logs.bind(event_id=event_id), _requeue_on_error():
-                _runner().run(_h.name, Delivery(event_id, body, endpoint, received_at), attempt)
-
-        app.task(name=h.task_name, bind=True, queue=h.queue)(run)
+    @app.task(name=HANDLER_TASK, bind=True)
+    def handle(
+        self: Task[Any, Any],
+        /,
+        *,
+        event_id: str,
+        body: str,
+        endpoint: str,
+        received_at: float,
+        handler: str,
+        attempt: int = 1,
+        **_unknown: Any,
+    ) -> None:
+        with logs.bind(event_id=event_id), _requeue_on_error():
+            queue = (self.request.delivery_info or {}).get("routing_key") or ""
+            delivery = Delivery(event_id, body, endpoint, received_at)
+            _runner().run(handler, delivery, attempt, queue)
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
@@ -135,7 +147,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
     load_modules(settings.handler_modules)
     app = Celery("calhook", set_as_current=True)
     app.conf.update(celery_config(settings))
-    _register_tasks(app, registry)
+    _register_tasks(app)
 
     @setup_logging.connect(weak=False)
     def _logging(**_: Any) -> None:

@@ -21,7 +21,7 @@ import redis
 from calhook.constants import (
     DISPATCH_TASK,
     DISPATCHED_TTL_S,
-    HANDLER_TASK_PREFIX,
+    HANDLER_TASK,
     dispatched_key,
 )
 from calhook.logs import bind
@@ -56,7 +56,7 @@ def handler_message(
 ) -> bytes:
     """The message of one (event, handler) task; every attempt has the same task id."""
     return task_message(
-        f"{HANDLER_TASK_PREFIX}{handler}",
+        HANDLER_TASK,
         queue=queue,
         task_id=f"{delivery.event_id}.{handler}",
         root_id=delivery.event_id,

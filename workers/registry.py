@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from calhook.constants import HANDLER_TASK_PREFIX
 from workers.errors import DuplicateHandler, HandlerModuleError, UnknownHandler
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
@@ -72,11 +71,6 @@ class Handler:
     fn: HandlerFn
     retry: RetryPolicy = RetryPolicy()
     ordered: bool = False
-
-    @property
-    def task_name(self) -> str:
-        """The Celery task that runs this handler."""
-        return f"{HANDLER_TASK_PREFIX}{self.name}"
 
 
 class Registry:

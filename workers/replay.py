@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import redis
 
-from calhook.constants import DISPATCH_QUEUE, dispatched_key
+from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK, dispatched_key
 from calhook.messages import Delivery, dispatch_message
 from workers.dispatch import handler_message
-from workers.ledger import Ledger
+from workers.ledger import Ledger, deliveries_key
 from workers.stores import DEAD, PARKED, RecordStore
 
 
@@ -53,6 +53,8 @@ def replay_parked(client: redis.Redis, record_id: str) -> None:
     delivery = _delivery(record)
     with client.pipeline(transaction=True) as pipe:
         pipe.delete(dispatched_key(delivery.event_id))
+        # A replayed "poison" event starts with a clean delivery count.
+        pipe.hdel(deliveries_key(delivery.event_id), f"{DISPATCH_TASK}#1")
         pipe.lpush(DISPATCH_QUEUE, dispatch_message(delivery, record.get("type", "")))
         store.remove(record_id, pipe)
         pipe.execute()

@@ -31,7 +31,7 @@ from calhook.settings import Settings
 from schemas import CalensoEvent, SchemaError, parse_event
 from workers.delayed import DelayedStore
 from workers.dispatch import handler_message
-from workers.errors import PermanentError, RetryLater, TransientError
+from workers.errors import PermanentError, RetryLater, TransientError, UnknownHandler
 from workers.ledger import Ledger, Outcome
 from workers.ordering import OrderGuard, version_of
 from workers.registry import Handler, HandlerContext, Registry
@@ -62,10 +62,17 @@ class HandlerRunner:
         self.delayed = DelayedStore(client)
         self.guard = OrderGuard(client, ttl_s=90 * 86_400, lock_s=settings.task_time_limit_s)
 
-    def run(self, handler_name: str, delivery: Delivery, attempt: int) -> str:
+    def run(self, handler_name: str, delivery: Delivery, attempt: int, queue: str = "") -> str:
         """Run one delivery of a handler task; return what came of it (for logs and tests)."""
-        h = self._registry.get(handler_name)
-        with logs.bind(handler=h.name, attempt=attempt):
+        with logs.bind(handler=handler_name, attempt=attempt):
+            try:
+                h = self._registry.get(handler_name)
+            except UnknownHandler as exc:
+                # Kept, not dropped: replay once the module is in CALHOOK_HANDLER_MODULES.
+                unknown = Handler(handler_name, frozenset(), queue, _unknown_handler)
+                self._dead_letter(unknown, delivery, attempt, "unknown_handler", str(exc), None)
+                log.error("handler failed", extra={"outcome": "dead_unknown_handler"})
+                return "dead_unknown_handler"
             return self._run(h, delivery, attempt)
 
     def _run(self, h: Handler, delivery: Delivery, attempt: int) -> str:
@@ -184,6 +191,10 @@ class HandlerRunner:
             },
         )
         self.ledger.record(delivery.event_id, h.name, Outcome.DEAD)
+
+
+def _unknown_handler(event: object, ctx: HandlerContext) -> None:
+    raise UnknownHandler(ctx.handler)
 
 
 def _describe(exc: BaseException) -> str:

@@ -21,7 +21,7 @@ def test_handlers_are_found_by_type_in_registration_order() -> None:
     assert [h.name for h in registry.for_type("customer.created")] == ["crm.sync", "notify.welcome"]
     assert [h.name for h in registry.for_type("customer.updated")] == ["crm.sync"]
     assert registry.for_type("lead.created") == ()
-    assert registry.get("crm.sync").task_name == "calhook.handler.crm.sync"
+    assert registry.get("crm.sync").queue == "crm"
     assert registry.queues() == {"crm", "notify"}
 
 
