@@ -42,7 +42,7 @@ def serve(host: str | None, port: int | None) -> None:
     from ingest import create_app
 
     settings = _settings()
-    logs.configure(settings.log_format, settings.log_level)
+    logs.configure(settings.log_format, settings.log_level, background=True)
     try:
         settings.require_redis_url()
         app = create_app(settings)
@@ -81,6 +81,11 @@ def worker(
     queues: str | None, concurrency: int | None, pool: str, celery_args: tuple[str, ...]
 ) -> None:
     """Run a Celery worker on the given queues (extra arguments go to Celery)."""
+    # SIGTERM (docker stop, systemd, Kubernetes) starts Celery's soft shutdown: running tasks
+    # get CALHOOK_SOFT_SHUTDOWN_S to finish, the rest is requeued. Without the remap, SIGTERM
+    # waits without limit and the orchestrator's SIGKILL cuts tasks midway. billiard reads the
+    # variable when it is imported, so it is set before Celery is.
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     try:
         _settings().require_redis_url()
         from workers.app import create_celery

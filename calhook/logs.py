@@ -7,10 +7,13 @@ never logged: callers log ids and masked values (:mod:`calhook.privacy`).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import datetime as dt
 import logging
+import logging.handlers
+import queue
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -82,10 +85,62 @@ class ConsoleFormatter(logging.Formatter):
         return text
 
 
-def configure(fmt: str = "json", level: str = "INFO") -> None:
-    """Send every logger's records to stderr in ``fmt``; replaces earlier handlers."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+class RedactMessageBodies(logging.Filter):
+    """Cut the message body out of Celery's and kombu's complaints about a message.
+
+    On an unknown task or an undecodable message they log the full body, which holds the
+    customer's name, e-mail and phone.
+    """
+
+    _MARKERS = ("full contents of the message body", "body:")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(("celery", "kombu")):
+            text = record.getMessage()
+            lowered = text.lower()
+            for marker in self._MARKERS:
+                cut = lowered.find(marker)
+                if cut != -1:
+                    record.msg = text[:cut] + "[message body redacted]"
+                    record.args = None
+                    break
+        return True
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
+def stop_background() -> None:
+    """Write out what the background writer still holds, and stop it."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
+
+
+def configure(fmt: str = "json", level: str = "INFO", *, background: bool = False) -> None:
+    """Send every logger's records to stderr in ``fmt``; replaces earlier handlers.
+
+    ``background`` (the ingress) formats each line where it is logged but writes it from a
+    thread, so a stalled log reader (a full pipe, a throttled journal) never blocks the event
+    loop.
+    """
+    global _listener
+    formatter = JsonFormatter() if fmt == "json" else ConsoleFormatter()
+    stream = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = stream
+    if background:
+        stop_background()
+        lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        handler = logging.handlers.QueueHandler(lines)
+        handler.setFormatter(formatter)  # formats in the caller: the bound fields are there
+        stream.setFormatter(logging.Formatter("%(message)s"))
+        _listener = logging.handlers.QueueListener(lines, stream)
+        _listener.start()
+        atexit.register(stop_background)
+    else:
+        stream.setFormatter(formatter)
+    handler.addFilter(RedactMessageBodies())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

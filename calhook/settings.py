@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from calhook.constants import DEDUP_TTL_S_DEFAULT
 
@@ -219,6 +220,11 @@ def load_settings(**overrides: Any) -> Settings:
     """Read the settings from the environment; a bad value raises SettingsError naming it."""
     try:
         return Settings(**overrides)
+    except PydanticSettingsError as exc:
+        # A complex value (CALHOOK_ENDPOINTS) that is not JSON; the library names the field.
+        field = str(exc).split('"')[1] if '"' in str(exc) else ""
+        name = env_names().get(field, field or "a setting")
+        raise SettingsError(f"{name}: not valid JSON") from None
     except ValidationError as exc:
         names = env_names()
         problems = []

@@ -88,7 +88,8 @@ def _endpoints(settings: Settings) -> dict[str, Endpoint]:
 
 def _parse_json(body: bytes, content_type: str) -> Any:
     try:
-        return orjson.loads(body)
+        # Some senders (PHP among them) prefix a UTF-8 byte order mark; JSON does not allow it.
+        return orjson.loads(body.removeprefix(b"\xef\xbb\xbf"))
     except orjson.JSONDecodeError as exc:
         # A body that parses is taken whatever its declared type: an authentic event must not
         # be refused for a header. One that does not parse is answered by what it claimed.
@@ -115,7 +116,9 @@ async def receive(request: web.Request) -> web.Response:
         raise BodyTooLarge(f"body exceeds {limit} bytes") from None
 
     try:
-        envelope = parse_envelope(_parse_json(body, request.content_type))
+        # The header as sent: aiohttp reports a missing one as application/octet-stream.
+        declared = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        envelope = parse_envelope(_parse_json(body, declared))
     except EnvelopeError as exc:
         raise UnusableEnvelope(str(exc)) from None
 
@@ -208,6 +211,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(
         [
             web.post("/webhooks/calenso", receive),
+            web.post("/webhooks/calenso/", receive),
             web.post("/webhooks/calenso/{endpoint}", receive),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),

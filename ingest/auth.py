@@ -21,9 +21,11 @@ def authenticate(endpoint: Endpoint, headers: Mapping[str, str]) -> None:
     presented = headers.get(endpoint.header)
     if presented is None:
         raise Unauthorized(f"missing {endpoint.header} header")
-    given = presented.encode()
+    # aiohttp decodes header bytes as UTF-8 with surrogateescape: encode them back the same way,
+    # so a header that is not UTF-8 is a wrong secret (401), not a crash.
+    given = presented.encode("utf-8", "surrogateescape")
     matched = False
     for secret in endpoint.secrets:
-        matched |= hmac.compare_digest(given, secret.get_secret_value().encode())
+        matched |= hmac.compare_digest(given, secret.get_secret_value().encode("utf-8"))
     if not matched:
         raise Unauthorized(f"{endpoint.header} header does not match an accepted secret")

@@ -90,3 +90,21 @@ def test_compose_gives_workers_a_longer_grace_than_the_soft_shutdown() -> None:
         if command[1] == "worker":
             grace = SERVICES[name]["stop_grace_period"]
             assert int(grace.rstrip("s")) > soft_s, name
+
+
+def test_a_malformed_json_setting_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from calhook.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("CALHOOK_ENDPOINTS", "{not json")
+
+    with pytest.raises(SettingsError, match=r"^CALHOOK_ENDPOINTS: not valid JSON$"):
+        load_settings()
+
+
+def test_compose_runs_a_scheduler_and_keeps_the_spool_on_a_volume() -> None:
+    assert ["calhook", "scheduler"] in calhook_services().values()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    spool_dir = re.search(r"^ENV CALHOOK_SPOOL_DIR=(\S+)$", dockerfile, flags=re.MULTILINE)
+    assert spool_dir is not None
+    mounts = [volume.split(":", 1)[1] for volume in SERVICES["ingress"]["volumes"]]
+    assert any(spool_dir.group(1).startswith(mount) for mount in mounts)

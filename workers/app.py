@@ -54,7 +54,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend": None,
         # 8: a lost broker connection must not leave a task running while it is redelivered.
         "worker_cancel_long_running_tasks_on_connection_loss": True,
-        # 7: on SIGTERM, finish running tasks for a while, then requeue what is left.
+        # 7: on SIGTERM (remapped to SIGQUIT by `calhook worker`), finish running tasks for a
+        # while, then requeue what is left.
         "worker_soft_shutdown_timeout": settings.soft_shutdown_s,
         "worker_enable_soft_shutdown_on_idle": True,
         # 2: a leaking handler gets its child replaced rather than OOM-killed mid-task.

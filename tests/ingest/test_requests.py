@@ -6,6 +6,7 @@ documented answer, and only accepted events are on the dispatch queue.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -281,3 +282,34 @@ async def test_redis_and_spool_both_down_is_503(
 async def test_unknown_route_and_method_are_json(client: Client) -> None:
     assert (await error_of(await client.get("/nowhere"), 404)).startswith("Not Found")
     assert (await error_of(await client.get(URL), 405)).startswith("Method Not Allowed")
+
+
+async def test_a_secret_header_that_is_not_utf8_is_401_not_a_crash(client: Client) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(
+        b"POST /webhooks/calenso HTTP/1.1\r\nHost: x\r\nAuthorization: caf\xe9\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+        % (len(BODY), BODY)
+    )
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+
+    assert status_line.split()[1] == b"401"
+
+
+async def test_no_content_type_and_no_json_is_400(client: Client) -> None:
+    response = await client.post(
+        URL, data=b"{oops", headers={"Authorization": SECRET, "Content-Type": ""}
+    )
+
+    assert (await error_of(response, 400)).startswith("malformed_json")
+
+
+async def test_a_byte_order_mark_and_a_trailing_slash_are_tolerated(
+    client: Client, redis_db: redis.Redis
+) -> None:
+    response = await client.post(URL + "/", data=b"\xef\xbb\xbf" + BODY, headers=AUTH)
+
+    assert response.status == 202
+    assert len(queued(redis_db)) == 1
