@@ -160,14 +160,23 @@ def dev(port: int | None) -> None:
         f"  Stop:    Ctrl-C\n",
         err=True,
     )
+    terminated = []
+
+    def on_sigterm(*_: object) -> None:
+        terminated.append(True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
+        # Ctrl-C reached every child already (one process group); a second SIGINT would make
+        # Celery cut its tasks. SIGTERM reached only us: pass it on.
         for child in children:
-            if child.poll() is None:
+            if terminated and child.poll() is None:
                 child.send_signal(signal.SIGTERM)
         for child in children:
             try:

@@ -57,7 +57,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # 7: on SIGTERM (remapped to SIGQUIT by `calhook worker`), finish running tasks for a
         # while, then requeue what is left.
         "worker_soft_shutdown_timeout": settings.soft_shutdown_s,
-        "worker_enable_soft_shutdown_on_idle": True,
+        # No ETA tasks to requeue (retries live in the delayed store): an idle worker stops now.
+        "worker_enable_soft_shutdown_on_idle": False,
         # 2: a leaking handler gets its child replaced rather than OOM-killed mid-task.
         "worker_max_memory_per_child": settings.worker_max_memory_kb or None,
         "task_serializer": "json",
