@@ -54,9 +54,8 @@ def audit(r: Rig, accepted: dict[str, tuple[str, dict[str, Any]]]) -> Counter[st
     effects, runs = r.effects(), r.runs()
     client = r.redis
     for event_id, (event_type, data) in accepted.items():
-        ledger = {
-            k.decode(): v.decode() for k, v in client.hgetall(f"calhook:ledger:{event_id}").items()
-        }  # type: ignore[union-attr]  # noqa: E501
+        raw: dict[bytes, bytes] = client.hgetall(f"calhook:ledger:{event_id}")  # type: ignore[assignment]
+        ledger = {k.decode(): v.decode() for k, v in raw.items()}
         for handler in handlers_of(event_type):
             counts["pairs"] += 1
             outcome = ledger.get(handler)
