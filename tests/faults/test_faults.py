@@ -17,7 +17,7 @@ from tests.faults.rig import Rig, gather_posts, rig
 from tests.support.recording import SLOW_TYPE
 from tests.support.waiting import await_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def lead(n: int) -> dict[str, object]:

@@ -16,7 +16,7 @@ from tests.faults.rig import Rig, rig
 from tests.support.recording import FLAKY_TYPE
 from tests.support.waiting import await_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 EVENTS = int(os.environ.get("CALHOOK_SOAK_EVENTS", "2000"))
 SCHEDULE_ATTEMPTS = 4  # the tests' CALHOOK_RETRY_SCHEDULE_S has three delays
