@@ -14,7 +14,7 @@ import pytest
 
 from ingest.app import WRITER
 from tests.faults.rig import Rig, gather_posts, rig
-from tests.support.recording import SLOW_TYPE
+from tests.support.recording import FLAKY_TYPE, SLOW_TYPE
 from tests.support.waiting import await_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -101,3 +101,22 @@ async def test_redis_restarted_between_the_202_and_the_dispatch_loses_nothing(
 
         await await_for(lambda: done_once(r, ids, "record"), timeout_s=120, what="all 50")
         assert {r.runs()[f"{i}:record"] for i in ids} == {1}
+
+
+async def test_retries_survive_worker_and_scheduler_restarts(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        r.start_worker()  # and no scheduler yet: the first retries wait in the delayed store
+        ids = await gather_posts(r, FLAKY_TYPE, {"fail_times": 2}, 20)
+        await await_for(lambda: r.redis.zcard("calhook:delayed") == 20, what="20 retries")
+
+        r.kill_workers()
+        r.start_worker()
+        r.start_scheduler()
+        await await_for(lambda: sum(r.runs().values()) >= 30, what="second attempts under way")
+        assert r.scheduler is not None
+        r.scheduler.stop()
+        r.start_scheduler()
+
+        await await_for(lambda: done_once(r, ids, "flaky"), timeout_s=120, what="every event")
+        assert {r.runs()[f"{i}:flaky"] for i in ids} == {3}
+        assert r.redis.zcard("calhook:delayed") == 0

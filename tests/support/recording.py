@@ -14,9 +14,9 @@ import os
 import signal
 import time
 
-from schemas import CURRENT_TYPES, CalensoEvent, CustomerEvent, UnknownEvent
+from schemas import CURRENT_TYPES, AppointmentEvent, CalensoEvent, CustomerEvent, UnknownEvent
 from workers.connections import redis_client
-from workers.errors import PermanentError
+from workers.errors import PermanentError, RetryLater
 from workers.registry import HandlerContext, handler
 
 RUNS_KEY = "calhook:test:runs"
@@ -29,6 +29,8 @@ FLAKY_TYPE = "test.flaky"
 PERMANENT_TYPE = "test.permanent"
 SLOW_TYPE = "test.slow"
 POISON_TYPE = "test.poison"
+RETRY_LATER_TYPE = "test.retry_later"
+APPOINTMENT_LOG_KEY = "calhook:test:appointment_log"
 
 
 def crm_key(customer_uuid: str) -> str:
@@ -104,3 +106,18 @@ def slow(event: UnknownEvent, ctx: HandlerContext) -> None:
 def poison(event: CalensoEvent, ctx: HandlerContext) -> None:
     count_run(ctx)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@handler(RETRY_LATER_TYPE, queue=RECORD_QUEUE, name="retry_later")
+def retry_later(event: UnknownEvent, ctx: HandlerContext) -> None:
+    """Like a CRM answering 429 with ``Retry-After``, once."""
+    if count_run(ctx) == 1:
+        raise RetryLater("429 Too Many Requests", after_s=float(event.raw_data["after_s"]))
+    apply_effect(ctx)
+
+
+@handler("appointment.booking.created", "appointment.updated", "appointment.booking.cancelled",
+         queue=RECORD_QUEUE, name="appointment_log", ordered=True)  # fmt: skip
+def appointment_log(event: AppointmentEvent, ctx: HandlerContext) -> None:
+    """Append each applied appointment event's type, in the order applied."""
+    redis_client().rpush(APPOINTMENT_LOG_KEY, event.type)

@@ -3,6 +3,7 @@ dead letters and replay, the idempotency ledger, the poison cap and order per en
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from calhook.settings import Settings
 from ingest import create_app
 from tests.conftest import FIXTURES, ROOT, SECRET
 from tests.support.recording import (
+    APPOINTMENT_LOG_KEY,
     EFFECTS_KEY,
     FAILING_TYPE,
     FIXED_KEY,
@@ -28,6 +30,7 @@ from tests.support.recording import (
     PERMANENT_TYPE,
     POISON_TYPE,
     RECORD_QUEUE,
+    RETRY_LATER_TYPE,
     RUNS_KEY,
     crm_key,
 )
@@ -94,6 +97,21 @@ async def test_a_handler_failing_three_times_completes_on_schedule(
     ]  # fmt: skip
     assert delays == [0.1, 0.2, 0.3]
     assert redis_db.hget(f"calhook:ledger:{event_id}", "flaky") == b"done"
+
+
+async def test_a_reported_retry_after_sets_the_next_attempt(
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis
+) -> None:
+    event_id = await post(client, RETRY_LATER_TYPE, {"after_s": 0.7})
+
+    await await_for(lambda: count(redis_db, EFFECTS_KEY, event_id, "retry_later") == 1)
+
+    [scheduled] = [
+        ln for ln in worker.lines()
+        if ln.get("event_id") == event_id and ln.get("outcome") == "retry_scheduled"
+    ]  # fmt: skip
+    assert scheduled["retry_in_s"] == 0.7  # not the schedule's 0.1
+    assert scheduled["error"] == "RetryLater"
 
 
 async def test_a_handler_that_never_succeeds_ends_in_the_dead_letter_store(
@@ -235,3 +253,28 @@ def test_a_parked_event_replays_through_dispatch(
 
     wait_for(lambda: count(redis_db, EFFECTS_KEY, "e-parked", "record") == 1)
     assert redis_db.zcard("calhook:parked") == 0
+
+
+async def test_a_cancelled_appointment_is_not_revived_by_a_late_update(
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis
+) -> None:
+    sample = json.loads((FIXTURES / "appointment.booking.created.nested.json").read_text())
+    data = sample["data"]
+    data["appointment"]["uuid"] = "a0000000-0000-4000-8000-00000000a001"
+
+    async def send(event_type: str, created: str) -> str:
+        event_id = await post(client, event_type, data, created)
+        await await_for(
+            lambda: redis_db.hget(f"calhook:ledger:{event_id}", "appointment_log") is not None
+        )
+        return event_id
+
+    await send("appointment.booking.created", "2025-05-03 09:00:00")
+    await send("appointment.booking.cancelled", "2025-05-03 09:30:00")
+    late = await send("appointment.updated", "2025-05-03 09:10:00")
+    newer_update = await send("appointment.updated", "2025-05-03 10:00:00")
+
+    applied: list[bytes] = redis_db.lrange(APPOINTMENT_LOG_KEY, 0, -1)  # type: ignore[assignment]
+    assert applied == [b"appointment.booking.created", b"appointment.booking.cancelled"]
+    for skipped in (late, newer_update):
+        assert redis_db.hget(f"calhook:ledger:{skipped}", "appointment_log") == b"skipped_stale"

@@ -31,7 +31,12 @@ from tests.support.waiting import await_for, wait_for
 from tests.support.worker import WorkerProcess
 
 AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
-# The samples of one customer are not in time order, so the ordered fake CRM skips some.
+APPOINTMENT_LOG_TYPES = {
+    "appointment.booking.created",
+    "appointment.updated",
+    "appointment.booking.cancelled",
+}
+# The samples of one customer are not in time order, so the ordered handlers skip some.
 FINISHED = ("handler done", "skipped stale")
 Client = TestClient[Any, Any]
 
@@ -78,8 +83,10 @@ def seen_view(view: dict[str, Any]) -> dict[str, Any]:
 
 
 def handlers_of(event_type: str) -> list[str]:
-    """The handlers the test worker runs for a current type, sorted."""
+    """The handlers the test worker runs for a current type, sorted (tests/support/recording)."""
     extra = ["fake_crm"] if event_type.startswith("customer.") else []
+    if event_type in APPOINTMENT_LOG_TYPES:
+        extra.append("appointment_log")
     return sorted(["audit", "record", *extra])
 
 
