@@ -37,6 +37,8 @@ from ingest.errors import (
     UnknownEndpoint,
     UnusableEnvelope,
 )
+from ingest.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ingest.metrics import IngressMetrics
 from ingest.publisher import Outgoing, Publisher
 from ingest.spool import Spool, SpoolError
 from schemas import EnvelopeError, parse_envelope
@@ -48,6 +50,7 @@ ENDPOINTS = web.AppKey("endpoints", dict[str, Endpoint])
 REDIS = web.AppKey("redis", Redis)
 PUBLISHER = web.AppKey("publisher", Publisher)
 WRITER = web.AppKey("writer", DurableWriter)
+METRICS = web.AppKey("metrics", IngressMetrics)
 
 _JSON_TYPES = ("application/json", "text/json")
 
@@ -100,8 +103,25 @@ def _parse_json(body: bytes, content_type: str) -> Any:
 
 
 async def receive(request: web.Request) -> web.Response:
-    """Accept one Calenso delivery; see the module docstring for the order of checks."""
+    """Accept one Calenso delivery, and measure it; see the module docstring."""
+    started = time.perf_counter()
     name = request.match_info.get("endpoint", DEFAULT_ENDPOINT)
+    label = name if name in request.app[ENDPOINTS] else "unknown"
+    metrics = request.app[METRICS]
+    status = 500
+    try:
+        response = await _receive(request, name)
+        status = response.status
+        return response
+    except IngestError as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.requests.labels(label, str(status)).inc()
+        metrics.ack_seconds.labels(label).observe(time.perf_counter() - started)
+
+
+async def _receive(request: web.Request, name: str) -> web.Response:
     endpoint = request.app[ENDPOINTS].get(name)
     if endpoint is None:
         raise UnknownEndpoint(f"no endpoint named {name!r}")
@@ -131,9 +151,12 @@ async def receive(request: web.Request) -> web.Response:
         log.error("not durable", extra={"type": envelope.type[:100], "error": str(exc)})
         raise Unavailable("the event could not be stored; send it again") from None
 
+    metrics = request.app[METRICS]
     if first is not None:
         log.info("duplicate", extra={"event_id": first, "type": envelope.type[:100]})
+        metrics.event(name, envelope.type, "duplicate")
         return _json(200, {"status": "duplicate", "event_id": first})
+    metrics.event(name, envelope.type, "spool" if request.app[WRITER].spooling else "redis")
     log.info(
         "accepted",
         extra={
@@ -172,6 +195,12 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics of this ingress process."""
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
 async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = Redis.from_url(
@@ -188,6 +217,8 @@ async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
         timeout_s=settings.redis_timeout_s,
     )
     writer = DurableWriter(redis, publisher, Spool(Path(settings.spool_dir)))
+    publisher.on_batch = app[METRICS].batch_size.observe
+    app[METRICS].watch_spool(writer.spool_depth, lambda: writer.spooling)
     app[REDIS] = redis
     app[PUBLISHER] = publisher
     app[WRITER] = writer
@@ -207,6 +238,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_errors])
     app[SETTINGS] = settings
     app[ENDPOINTS] = _endpoints(settings)
+    app[METRICS] = IngressMetrics()
     app.cleanup_ctx.append(_durable_writer)
     app.add_routes(
         [
@@ -215,6 +247,7 @@ def create_app(settings: Settings) -> web.Application:
             web.post("/webhooks/calenso/{endpoint}", receive),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
+            web.get("/metrics", metrics),
         ]
     )
     return app

@@ -78,7 +78,10 @@ class DurableWriter:
         await self._spool.close()
 
     async def write(self, event: Outgoing) -> str | None:
-        """Make ``event`` durable; return the first event_id if Redis knew it as a duplicate."""
+        """Make ``event`` durable; return the first event_id if Redis knew it as a duplicate.
+
+        ``spooled`` counts the events that went to the spool instead of Redis.
+        """
         if not self._spooling:
             try:
                 return await self._publisher.publish(event)

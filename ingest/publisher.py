@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -77,6 +78,7 @@ class Publisher:
         self._sha: str | None = None
         self.batches = 0
         self.largest_batch = 0
+        self.on_batch: Callable[[int], None] | None = None
 
     async def start(self) -> None:
         """Start the sender task."""
@@ -114,6 +116,8 @@ class Publisher:
     async def _flush(self, batch: list[_Waiter]) -> None:
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(batch))
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         size = sum(len(event.message) for event, _ in batch)
         try:
             # The deadline allows for the bytes to move: a batch of large bodies is not a sign

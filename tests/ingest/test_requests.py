@@ -313,3 +313,29 @@ async def test_a_byte_order_mark_and_a_trailing_slash_are_tolerated(
 
     assert response.status == 202
     assert len(queued(redis_db)) == 1
+
+
+async def test_metrics_count_requests_and_events_without_personal_data(
+    client: Client,
+) -> None:
+    await client.post(URL, data=BODY, headers=AUTH)
+    await client.post(URL, data=BODY, headers=AUTH)
+    await client.post(URL, data=BODY, headers={"Authorization": "wrong"})
+    unknown = orjson.dumps({"type": "x.secret.luca", "created": "2025-01-01 00:00:00", "data": {}})
+    await client.post(URL, data=unknown, headers=AUTH)
+
+    response = await client.get("/metrics")
+    text = await response.text()
+
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert 'calhook_ingress_requests_total{endpoint="default",status="202"} 2.0' in text
+    assert 'calhook_ingress_requests_total{endpoint="default",status="200"} 1.0' in text
+    assert 'calhook_ingress_requests_total{endpoint="default",status="401"} 1.0' in text
+    accepted = 'events_total{endpoint="default",outcome="redis",type="customer.created"} 1.0'
+    assert accepted in text
+    assert 'outcome="duplicate",type="customer.created"} 1.0' in text
+    assert 'type="other"} 1.0' in text
+    assert "calhook_ingress_spool_depth 0.0" in text
+    assert 'calhook_ingress_ack_seconds_count{endpoint="default"} 4.0' in text
+    assert "luca" not in text.lower()
