@@ -148,3 +148,5 @@ def configure(fmt: str = "json", level: str = "INFO", *, background: bool = Fals
     root.setLevel(level)
     # aiohttp's access log repeats what our own "accepted" line says, with less.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # httpx logs every request's URL at INFO; CRM URLs can carry an e-mail address.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -141,12 +141,56 @@ class Settings(BaseSettings):
     soft_shutdown_s: float = Field(
         25.0, ge=0, description="On SIGTERM, let running tasks finish this long before requeue."
     )
+    # CRM
+    crm_kind: Literal["", "http", "hubspot"] = Field(
+        "", description="`http` (the plain JSON contract), `hubspot`, or empty: no CRM handlers."
+    )
+    crm_url: str = Field(
+        "", description="CRM base URL (`hubspot`: defaults to https://api.hubapi.com)."
+    )
+    crm_token: SecretStr = Field(SecretStr(""), description="Bearer token for the CRM.")
+    crm_rate_per_s: float = Field(
+        10.0, ge=0, description="Calls per second to the CRM, shared by all workers (0: no limit)."
+    )
+    crm_sync_bookings: bool = Field(
+        True, description="Also upsert the customer of appointment and group-event bookings."
+    )
+    crm_timeout_s: float = Field(10.0, gt=0, description="Deadline of one CRM call.")
+    hubspot_id_property: str = Field(
+        "calenso_uuid",
+        description="HubSpot contact property that identifies a Calenso customer (or `email`).",
+    )
+    # Notifications
+    smtp_url: str = Field(
+        "",
+        description="smtp://[user:password@]host:port[?starttls=true], or smtps://…; empty: "
+        "no e-mail.",
+    )
+    notify_from: str = Field("calhook@localhost", description="Sender of notification e-mails.")
+    notify_to: CsvList = Field(
+        (), description="Comma-separated addresses told of every notice, besides the staff member."
+    )
+    notify_staff: bool = Field(
+        True, description="Also tell the staff member the booking was with (from the payload)."
+    )
+    chat_webhook_url: SecretStr = Field(
+        SecretStr(""), description="Slack-compatible incoming webhook URL; empty: no chat."
+    )
+    notify_language: Literal["de", "en"] = Field(
+        "de", description="Language of notices when the payload names none we have."
+    )
+    store_tz: str = Field("Europe/Zurich", description="Zone of the stores, for times in notices.")
+    template_dir: str = Field(
+        "", description="Folder of templates overriding the built-in ones (same file names)."
+    )
     # Operations
     log_format: Literal["json", "console"] = Field("json", description="Log line format.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level.")
     data_dir: str = Field(".calhook", description="Folder of `calhook dev`'s embedded Redis.")
 
-    @field_validator("handler_modules", "auth_secrets", "retry_schedule_s", mode="before")
+    @field_validator(
+        "handler_modules", "auth_secrets", "retry_schedule_s", "notify_to", mode="before"
+    )
     @classmethod
     def _split(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -166,7 +210,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"endpoint name {name!r} must match {_ENDPOINT_NAME.pattern}")
         return value
 
-    @field_validator("created_tz")
+    @field_validator("created_tz", "store_tz")
     @classmethod
     def _zone(cls, value: str) -> str:
         try:

@@ -12,14 +12,16 @@ import redis
 
 from calhook.redis_server import RedisServer
 from calhook.settings import Settings, load_settings
+from tests.support.fake_crm import TOKEN as CRM_TOKEN
+from tests.support.fake_crm import FakeCrm
 from tests.support.recording import RECORD_QUEUE
 from tests.support.waiting import wait_for
-from tests.support.worker import SchedulerProcess, WorkerProcess
+from tests.support.worker import TEST_HANDLER_MODULES, SchedulerProcess, WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "calenso"
 SECRET = "test-webhook-token-0001"
-ALL_QUEUES = ("dispatch", "audit", RECORD_QUEUE)
+ALL_QUEUES = ("dispatch", "audit", "crm", RECORD_QUEUE)
 
 
 def fixture_files() -> list[Path]:
@@ -65,12 +67,34 @@ def make_settings(redis_url: str, tmp_path: Path) -> Callable[..., Settings]:
 
 
 @pytest.fixture(scope="session")
+def fake_crm_server() -> Iterator[FakeCrm]:
+    """A CRM bridge on localhost speaking the http contract, for the session's worker."""
+    server = FakeCrm().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_crm(fake_crm_server: FakeCrm) -> FakeCrm:
+    """The session's fake CRM, emptied."""
+    fake_crm_server.reset()
+    return fake_crm_server
+
+
+@pytest.fixture(scope="session")
 def worker_process(
-    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory, fake_crm_server: FakeCrm
 ) -> Iterator[WorkerProcess]:
     """One real worker for the session, consuming every queue, and a scheduler beside it."""
     logs = tmp_path_factory.mktemp("pipeline")
-    worker = WorkerProcess(redis_url, logs / "worker.log")
+    crm = {
+        "CALHOOK_HANDLER_MODULES": f"{TEST_HANDLER_MODULES},workers.tasks.crm",
+        "CALHOOK_CRM_KIND": "http",
+        "CALHOOK_CRM_URL": fake_crm_server.url,
+        "CALHOOK_CRM_TOKEN": CRM_TOKEN,
+        "CALHOOK_CRM_RATE_PER_S": "1000",
+    }
+    worker = WorkerProcess(redis_url, logs / "worker.log", 2, **crm)
     scheduler = SchedulerProcess(redis_url, logs / "scheduler.log")
     worker.start()
     scheduler.start()

@@ -9,6 +9,7 @@ from typing import Any
 import click
 import pytest
 import yaml
+from pydantic import SecretStr
 
 from calhook.cli import main
 from calhook.constants import DISPATCH_QUEUE
@@ -36,7 +37,10 @@ def test_readme_defaults_are_the_real_defaults() -> None:
     documented = readme_settings()
     for field, name in env_names().items():
         default = Settings.model_fields[field].get_default(call_default_factory=True)
-        if default in (None, (), {}):
+        if isinstance(default, SecretStr):
+            default = default.get_secret_value()
+        if default in (None, (), {}, ""):
+            assert documented[name] == "(none)" or documented[name] in ("{}", "(unset)"), name
             continue
         if isinstance(default, tuple):
             default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)

@@ -71,6 +71,19 @@ def version_of(event: CalensoEvent, event_id: str) -> Version | None:
     return Version(entity, int(event.created.timestamp()), _kind(event.type), event_id)
 
 
+def booking_customer_version(event: CalensoEvent, event_id: str) -> Version | None:
+    """The version of the customer a booking carries: an update of that customer, never a create.
+
+    So a booking's customer snapshot cannot undo a newer ``customer.updated``, nor bring back a
+    deleted customer.
+    """
+    if event.customer is None or not event.customer.uuid:
+        return None
+    return Version(
+        f"customer:{event.customer.uuid}", int(event.created.timestamp()), UPDATE, event_id
+    )
+
+
 class OrderGuard:
     """Applied versions per (handler, entity), and the lock that serialises their runs."""
 

@@ -45,6 +45,8 @@ class HandlerContext:
 
 
 HandlerFn = Callable[[Any, HandlerContext], None]
+# (event, event_id) → its version for ordering (workers.ordering.Version), or None.
+OrderKey = Callable[[Any, str], Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,8 @@ class Handler:
     fn: HandlerFn
     retry: RetryPolicy = RetryPolicy()
     ordered: bool = False
+    order_key: OrderKey | None = None
+    order_scope: str | None = None
 
 
 class Registry:
@@ -100,11 +104,15 @@ class Registry:
         name: str | None = None,
         retry: RetryPolicy | None = None,
         ordered: bool = False,
+        order_key: OrderKey | None = None,
+        order_scope: str | None = None,
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Register the decorated function for ``event_types`` on ``queue``.
 
         ``ordered=True`` runs it only for events newer than the last it applied to the same
-        customer or appointment (:mod:`workers.ordering`).
+        customer or appointment (:mod:`workers.ordering`). ``order_key`` picks another entity
+        (e.g. the customer of a booking); handlers with the same ``order_scope`` share versions,
+        so that one's older event does not undo another's newer one.
         """
 
         def decorate(fn: HandlerFn) -> HandlerFn:
@@ -115,7 +123,9 @@ class Registry:
                     queue,
                     fn,
                     retry or RetryPolicy(),
-                    ordered,
+                    ordered or order_key is not None,
+                    order_key,
+                    order_scope,
                 )
             )
             return fn

@@ -100,10 +100,10 @@ class HandlerRunner:
             self._dead_letter(h, delivery, attempt, "permanent", f"schema: {exc}", exc)
             return "dead_permanent"
         ctx = HandlerContext(event_id, h.name, delivery.endpoint, delivery.received_at, attempt)
-        version = version_of(event, event_id) if h.ordered else None
+        version = (h.order_key or version_of)(event, event_id) if h.ordered else None
         with logs.bind(type=event.type):
             try:
-                with self.guard.hold(h.name, version) as fresh:
+                with self.guard.hold(h.order_scope or h.name, version) as fresh:
                     if not fresh:
                         self.ledger.record(event_id, h.name, Outcome.SKIPPED_STALE)
                         log.info("skipped stale", extra={"outcome": "skipped_stale"})

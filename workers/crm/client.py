@@ -1,0 +1,118 @@
+"""The CRM client interface, and what every adapter shares: HTTP status → retry decision.
+
+Adapters raise the workers' errors, so the runner's policy applies unchanged: a 429 or 5xx, a
+timeout or a dropped connection is retried in the call a few times (honouring ``Retry-After``
+when it is short), then handed to the long schedule (``RetryLater`` with the server's delay, when
+it gave one); any other 4xx is permanent and goes to the dead-letter store with the CRM's answer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+import httpx
+from tenacity import Retrying, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_base
+
+from workers.crm.contact import Contact
+from workers.errors import PermanentError, RetryLater, TransientError
+
+T = TypeVar("T")
+
+# A Retry-After longer than this is not waited out in the call (it would hold a worker child
+# and count against the task time limit); the schedule takes it instead.
+QUICK_WAIT_MAX_S = 5.0
+
+
+class CrmClient(Protocol):
+    """What calhook asks of a CRM. Implementations are used from one worker process."""
+
+    def upsert(self, contact: Contact, *, idempotency_key: str) -> None:
+        """Create or update the contact of ``contact.calenso_uuid``."""
+
+    def delete(self, calenso_uuid: str, *, idempotency_key: str) -> None:
+        """Delete (or archive) the contact; a contact that is already gone is success."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+class CrmUnavailable(TransientError):
+    """Raised when the CRM answered 429 or 5xx, timed out, or could not be reached."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def retry_after_s(response: httpx.Response) -> float | None:
+    """Seconds the server asks us to wait (``Retry-After`` as seconds or as an HTTP date)."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max((when - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)
+
+
+def check(response: httpx.Response, *, ok_statuses: tuple[int, ...] = ()) -> httpx.Response:
+    """Return ``response`` if it succeeded; else raise the error that says how to go on."""
+    status = response.status_code
+    if 200 <= status < 300 or status in ok_statuses:
+        return response
+    answer = response.text[:500]
+    if status == 429 or status >= 500:
+        raise CrmUnavailable(f"CRM answered {status}: {answer}", retry_after_s(response))
+    raise PermanentError(f"CRM answered {status}: {answer}")
+
+
+def _quickly_retryable(exc: BaseException) -> bool:
+    if not isinstance(exc, CrmUnavailable):
+        return False
+    return exc.retry_after_s is None or exc.retry_after_s <= QUICK_WAIT_MAX_S
+
+
+class _WaitRetryAfter(wait_base):
+    """Wait what the server asked for, else back off exponentially (0.5 s, 1 s, 2 s …)."""
+
+    def __call__(self, retry_state: object) -> float:
+        outcome = getattr(retry_state, "outcome", None)
+        exc = outcome.exception() if outcome is not None else None
+        if isinstance(exc, CrmUnavailable) and exc.retry_after_s is not None:
+            return exc.retry_after_s
+        attempt = int(getattr(retry_state, "attempt_number", 1))
+        return float(min(0.5 * 2 ** (attempt - 1), QUICK_WAIT_MAX_S))
+
+
+def call(fn: Callable[[], T], *, attempts: int = 3) -> T:
+    """Run one CRM call with quick retries; hand a long ``Retry-After`` to the schedule."""
+
+    def attempt() -> T:
+        try:
+            return fn()
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            raise CrmUnavailable(f"CRM unreachable: {type(exc).__name__}") from exc
+
+    try:
+        for try_ in Retrying(
+            stop=stop_after_attempt(attempts),
+            wait=_WaitRetryAfter(),
+            retry=retry_if_exception(_quickly_retryable),
+            reraise=True,
+        ):
+            with try_:
+                return attempt()
+    except CrmUnavailable as exc:
+        if exc.retry_after_s is not None:
+            raise RetryLater(str(exc), after_s=exc.retry_after_s) from exc
+        raise
+    raise AssertionError("unreachable")  # pragma: no cover
