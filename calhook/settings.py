@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     created_tz: str = Field("UTC", description="Zone of Calenso's naive `created` timestamps.")
     # Workers
     handler_modules: CsvList = Field(
-        ("workers.tasks.audit",),
+        ("workers.tasks.audit", "workers.tasks.crm", "workers.tasks.notify"),
         description="Comma-separated modules whose handlers the workers load.",
     )
     task_time_limit_s: int = Field(300, ge=1, description="Hard wall-time limit of one task.")

@@ -12,16 +12,19 @@ import redis
 
 from calhook.redis_server import RedisServer
 from calhook.settings import Settings, load_settings
+from tests.support.chat_server import ChatServer
 from tests.support.fake_crm import TOKEN as CRM_TOKEN
 from tests.support.fake_crm import FakeCrm
 from tests.support.recording import RECORD_QUEUE
+from tests.support.smtp_server import SmtpServer
 from tests.support.waiting import wait_for
 from tests.support.worker import TEST_HANDLER_MODULES, SchedulerProcess, WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "calenso"
 SECRET = "test-webhook-token-0001"
-ALL_QUEUES = ("dispatch", "audit", "crm", RECORD_QUEUE)
+ALL_QUEUES = ("dispatch", "audit", "crm", "notify", RECORD_QUEUE)
+OPS_MAILBOX = "ops@example.com"
 
 
 def fixture_files() -> list[Path]:
@@ -82,19 +85,41 @@ def fake_crm(fake_crm_server: FakeCrm) -> FakeCrm:
 
 
 @pytest.fixture(scope="session")
+def smtp_server() -> Iterator[SmtpServer]:
+    """A mail server on localhost recording what the session's worker sends."""
+    with SmtpServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def chat_server() -> Iterator[ChatServer]:
+    """A Slack-compatible webhook receiver on localhost for the session's worker."""
+    with ChatServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def worker_process(
-    redis_url: str, tmp_path_factory: pytest.TempPathFactory, fake_crm_server: FakeCrm
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    fake_crm_server: FakeCrm,
+    smtp_server: SmtpServer,
+    chat_server: ChatServer,
 ) -> Iterator[WorkerProcess]:
     """One real worker for the session, consuming every queue, and a scheduler beside it."""
     logs = tmp_path_factory.mktemp("pipeline")
-    crm = {
-        "CALHOOK_HANDLER_MODULES": f"{TEST_HANDLER_MODULES},workers.tasks.crm",
+    integrations = {
+        "CALHOOK_HANDLER_MODULES": f"{TEST_HANDLER_MODULES},workers.tasks.crm,workers.tasks.notify",
         "CALHOOK_CRM_KIND": "http",
         "CALHOOK_CRM_URL": fake_crm_server.url,
         "CALHOOK_CRM_TOKEN": CRM_TOKEN,
         "CALHOOK_CRM_RATE_PER_S": "1000",
+        "CALHOOK_SMTP_URL": smtp_server.url(),
+        "CALHOOK_NOTIFY_FROM": "calhook@example.com",
+        "CALHOOK_NOTIFY_TO": OPS_MAILBOX,
+        "CALHOOK_CHAT_WEBHOOK_URL": chat_server.url,
     }
-    worker = WorkerProcess(redis_url, logs / "worker.log", 2, **crm)
+    worker = WorkerProcess(redis_url, logs / "worker.log", 2, **integrations)
     scheduler = SchedulerProcess(redis_url, logs / "scheduler.log")
     worker.start()
     scheduler.start()

@@ -1,0 +1,137 @@
+"""Notices to a chat channel through a Slack-compatible incoming webhook.
+
+The message is ``{"text": "*<subject>*\\n<body>"}`` (Slack mrkdwn: a bold first line), rendered
+from the same template as the e-mail. Answers map to the worker's errors: 2xx is done; 429 is
+:class:`RetryLater` with the server's ``Retry-After`` (a TransientError without one); 5xx, a
+timeout or a dropped connection is transient; any other answer is permanent.
+
+The webhook URL is a secret (whoever has it can post to the channel): it is never logged, and
+httpx's own "HTTP Request: POST <url>" line shows it as ``[chat webhook]``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import logging
+
+import httpx
+import redis
+
+from calhook.constants import KEY_PREFIX
+from workers.errors import HandlerError, PermanentError, RetryLater, TransientError
+from workers.notify.templates import Rendered
+
+log = logging.getLogger("calhook.notify")
+
+POSTED_TTL_S = 7 * 24 * 3600
+"""How long a posted notice is remembered, so a redelivery does not post it again."""
+TIMEOUT_S = 10.0
+
+
+def chat_text(rendered: Rendered) -> str:
+    """The chat message: the subject in bold, then the body; Slack's control characters escaped."""
+    return f"*{_escape(rendered.subject)}*\n{_escape(rendered.body).rstrip()}"
+
+
+def _escape(text: str) -> str:
+    # Slack reads <…> as links or mentions (<!channel>); a customer's name must not ping anyone.
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def posted_key(idempotency_key: str) -> str:
+    """Redis key marking that the chat notice of an (event, handler) was posted."""
+    return f"{KEY_PREFIX}notify:posted:{idempotency_key}"
+
+
+def post_chat(
+    client: redis.Redis,
+    webhook_url: str,
+    text: str,
+    *,
+    idempotency_key: str,
+    timeout_s: float = TIMEOUT_S,
+) -> bool:
+    """POST ``text`` to the webhook once per ``idempotency_key``; False if it was posted before.
+
+    An incoming webhook offers no idempotency key of its own; the Redis mark narrows a double
+    post to a crash between the server's 2xx and the mark.
+    """
+    key = posted_key(idempotency_key)
+    if client.exists(key):
+        log.info("chat notice already posted")
+        return False
+    _hide_in_logs(webhook_url)
+    problem: HandlerError | None = None
+    try:
+        with httpx.Client(timeout=timeout_s, follow_redirects=False) as http:
+            response = http.post(webhook_url, json={"text": text})
+    except httpx.TimeoutException as exc:
+        problem = TransientError(f"chat webhook timed out: {type(exc).__name__}")
+    except httpx.HTTPError as exc:
+        problem = TransientError(f"chat webhook unreachable: {type(exc).__name__}")
+    if problem is not None:
+        # Raised outside the except block, so no httpx exception (and its request, which holds
+        # the URL) hangs on this one as its context.
+        raise problem
+    _check(response)
+    client.set(key, 1, ex=POSTED_TTL_S)
+    log.info("chat notice posted", extra={"status": response.status_code})
+    return True
+
+
+def _check(response: httpx.Response) -> None:
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    what = f"chat webhook answered {status}: {' '.join(response.text.split())[:200]}"
+    if status == 429:
+        after_s = _retry_after_s(response.headers.get("Retry-After"))
+        if after_s is not None:
+            raise RetryLater(what, after_s=after_s)
+        raise TransientError(what)
+    if status >= 500:
+        raise TransientError(what)
+    raise PermanentError(what)
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """``Retry-After`` as seconds, from a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max((when - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)
+
+
+_SECRET_URLS: set[str] = set()
+
+
+class _HideWebhookUrl(logging.Filter):
+    """Replace a secret webhook URL in httpx's request log lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and _SECRET_URLS:
+            record.args = tuple(
+                "[chat webhook]" if str(arg) in _SECRET_URLS else arg for arg in record.args
+            )
+        return True
+
+
+_FILTER = _HideWebhookUrl()
+
+
+def _hide_in_logs(webhook_url: str) -> None:
+    _SECRET_URLS.add(str(httpx.URL(webhook_url)))
+    _SECRET_URLS.add(webhook_url)
+    logger = logging.getLogger("httpx")
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)

@@ -1,0 +1,50 @@
+"""Notification handlers: e-mail and chat notices of cancelled and moved bookings and failed
+payments, on the ``notify`` queue.
+
+Two handlers, ``notify.email`` and ``notify.chat``, so a chat outage never re-sends an e-mail and
+vice versa. Each is registered only when configured (CALHOOK_SMTP_URL, CALHOOK_CHAT_WEBHOOK_URL):
+a deployment without them parks nothing and fails nothing. A bad SMTP URL or template override
+fails at worker start, not at the first cancellation.
+"""
+
+from __future__ import annotations
+
+from calhook.settings import Settings, get_settings
+from workers.connections import redis_client
+from workers.notify.mail import SmtpUrl
+from workers.notify.messages import NOTIFY_TYPES, NotifyEvent
+from workers.notify.send import send_chat, send_email
+from workers.notify.templates import check_templates
+from workers.registry import HandlerContext, Registry, registry
+
+NOTIFY_QUEUE = "notify"
+EMAIL_HANDLER = "notify.email"
+CHAT_HANDLER = "notify.chat"
+
+
+def notify_email(event: NotifyEvent, ctx: HandlerContext) -> None:
+    """Mail the notice of ``event`` to the staff member and CALHOOK_NOTIFY_TO."""
+    send_email(event, ctx, settings=get_settings(), client=redis_client())
+
+
+def notify_chat(event: NotifyEvent, ctx: HandlerContext) -> None:
+    """Post the notice of ``event`` to CALHOOK_CHAT_WEBHOOK_URL."""
+    send_chat(event, ctx, settings=get_settings(), client=redis_client())
+
+
+def register(target: Registry, settings: Settings) -> tuple[str, ...]:
+    """Register the configured notify handlers with ``target``; return their names."""
+    names: list[str] = []
+    if settings.smtp_url:
+        SmtpUrl.parse(settings.smtp_url)
+        target.handler(*NOTIFY_TYPES, queue=NOTIFY_QUEUE, name=EMAIL_HANDLER)(notify_email)
+        names.append(EMAIL_HANDLER)
+    if settings.chat_webhook_url.get_secret_value():
+        target.handler(*NOTIFY_TYPES, queue=NOTIFY_QUEUE, name=CHAT_HANDLER)(notify_chat)
+        names.append(CHAT_HANDLER)
+    if names:
+        check_templates(settings.template_dir)
+    return tuple(names)
+
+
+register(registry, get_settings())
