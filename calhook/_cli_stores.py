@@ -89,15 +89,17 @@ def dlq_replay(ids: tuple[str, ...], select_all: bool, handler: str | None) -> N
     from workers.ledger import Ledger
     from workers.replay import ReplayError, replay_dead
     from workers.stores import DEAD, RecordStore
+    from workers.watchdog import Watchdog
 
     client = _client()
     store = RecordStore(client, DEAD)
     matches = (lambda r: r.get("handler") == handler) if handler else None
     ledger = Ledger(client, get_settings().ledger_ttl_s)
+    watchdog = Watchdog(client, get_settings().watchdog_s)
     done = 0
     for record_id in _select(store.records(), ids, select_all, matches):
         try:
-            queue = replay_dead(client, record_id, ledger)
+            queue = replay_dead(client, record_id, ledger, watchdog)
         except ReplayError as exc:
             click.echo(f"{record_id}: {exc}", err=True)
             continue
@@ -172,13 +174,14 @@ def parked_replay(
     """Dispatch the selected events again (e.g. after a handler for their type was deployed)."""
     from workers.replay import ReplayError, replay_parked
     from workers.stores import PARKED, RecordStore
+    from workers.watchdog import Watchdog
 
     client = _client()
     store = RecordStore(client, PARKED)
     done = 0
     for record_id in _select(store.records(), ids, select_all, _filter(reason, event_type)):
         try:
-            replay_parked(client, record_id)
+            replay_parked(client, record_id, Watchdog(client, get_settings().watchdog_s))
         except ReplayError as exc:
             click.echo(f"{record_id}: {exc}", err=True)
             continue

@@ -112,6 +112,7 @@ def scheduler() -> None:
 
     from workers.connections import redis_client
     from workers.delayed import DelayedStore, run_scheduler
+    from workers.watchdog import Watchdog
 
     settings = _settings()
     logs.configure(settings.log_format, settings.log_level)
@@ -122,7 +123,11 @@ def scheduler() -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    run_scheduler(DelayedStore(redis_client()), settings.scheduler_interval_s, stop)
+    client = redis_client()
+    run_scheduler(
+        DelayedStore(client), Watchdog(client, settings.watchdog_s), settings.scheduler_interval_s,
+        stop,
+    )  # fmt: skip
 
 
 @main.command()

@@ -29,3 +29,13 @@ def dedup_key(digest_hex: str) -> str:
 def dispatched_key(event_id: str) -> str:
     """Redis key marking that an event has been fanned out to its handlers."""
     return f"{KEY_PREFIX}dispatched:{event_id}"
+
+
+# The watchdog: a copy of every queued calhook message, due again unless its work finishes.
+WATCHDOG_KEY: Final = f"{KEY_PREFIX}watchdog"
+WATCHDOG_MESSAGES_KEY: Final = f"{KEY_PREFIX}watchdog:messages"
+
+
+def pair_id(event_id: str, handler: str) -> str:
+    """The id of one (event, handler): its dead letter, its watchdog entry, its task id."""
+    return f"{event_id}.{handler}"

@@ -116,6 +116,12 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         900, ge=1, description="Redis redelivers an unacked task after this; > task time limit."
     )
+    watchdog_s: int = Field(
+        1800,
+        ge=2,
+        description="A queued message whose work has not finished after this is queued again "
+        "(it was lost between Redis and a worker); > visibility timeout.",
+    )
     worker_max_memory_kb: int = Field(
         512_000, ge=0, description="Replace a worker child above this RSS (0: never)."
     )
@@ -221,6 +227,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _limits(self) -> Settings:
+        if self.watchdog_s <= self.visibility_timeout_s:
+            # Before the visibility timeout, an unacked message is still Redis's to hand back.
+            raise ValueError("CALHOOK_WATCHDOG_S must be greater than CALHOOK_VISIBILITY_TIMEOUT_S")
         if self.visibility_timeout_s <= self.task_time_limit_s:
             # A task still running when its message becomes visible again runs twice
             # (RELIABILITY.md item 3).

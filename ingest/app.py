@@ -215,6 +215,7 @@ async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
         dedup_ttl_s=settings.dedup_ttl_s,
         batch_max=settings.publish_batch_max,
         timeout_s=settings.redis_timeout_s,
+        watchdog_s=settings.watchdog_s,
     )
     writer = DurableWriter(redis, publisher, Spool(Path(settings.spool_dir)))
     publisher.on_batch = app[METRICS].batch_size.observe

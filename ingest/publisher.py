@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from calhook.constants import WATCHDOG_KEY, WATCHDOG_MESSAGES_KEY
+
 log = logging.getLogger("calhook.ingest.publisher")
 
-# KEYS[1] dedup key, KEYS[2] queue; ARGV[1] event_id, ARGV[2] message, ARGV[3] dedup ttl (s).
-# Returns the first event_id for a body already seen, else nil once the message is queued.
+# KEYS[1] dedup key, KEYS[2] queue, KEYS[3] watchdog set, KEYS[4] watchdog messages;
+# ARGV[1] event_id, ARGV[2] message, ARGV[3] dedup ttl (s), ARGV[4] watchdog due (ms).
+# Returns the first event_id for a body already seen, else nil once the message is queued (and
+# watched: see workers/watchdog.py).
 _ENQUEUE_LUA = """
 local first = redis.call('GET', KEYS[1])
 if first then
@@ -30,6 +35,8 @@ if first then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('LPUSH', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+redis.call('HSET', KEYS[4], ARGV[1], KEYS[2] .. '\\n' .. ARGV[2])
 return false
 """
 
@@ -65,8 +72,10 @@ class Publisher:
         dedup_ttl_s: int,
         batch_max: int,
         timeout_s: float,
+        watchdog_s: float,
     ) -> None:
         self._redis = redis
+        self._watchdog_ms = int(watchdog_s * 1000)
         self._queue = queue
         self._dedup_ttl_s = dedup_ttl_s
         self._batch_max = batch_max
@@ -154,15 +163,19 @@ class Publisher:
         return results
 
     async def _pipeline(self, batch: list[_Waiter]) -> list[object]:
+        due_ms = int(time.time() * 1000) + self._watchdog_ms
         async with self._redis.pipeline(transaction=False) as pipe:
             for event, _ in batch:
                 pipe.evalsha(
                     self._sha,  # type: ignore[arg-type]
-                    2,
+                    4,
                     event.dedup_key,
                     self._queue,
+                    WATCHDOG_KEY,
+                    WATCHDOG_MESSAGES_KEY,
                     event.event_id,
                     event.message,
                     self._dedup_ttl_s,
+                    due_ms,
                 )
             return list(await pipe.execute(raise_on_error=False))

@@ -82,6 +82,7 @@ def _dispatcher() -> Dispatcher:
         settings.zone,
         Ledger(client, settings.ledger_ttl_s),
         settings.max_deliveries,
+        settings.watchdog_s,
     )
 
 

@@ -16,6 +16,7 @@ import time
 import redis
 
 from calhook.constants import KEY_PREFIX
+from workers.watchdog import Watchdog, entry
 
 log = logging.getLogger("calhook.scheduler")
 
@@ -50,7 +51,7 @@ class DelayedStore:
     def schedule(self, member: str, queue: str, message: bytes, due_s: float) -> None:
         """Put ``message`` on ``queue`` at ``due_s`` (epoch seconds); the same member replaces."""
         with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(MESSAGES_KEY, member, queue.encode() + b"\n" + message)
+            pipe.hset(MESSAGES_KEY, member, entry(queue, message))
             pipe.zadd(DUE_KEY, {member: int(due_s * 1000)})
             pipe.execute()
 
@@ -69,8 +70,11 @@ class DelayedStore:
         return float(first[0][1]) / 1000 if first else None
 
 
-def run_scheduler(store: DelayedStore, interval_s: float, stop: threading.Event) -> None:
-    """Move due retries every ``interval_s`` until ``stop`` is set; Redis errors are waited out."""
+def run_scheduler(
+    store: DelayedStore, watchdog: Watchdog, interval_s: float, stop: threading.Event
+) -> None:
+    """Every ``interval_s`` until ``stop`` is set: move due retries to their queues, and queue
+    again what the watchdog says was lost. Redis errors are waited out."""
     log.info("scheduler started", extra={"interval_s": interval_s})
     while not stop.is_set():
         try:
@@ -78,6 +82,9 @@ def run_scheduler(store: DelayedStore, interval_s: float, stop: threading.Event)
             while moved:
                 log.info("retries due", extra={"moved": moved})
                 moved = store.move_due()
+            lost = watchdog.fire_due(time.time())
+            if lost:
+                log.warning("watchdog queued lost messages again", extra={"ids": lost[:50]})
         except redis.RedisError as exc:
             log.warning("scheduler cannot reach redis", extra={"error": repr(exc)})
         stop.wait(interval_s)

@@ -22,7 +22,10 @@ from calhook.constants import (
     DISPATCH_TASK,
     DISPATCHED_TTL_S,
     HANDLER_TASK,
+    WATCHDOG_KEY,
+    WATCHDOG_MESSAGES_KEY,
     dispatched_key,
+    pair_id,
 )
 from calhook.logs import bind
 from calhook.messages import Delivery, task_message
@@ -30,13 +33,24 @@ from schemas import PLANNED_TYPES, SchemaError, family_of, parse_event
 from workers.ledger import Ledger
 from workers.registry import Registry
 from workers.stores import RecordStore
+from workers.watchdog import cancel
 
 log = logging.getLogger("calhook.dispatch")
 
-# KEYS[1] the event's marker, KEYS[2..n] queues; ARGV[1] marker ttl, ARGV[2..n] messages.
+# KEYS[1] the event's marker, KEYS[2] watchdog set, KEYS[3] watchdog messages, KEYS[4..] the
+# handlers' queues; ARGV[1] marker ttl, ARGV[2] watchdog due (ms), ARGV[3] the event id, then
+# per handler its pair id and its message. The dispatch's own watchdog entry ends here; each
+# handler task gets one (workers/watchdog.py).
 _FAN_OUT_LUA = """
+redis.call('ZREM', KEYS[2], ARGV[3])
+redis.call('HDEL', KEYS[3], ARGV[3])
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-for i = 2, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i]) end
+for i = 4, #KEYS do
+  local pair, message = ARGV[2 * i - 4], ARGV[2 * i - 3]
+  redis.call('LPUSH', KEYS[i], message)
+  redis.call('ZADD', KEYS[2], ARGV[2], pair)
+  redis.call('HSET', KEYS[3], pair, KEYS[i] .. '\\n' .. message)
+end
 return 1
 """
 
@@ -58,7 +72,7 @@ def handler_message(
     return task_message(
         HANDLER_TASK,
         queue=queue,
-        task_id=f"{delivery.event_id}.{handler}",
+        task_id=pair_id(delivery.event_id, handler),
         root_id=delivery.event_id,
         parent_id=delivery.event_id,
         kwargs={**delivery.task_kwargs(), "handler": handler, "attempt": attempt},
@@ -84,7 +98,9 @@ class Dispatcher:
         zone: tzinfo,
         ledger: Ledger,
         max_deliveries: int,
+        watchdog_s: float,
     ) -> None:
+        self._watchdog_ms = int(watchdog_s * 1000)
         self._redis = client
         self._registry = registry
         self._parked = parked
@@ -122,9 +138,24 @@ class Dispatcher:
             queues = [h.queue for h in handlers]
             messages = [handler_message(h.name, h.queue, delivery, event.type, 1) for h in handlers]
             names = [h.name for h in handlers]
+            pairs_and_messages = [
+                part
+                for h, message in zip(handlers, messages, strict=True)
+                for part in (pair_id(delivery.event_id, h.name), message)
+            ]
             sent = self._fan_out(
-                keys=[dispatched_key(delivery.event_id), *queues],
-                args=[DISPATCHED_TTL_S, *messages],
+                keys=[
+                    dispatched_key(delivery.event_id),
+                    WATCHDOG_KEY,
+                    WATCHDOG_MESSAGES_KEY,
+                    *queues,
+                ],
+                args=[
+                    DISPATCHED_TTL_S,
+                    int(time.time() * 1000) + self._watchdog_ms,
+                    delivery.event_id,
+                    *pairs_and_messages,
+                ],
             )
             if sent:
                 log.info("dispatched", extra={"handlers": names})
@@ -152,4 +183,5 @@ class Dispatcher:
                 "body": delivery.body,
             },
         )
+        cancel(self._redis, delivery.event_id)
         log.warning("parked", extra={"reason": reason.value, "errors": errors})

@@ -13,7 +13,8 @@ import enum
 
 import redis
 
-from calhook.constants import KEY_PREFIX
+from calhook.constants import KEY_PREFIX, pair_id
+from workers.watchdog import cancel
 
 
 class Outcome(enum.StrEnum):
@@ -50,12 +51,14 @@ class Ledger:
         return Outcome(raw.decode()) if raw else None  # type: ignore[union-attr]
 
     def record(self, event_id: str, handler: str, outcome: Outcome) -> None:
-        """Record the final outcome of the pair, and count completions for audits."""
+        """Record the final outcome of the pair, count completions for audits, and stop the
+        pair's watchdog: its work is over, whatever the outcome."""
         key = ledger_key(event_id)
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, handler, outcome.value)
             pipe.hincrby(key, f"{handler}#{outcome.value}", 1)
             pipe.expire(key, self._ttl_s)
+            cancel(pipe, pair_id(event_id, handler))
             pipe.execute()
 
     def forget(self, event_id: str, handler: str, pipe: redis.client.Pipeline) -> None:

@@ -8,13 +8,16 @@ queued, so a replay is never lost and never doubled.
 
 from __future__ import annotations
 
+import time
+
 import redis
 
-from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK, dispatched_key
+from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK, dispatched_key, pair_id
 from calhook.messages import Delivery, dispatch_message
 from workers.dispatch import handler_message
 from workers.ledger import Ledger, deliveries_key
 from workers.stores import DEAD, PARKED, RecordStore
+from workers.watchdog import Watchdog
 
 
 class ReplayError(Exception):
@@ -27,7 +30,7 @@ def _delivery(record: dict[str, str]) -> Delivery:
     )
 
 
-def replay_dead(client: redis.Redis, record_id: str, ledger: Ledger) -> str:
+def replay_dead(client: redis.Redis, record_id: str, ledger: Ledger, watchdog: Watchdog) -> str:
     """Queue the handler of dead letter ``record_id`` again; return the queue."""
     store = RecordStore(client, DEAD)
     record = store.get(record_id)
@@ -39,12 +42,13 @@ def replay_dead(client: redis.Redis, record_id: str, ledger: Ledger) -> str:
     with client.pipeline(transaction=True) as pipe:
         ledger.forget(delivery.event_id, handler, pipe)
         pipe.lpush(queue, message)
+        watchdog.arm(pair_id(delivery.event_id, handler), queue, message, time.time(), pipe)
         store.remove(record_id, pipe)
         pipe.execute()
     return queue
 
 
-def replay_parked(client: redis.Redis, record_id: str) -> None:
+def replay_parked(client: redis.Redis, record_id: str, watchdog: Watchdog) -> None:
     """Queue the dispatch of parked event ``record_id`` again."""
     store = RecordStore(client, PARKED)
     record = store.get(record_id)
@@ -55,6 +59,8 @@ def replay_parked(client: redis.Redis, record_id: str) -> None:
         pipe.delete(dispatched_key(delivery.event_id))
         # A replayed "poison" event starts with a clean delivery count.
         pipe.hdel(deliveries_key(delivery.event_id), f"{DISPATCH_TASK}#1")
-        pipe.lpush(DISPATCH_QUEUE, dispatch_message(delivery, record.get("type", "")))
+        message = dispatch_message(delivery, record.get("type", ""))
+        pipe.lpush(DISPATCH_QUEUE, message)
+        watchdog.arm(delivery.event_id, DISPATCH_QUEUE, message, time.time(), pipe)
         store.remove(record_id, pipe)
         pipe.execute()

@@ -26,6 +26,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from calhook import logs
+from calhook.constants import pair_id
 from calhook.messages import Delivery
 from calhook.settings import Settings
 from schemas import CalensoEvent, SchemaError, parse_event
@@ -36,6 +37,7 @@ from workers.ledger import Ledger, Outcome
 from workers.ordering import OrderGuard, version_of
 from workers.registry import Handler, HandlerContext, Registry
 from workers.stores import DEAD, RecordStore
+from workers.watchdog import Watchdog
 
 log = logging.getLogger("calhook.worker")
 
@@ -44,11 +46,6 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, PermanentError | RetryLater):
         return False
     return isinstance(exc, TransientError | ConnectionError | TimeoutError)
-
-
-def dead_letter_id(event_id: str, handler: str) -> str:
-    """The id of an (event, handler) in the dead-letter store."""
-    return f"{event_id}.{handler}"
 
 
 class HandlerRunner:
@@ -60,6 +57,7 @@ class HandlerRunner:
         self.ledger = Ledger(client, settings.ledger_ttl_s)
         self.dead = RecordStore(client, DEAD)
         self.delayed = DelayedStore(client)
+        self.watchdog = Watchdog(client, settings.watchdog_s)
         self.guard = OrderGuard(client, ttl_s=90 * 86_400, lock_s=settings.task_time_limit_s)
 
     def run(self, handler_name: str, delivery: Delivery, attempt: int, queue: str = "") -> str:
@@ -153,12 +151,12 @@ class HandlerRunner:
             delay_s = schedule[attempt - 1] * (1 + random.uniform(-jitter, jitter))  # noqa: S311
         if isinstance(exc, SoftTimeLimitExceeded):
             extra["error"] = "SoftTimeLimitExceeded"
-        self.delayed.schedule(
-            f"{delivery.event_id}.{h.name}#{attempt + 1}",
-            h.queue,
-            handler_message(h.name, h.queue, delivery, event_type, attempt + 1),
-            time.time() + delay_s,
-        )
+        due_s = time.time() + delay_s
+        message = handler_message(h.name, h.queue, delivery, event_type, attempt + 1)
+        self.delayed.schedule(f"{pair_id(delivery.event_id, h.name)}#{attempt + 1}", h.queue,
+                              message, due_s)  # fmt: skip
+        # Watch the next attempt from its due time on, not from now.
+        self.watchdog.arm(pair_id(delivery.event_id, h.name), h.queue, message, due_s)
         log.warning(
             "handler failed",
             extra={**extra, "outcome": "retry_scheduled", "retry_in_s": round(delay_s, 3)},
@@ -177,7 +175,7 @@ class HandlerRunner:
     ) -> None:
         summary = "".join(traceback.format_exception(exc, limit=-8))[-4000:] if exc else ""
         self.dead.put(
-            dead_letter_id(delivery.event_id, h.name),
+            pair_id(delivery.event_id, h.name),
             {
                 **{k: str(v) for k, v in delivery.task_kwargs().items()},
                 "handler": h.name,

@@ -29,7 +29,11 @@ from tests.support.worker import SchedulerProcess, WorkerProcess
 
 AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
 # Short enough that a killed worker's unacked tasks come back within the test.
-FAULT_ENV = {"CALHOOK_TASK_TIME_LIMIT_S": "4", "CALHOOK_VISIBILITY_TIMEOUT_S": "6"}
+FAULT_ENV = {
+    "CALHOOK_TASK_TIME_LIMIT_S": "4",
+    "CALHOOK_VISIBILITY_TIMEOUT_S": "6",
+    "CALHOOK_WATCHDOG_S": "15",
+}
 
 
 @dataclass
@@ -57,7 +61,7 @@ class Rig:
         return worker
 
     def start_scheduler(self) -> None:
-        self.scheduler = SchedulerProcess(self.server.url, self.root / "scheduler.log")
+        self.scheduler = SchedulerProcess(self.server.url, self.root / "scheduler.log", **FAULT_ENV)
         self.scheduler.start()
 
     def kill_workers(self) -> None:
@@ -91,7 +95,12 @@ async def rig(root: Path) -> AsyncIterator[Rig]:
     server = RedisServer(root / "redis")
     server.start()
     settings = load_settings(
-        redis_url=server.url, auth_secrets=SECRET, spool_dir=str(root / "spool")
+        redis_url=server.url,
+        auth_secrets=SECRET,
+        spool_dir=str(root / "spool"),
+        task_time_limit_s=4,
+        visibility_timeout_s=6,
+        watchdog_s=15,
     )
     the_rig = Rig(root, server)
     the_rig.app = create_app(settings)

@@ -97,7 +97,9 @@ async def test_slow_redis_does_not_stall_other_requests(
 async def test_close_flushes_pending_writes(redis_db: redis.Redis, slow_redis: SlowProxy) -> None:
     client = AsyncRedis.from_url(f"redis://127.0.0.1:{slow_redis.port}/0")
     await client.ping()
-    publisher = Publisher(client, queue="dispatch", dedup_ttl_s=86_400, batch_max=4, timeout_s=5)
+    publisher = Publisher(
+        client, queue="dispatch", dedup_ttl_s=86_400, batch_max=4, timeout_s=5, watchdog_s=60
+    )
     await publisher.start()
     slow_redis.delay_s = 0.2
 
