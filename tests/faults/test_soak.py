@@ -112,6 +112,12 @@ async def test_soak_every_event_handled_exactly_once_or_dead_lettered(tmp_path: 
 
         await await_for(finished, timeout_s=600, what="every event to finish")
         counts = audit(r, accepted)
+        assert r.scheduler is not None
+        counts["resent_by_watchdog"] = sum(
+            len(line["ids"])
+            for line in r.scheduler.lines()
+            if line.get("msg") == "watchdog queued lost messages again"
+        )
 
     report = "\n".join(f"  {key:<24} {value}" for key, value in sorted(counts.items()))
     (tmp_path / "soak-audit.txt").write_text(report + "\n")
