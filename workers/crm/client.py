@@ -8,8 +8,6 @@ it gave one); any other 4xx is permanent and goes to the dead-letter store with 
 
 from __future__ import annotations
 
-import datetime as dt
-import email.utils
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
@@ -19,6 +17,7 @@ from tenacity.wait import wait_base
 
 from workers.crm.contact import Contact
 from workers.errors import PermanentError, RetryLater, TransientError
+from workers.http import retry_after_s
 
 T = TypeVar("T")
 
@@ -48,22 +47,6 @@ class CrmUnavailable(TransientError):
         self.retry_after_s = retry_after_s
 
 
-def retry_after_s(response: httpx.Response) -> float | None:
-    """Seconds the server asks us to wait (``Retry-After`` as seconds or as an HTTP date)."""
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max((when - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)
-
-
 def check(response: httpx.Response, *, ok_statuses: tuple[int, ...] = ()) -> httpx.Response:
     """Return ``response`` if it succeeded; else raise the error that says how to go on."""
     status = response.status_code
@@ -71,7 +54,9 @@ def check(response: httpx.Response, *, ok_statuses: tuple[int, ...] = ()) -> htt
         return response
     answer = response.text[:500]
     if status == 429 or status >= 500:
-        raise CrmUnavailable(f"CRM answered {status}: {answer}", retry_after_s(response))
+        raise CrmUnavailable(
+            f"CRM answered {status}: {answer}", retry_after_s(response.headers.get("Retry-After"))
+        )
     raise PermanentError(f"CRM answered {status}: {answer}")
 
 

@@ -11,8 +11,6 @@ httpx's own "HTTP Request: POST <url>" line shows it as ``[chat webhook]``.
 
 from __future__ import annotations
 
-import datetime as dt
-import email.utils
 import logging
 
 import httpx
@@ -20,6 +18,7 @@ import redis
 
 from calhook.constants import KEY_PREFIX
 from workers.errors import HandlerError, PermanentError, RetryLater, TransientError
+from workers.http import retry_after_s
 from workers.notify.templates import Rendered
 
 log = logging.getLogger("calhook.notify")
@@ -86,30 +85,13 @@ def _check(response: httpx.Response) -> None:
         return
     what = f"chat webhook answered {status}: {' '.join(response.text.split())[:200]}"
     if status == 429:
-        after_s = _retry_after_s(response.headers.get("Retry-After"))
+        after_s = retry_after_s(response.headers.get("Retry-After"))
         if after_s is not None:
             raise RetryLater(what, after_s=after_s)
         raise TransientError(what)
     if status >= 500:
         raise TransientError(what)
     raise PermanentError(what)
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    """``Retry-After`` as seconds, from a number of seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max((when - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)
 
 
 _SECRET_URLS: set[str] = set()
