@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from collections.abc import Callable, Iterable
 
 import click
@@ -214,3 +215,43 @@ def _filter(reason: str | None, event_type: str | None) -> Callable[[dict[str, s
         (reason is None or r.get("reason") == reason)
         and (event_type is None or r.get("type") == event_type)
     )
+
+
+@click.command()
+@click.option(
+    "--watch",
+    "watch_s",
+    type=float,
+    default=None,
+    is_flag=False,
+    flag_value=2.0,
+    help="Refresh in place every N seconds (default 2) until Ctrl-C.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per queue, for scripts.")
+def queues(watch_s: float | None, as_json: bool) -> None:
+    """Per queue: ready, unacked, delayed, dead, parked, oldest waiting event, done last minute.
+
+    Reads Redis only; works with no worker running.
+    """  # fmt: skip
+    from workers.queues import queue_table, render_table
+    from workers.registry import load_modules, registry
+
+    client = _client()
+    load_modules(get_settings().handler_modules)
+    names = {h.queue for h in registry}
+    while True:
+        rows = queue_table(client, names)
+        if as_json:
+            text = json.dumps([row.as_json() for row in rows], indent=2)
+        else:
+            text = render_table(rows)
+        if watch_s is None:
+            click.echo(text)
+            return
+        stamp = dt.datetime.now().strftime("%H:%M:%S")
+        click.echo(f"\x1b[H\x1b[2J{text}\n\n{stamp}, every {watch_s:g}s; Ctrl-C to stop", nl=False)
+        try:
+            time.sleep(watch_s)
+        except KeyboardInterrupt:
+            click.echo()
+            return

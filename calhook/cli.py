@@ -240,10 +240,11 @@ def schema() -> None:
 
 
 def _register_store_commands() -> None:
-    from calhook._cli_stores import dlq, parked
+    from calhook._cli_stores import dlq, parked, queues
 
     main.add_command(dlq)
     main.add_command(parked)
+    main.add_command(queues)
 
 
 _register_store_commands()

@@ -19,6 +19,7 @@ import orjson
 import redis
 
 from calhook.constants import (
+    DISPATCH_QUEUE,
     DISPATCH_TASK,
     DISPATCHED_TTL_S,
     HANDLER_TASK,
@@ -31,6 +32,7 @@ from calhook.logs import bind
 from calhook.messages import Delivery, task_message
 from schemas import PLANNED_TYPES, SchemaError, family_of, parse_event
 from workers.ledger import Ledger
+from workers.queues import count_finished
 from workers.registry import Registry
 from workers.stores import RecordStore
 from workers.watchdog import cancel
@@ -158,6 +160,7 @@ class Dispatcher:
                 ],
             )
             if sent:
+                count_finished(self._redis, DISPATCH_QUEUE)
                 log.info("dispatched", extra={"handlers": names})
             else:
                 log.info("already dispatched", extra={"handlers": names})

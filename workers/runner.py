@@ -35,6 +35,7 @@ from workers.dispatch import handler_message
 from workers.errors import PermanentError, RetryLater, TransientError, UnknownHandler
 from workers.ledger import Ledger, Outcome
 from workers.ordering import OrderGuard, version_of
+from workers.queues import count_finished
 from workers.registry import Handler, HandlerContext, Registry
 from workers.stores import DEAD, RecordStore
 from workers.watchdog import Watchdog
@@ -54,6 +55,7 @@ class HandlerRunner:
     def __init__(self, client: redis.Redis, registry: Registry, settings: Settings) -> None:
         self._registry = registry
         self._settings = settings
+        self._redis = client
         self.ledger = Ledger(client, settings.ledger_ttl_s)
         self.dead = RecordStore(client, DEAD)
         self.delayed = DelayedStore(client)
@@ -110,6 +112,7 @@ class HandlerRunner:
             except Exception as exc:
                 return self._failed(h, delivery, event.type, attempt, exc, started)
             self.ledger.record(event_id, h.name, Outcome.DONE)
+            count_finished(self._redis, h.queue)
             log.info("handler done", extra={"outcome": "ok", "duration_ms": _ms(started)})
             return "done"
 
