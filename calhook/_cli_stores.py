@@ -255,3 +255,68 @@ def queues(watch_s: float | None, as_json: bool) -> None:
         except KeyboardInterrupt:
             click.echo()
             return
+
+
+@click.group()
+def events() -> None:
+    """The story of each event: received, dispatched or parked, every handler attempt."""
+
+
+def _since(value: str) -> float:
+    """``30m``, ``2h``, ``7d`` ago, or an ISO time, as epoch seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+    if value and value[-1] in units and value[:-1].isdigit():
+        return time.time() - int(value[:-1]) * units[value[-1]]
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use 30m, 2h, 7d or an ISO time") from None
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _stamp(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+@events.command("show")
+@click.argument("event_id")
+@click.option("--json", "as_json", is_flag=True, help="The entries as JSON.")
+def events_show(event_id: str, as_json: bool) -> None:
+    """What happened to one event, oldest first, and where each handler stands now."""
+    from workers.delayed import MESSAGES_KEY
+    from workers.ledger import ledger_key
+    from workers.trail import Trail
+
+    client = _client()
+    entries = Trail(client, get_settings().trail_ttl_s).read(event_id)
+    if not entries:
+        raise click.ClickException(
+            f"no trail for {event_id} (unknown, not dispatched yet, or expired)"
+        )
+    raw: dict[bytes, bytes] = client.hgetall(ledger_key(event_id))  # type: ignore[assignment]
+    outcomes = {k.decode(): v.decode() for k, v in raw.items() if b"#" not in k}
+    pending = [k.decode() for k, _ in client.hscan_iter(MESSAGES_KEY, match=f"{event_id}.*")]
+    if as_json:
+        click.echo(json.dumps({"event_id": event_id, "entries": entries, "outcomes": outcomes,
+                               "retries_pending": pending}, indent=2))  # fmt: skip
+        return
+    for entry in entries:
+        details = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("at", "what"))
+        click.echo(f"{_stamp(entry['at'])}  {entry['what']:<10} {details}")
+    click.echo("now: " + (", ".join(f"{h}={o}" for h, o in sorted(outcomes.items())) or "-"))
+    if pending:
+        click.echo("retries pending: " + ", ".join(sorted(pending)))
+
+
+@events.command("list")
+@click.option("--type", "event_type", default=None, help="Only events of this type.")
+@click.option("--since", default="24h", show_default=True, help="30m, 2h, 7d or an ISO time.")
+@click.option("--limit", type=int, default=50, show_default=True)
+def events_list(event_type: str | None, since: str, limit: int) -> None:
+    """Events that arrived since a time, newest first."""
+    from workers.trail import Trail
+
+    trail = Trail(_client(), get_settings().trail_ttl_s)
+    for entry in trail.events(since=_since(since), event_type=event_type, limit=limit):
+        click.echo(f"{entry['event_id']}  {_stamp(entry['at'])}  {entry.get('type', '')}"
+                   f"  {entry.get('endpoint', '')}")  # fmt: skip

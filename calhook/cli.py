@@ -240,8 +240,9 @@ def schema() -> None:
 
 
 def _register_store_commands() -> None:
-    from calhook._cli_stores import dlq, parked, queues
+    from calhook._cli_stores import dlq, events, parked, queues
 
+    main.add_command(events)
     main.add_command(dlq)
     main.add_command(parked)
     main.add_command(queues)

@@ -147,6 +147,9 @@ class Settings(BaseSettings):
     soft_shutdown_s: float = Field(
         25.0, ge=0, description="On SIGTERM, let running tasks finish this long before requeue."
     )
+    trail_ttl_s: int = Field(
+        7 * 86_400, ge=3600, description="How long each event's story is kept (calhook events)."
+    )
     # CRM
     crm_kind: Literal["", "http", "hubspot"] = Field(
         "", description="`http` (the plain JSON contract), `hubspot`, or empty: no CRM handlers."

@@ -27,6 +27,7 @@ from workers.ledger import Ledger
 from workers.registry import load_modules, registry
 from workers.runner import HandlerRunner
 from workers.stores import PARKED, RecordStore
+from workers.trail import Trail
 
 log = logging.getLogger("calhook.worker")
 
@@ -83,6 +84,7 @@ def _dispatcher() -> Dispatcher:
         Ledger(client, settings.ledger_ttl_s),
         settings.max_deliveries,
         settings.watchdog_s,
+        Trail(client, settings.trail_ttl_s),
     )
 
 

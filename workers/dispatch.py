@@ -35,6 +35,7 @@ from workers.ledger import Ledger
 from workers.queues import count_finished
 from workers.registry import Registry
 from workers.stores import RecordStore
+from workers.trail import Trail
 from workers.watchdog import cancel
 
 log = logging.getLogger("calhook.dispatch")
@@ -101,7 +102,9 @@ class Dispatcher:
         ledger: Ledger,
         max_deliveries: int,
         watchdog_s: float,
+        trail: Trail,
     ) -> None:
+        self._trail = trail
         self._watchdog_ms = int(watchdog_s * 1000)
         self._redis = client
         self._registry = registry
@@ -161,6 +164,8 @@ class Dispatcher:
             )
             if sent:
                 count_finished(self._redis, DISPATCH_QUEUE)
+                self._received(delivery, event.type)
+                self._trail.add(delivery.event_id, "dispatched", handlers=names)
                 log.info("dispatched", extra={"handlers": names})
             else:
                 log.info("already dispatched", extra={"handlers": names})
@@ -187,4 +192,15 @@ class Dispatcher:
             },
         )
         cancel(self._redis, delivery.event_id)
+        self._received(delivery, event_type or "")
+        self._trail.add(delivery.event_id, "parked", reason=reason.value)
         log.warning("parked", extra={"reason": reason.value, "errors": errors})
+
+    def _received(self, delivery: Delivery, event_type: str) -> None:
+        self._trail.received(
+            delivery.event_id,
+            delivery.received_at,
+            type=event_type[:100],
+            endpoint=delivery.endpoint,
+            bytes=len(delivery.body.encode()),
+        )

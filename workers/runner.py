@@ -38,6 +38,7 @@ from workers.ordering import OrderGuard, version_of
 from workers.queues import count_finished
 from workers.registry import Handler, HandlerContext, Registry
 from workers.stores import DEAD, RecordStore
+from workers.trail import Trail
 from workers.watchdog import Watchdog
 
 log = logging.getLogger("calhook.worker")
@@ -60,6 +61,7 @@ class HandlerRunner:
         self.dead = RecordStore(client, DEAD)
         self.delayed = DelayedStore(client)
         self.watchdog = Watchdog(client, settings.watchdog_s)
+        self.trail = Trail(client, settings.trail_ttl_s)
         self.guard = OrderGuard(client, ttl_s=90 * 86_400, lock_s=settings.task_time_limit_s)
 
     def run(self, handler_name: str, delivery: Delivery, attempt: int, queue: str = "") -> str:
@@ -71,16 +73,16 @@ class HandlerRunner:
                 # Kept, not dropped: replay once the module is in CALHOOK_HANDLER_MODULES.
                 unknown = Handler(handler_name, frozenset(), queue, _unknown_handler)
                 self._dead_letter(unknown, delivery, attempt, "unknown_handler", str(exc), None)
-                log.error("handler failed", extra={"outcome": "dead_unknown_handler"})
-                return "dead_unknown_handler"
+                return self._report(delivery, handler_name, attempt, logging.ERROR,
+                                    "handler failed", "dead_unknown_handler")  # fmt: skip
             return self._run(h, delivery, attempt)
 
     def _run(self, h: Handler, delivery: Delivery, attempt: int) -> str:
         event_id = delivery.event_id
         prior = self.ledger.outcome(event_id, h.name)
         if prior is not None:
-            log.info("already finished", extra={"outcome": prior.value})
-            return f"already_{prior.value}"
+            return self._report(delivery, h.name, attempt, logging.INFO, "already finished",
+                                f"already_{prior.value}")  # fmt: skip
         deliveries = self.ledger.count_delivery(event_id, h.name, attempt)
         if deliveries > self._settings.max_deliveries:
             self._dead_letter(
@@ -91,14 +93,16 @@ class HandlerRunner:
                 f"delivered {deliveries - 1} times without finishing; it may kill its worker",
                 None,
             )
-            return "dead_poison"
+            return self._report(delivery, h.name, attempt, logging.ERROR, "handler failed",
+                                "dead_poison")  # fmt: skip
 
         started = time.perf_counter()
         try:
             event = parse_event(orjson.loads(delivery.body), created_tz=self._settings.zone)
         except SchemaError as exc:
             self._dead_letter(h, delivery, attempt, "permanent", f"schema: {exc}", exc)
-            return "dead_permanent"
+            return self._report(delivery, h.name, attempt, logging.ERROR, "handler failed",
+                                "dead_permanent", error="SchemaError")  # fmt: skip
         ctx = HandlerContext(event_id, h.name, delivery.endpoint, delivery.received_at, attempt)
         version = (h.order_key or version_of)(event, event_id) if h.ordered else None
         with logs.bind(type=event.type):
@@ -106,14 +110,15 @@ class HandlerRunner:
                 with self.guard.hold(h.order_scope or h.name, version) as fresh:
                     if not fresh:
                         self.ledger.record(event_id, h.name, Outcome.SKIPPED_STALE)
-                        log.info("skipped stale", extra={"outcome": "skipped_stale"})
-                        return "skipped_stale"
+                        return self._report(delivery, h.name, attempt, logging.INFO,
+                                            "skipped stale", "skipped_stale")  # fmt: skip
                     self._call(h, event, ctx)
             except Exception as exc:
                 return self._failed(h, delivery, event.type, attempt, exc, started)
             self.ledger.record(event_id, h.name, Outcome.DONE)
             count_finished(self._redis, h.queue)
-            log.info("handler done", extra={"outcome": "ok", "duration_ms": _ms(started)})
+            self._report(delivery, h.name, attempt, logging.INFO, "handler done", "ok",
+                         duration_ms=_ms(started))  # fmt: skip
             return "done"
 
     def _call(self, h: Handler, event: CalensoEvent, ctx: HandlerContext) -> None:
@@ -140,13 +145,13 @@ class HandlerRunner:
         extra = {"error": type(exc).__name__, "duration_ms": _ms(started)}
         if isinstance(exc, (PermanentError, *h.retry.permanent)):
             self._dead_letter(h, delivery, attempt, "permanent", _describe(exc), exc, event_type)
-            log.error("handler failed", extra={**extra, "outcome": "dead_permanent"})
-            return "dead_permanent"
+            return self._report(delivery, h.name, attempt, logging.ERROR, "handler failed",
+                                "dead_permanent", **extra)  # fmt: skip
         schedule = h.retry.schedule_s or self._settings.retry_schedule_s
         if attempt > len(schedule):
             self._dead_letter(h, delivery, attempt, "exhausted", _describe(exc), exc, event_type)
-            log.error("handler failed", extra={**extra, "outcome": "dead_exhausted"})
-            return "dead_exhausted"
+            return self._report(delivery, h.name, attempt, logging.ERROR, "handler failed",
+                                "dead_exhausted", **extra)  # fmt: skip
         if isinstance(exc, RetryLater):
             delay_s = max(exc.after_s, 0.0)
         else:
@@ -160,11 +165,25 @@ class HandlerRunner:
                               message, due_s)  # fmt: skip
         # Watch the next attempt from its due time on, not from now.
         self.watchdog.arm(pair_id(delivery.event_id, h.name), h.queue, message, due_s)
-        log.warning(
-            "handler failed",
-            extra={**extra, "outcome": "retry_scheduled", "retry_in_s": round(delay_s, 3)},
-        )
-        return "retry_scheduled"
+        return self._report(delivery, h.name, attempt, logging.WARNING, "handler failed",
+                            "retry_scheduled", **extra, retry_in_s=round(delay_s, 3),
+                            next_attempt_at=round(due_s, 3))  # fmt: skip
+
+    def _report(
+        self,
+        delivery: Delivery,
+        handler: str,
+        attempt: int,
+        level: int,
+        message: str,
+        outcome: str,
+        **fields: object,
+    ) -> str:
+        """Log what came of an attempt and add it to the event's trail; return the outcome."""
+        log.log(level, message, extra={"outcome": outcome, **fields})
+        self.trail.add(delivery.event_id, "handler", handler=handler, attempt=attempt,
+                       outcome=outcome, **fields)  # fmt: skip
+        return outcome
 
     def _dead_letter(
         self,

@@ -1,0 +1,92 @@
+"""``calhook events``: an event's story, from its arrival to each handler's outcome."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+from calhook.settings import Settings
+from ingest import create_app
+from tests.conftest import ROOT, SECRET
+from tests.support.recording import FLAKY_TYPE
+from tests.support.waiting import await_for
+from tests.support.worker import WorkerProcess
+
+AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: AiohttpClient, make_settings: Callable[..., Settings], redis_db: redis.Redis
+) -> Client:
+    return await aiohttp_client(create_app(make_settings()))
+
+
+def calhook(redis_url: str, *args: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "calhook", *args],
+        cwd=ROOT,
+        env={**os.environ, "REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+
+
+async def post(client: Client, event_type: str, data: dict[str, Any]) -> str:
+    body = {"type": event_type, "created": "2025-06-01 12:00:00", "data": data}
+    response = await client.post("/webhooks/calenso", data=orjson.dumps(body), headers=AUTH)
+    return str((await response.json())["event_id"])
+
+
+async def test_the_story_of_a_retried_event(
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis, redis_url: str
+) -> None:
+    event_id = await post(client, FLAKY_TYPE, {"fail_times": 1})
+    await await_for(lambda: redis_db.hget(f"calhook:ledger:{event_id}", "flaky") == b"done")
+
+    story = json.loads(calhook(redis_url, "events", "show", event_id, "--json"))
+
+    steps = [
+        (e["what"], e.get("handler"), e.get("attempt"), e.get("outcome")) for e in story["entries"]
+    ]
+    assert steps == [
+        ("received", None, None, None),
+        ("dispatched", None, None, None),
+        ("handler", "flaky", 1, "retry_scheduled"),
+        ("handler", "flaky", 2, "ok"),
+    ]
+    received, _, retried, _ = story["entries"]
+    assert (received["type"], received["endpoint"]) == (FLAKY_TYPE, "default")
+    assert retried["error"] == "RuntimeError"
+    assert retried["retry_in_s"] == 0.1
+    assert story["outcomes"] == {"flaky": "done"}
+    text = calhook(redis_url, "events", "show", event_id)
+    assert "retry_scheduled" in text
+    assert "now: flaky=done" in text
+    listed = calhook(redis_url, "events", "list", "--type", FLAKY_TYPE, "--since", "10m")
+    assert event_id in listed
+
+
+async def test_a_parked_event_says_why(
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis, redis_url: str
+) -> None:
+    event_id = await post(client, "invoice.paid", {})
+    await await_for(lambda: redis_db.exists(f"calhook:parked:{event_id}"))
+
+    text = calhook(redis_url, "events", "show", event_id)
+
+    assert "received" in text
+    assert "parked     reason=unknown_type" in text

@@ -1,0 +1,82 @@
+"""The story of each event, kept in Redis for ``CALHOOK_TRAIL_TTL_S``: ``calhook events``.
+
+One list per event of small JSON entries (received, dispatched or parked, every handler
+attempt's outcome, retries and their due time), and one index of events by arrival, so ops can
+find an event by type and time and read what happened to it without grepping logs. Entries carry
+ids, types, outcomes and error class names, never personal data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import redis
+
+from calhook.constants import KEY_PREFIX
+
+INDEX_KEY = f"{KEY_PREFIX}events"
+
+
+def trail_key(event_id: str) -> str:
+    return f"{KEY_PREFIX}trail:{event_id}"
+
+
+class Trail:
+    """Appends to and reads event trails."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self._redis = client
+        self._ttl_s = ttl_s
+
+    def add(self, event_id: str, what: str, **fields: Any) -> None:
+        """Append one entry to the event's trail."""
+        entry = orjson.dumps({"at": time.time(), "what": what, **fields})
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(trail_key(event_id), entry)
+            pipe.expire(trail_key(event_id), self._ttl_s)
+            pipe.execute()
+
+    def received(self, event_id: str, received_at: float, **fields: Any) -> None:
+        """Start an event's trail and index it by arrival; forget index entries past the TTL."""
+        entry = orjson.dumps({"at": received_at, "what": "received", **fields})
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(trail_key(event_id), entry)
+            pipe.expire(trail_key(event_id), self._ttl_s)
+            pipe.zadd(INDEX_KEY, {event_id: received_at})
+            pipe.zremrangebyscore(INDEX_KEY, "-inf", time.time() - self._ttl_s)
+            pipe.execute()
+
+    def read(self, event_id: str) -> list[dict[str, Any]]:
+        """The event's entries, oldest first (empty if unknown or expired)."""
+        raw: list[bytes] = self._redis.lrange(trail_key(event_id), 0, -1)  # type: ignore[assignment]
+        return [orjson.loads(entry) for entry in raw]
+
+    def events(
+        self, *, since: float = 0.0, event_type: str | None = None, limit: int = 50
+    ) -> Iterator[dict[str, Any]]:
+        """The ``received`` entries of events that arrived since ``since``, newest first."""
+        found = 0
+        offset = 0
+        while found < limit:
+            ids: list[bytes] = self._redis.zrevrangebyscore(  # type: ignore[assignment]
+                INDEX_KEY, "+inf", since, start=offset, num=200
+            )
+            if not ids:
+                return
+            offset += len(ids)
+            with self._redis.pipeline(transaction=False) as pipe:
+                for event_id in ids:
+                    pipe.lindex(trail_key(event_id.decode()), 0)
+                firsts = pipe.execute()
+            for event_id, first in zip(ids, firsts, strict=True):
+                if first is None:
+                    continue
+                entry = orjson.loads(first)
+                if event_type is None or entry.get("type") == event_type:
+                    found += 1
+                    yield {"event_id": event_id.decode(), **entry}
+                    if found >= limit:
+                        return
