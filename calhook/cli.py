@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -128,6 +129,38 @@ def scheduler() -> None:
         DelayedStore(client), Watchdog(client, settings.watchdog_s), settings.scheduler_interval_s,
         stop,
     )  # fmt: skip
+
+
+@main.command()
+@click.option("--host", default="0.0.0.0", show_default=True, help="Bind address.")  # noqa: S104
+@click.option("--port", type=int, default=9108, show_default=True, help="Port of /metrics.")
+def exporter(host: str, port: int) -> None:
+    """Serve Prometheus metrics of the worker side (queues, handler outcomes, durations)."""
+    import threading
+
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from workers.connections import redis_client
+    from workers.exporter import FleetCollector
+    from workers.registry import load_modules, registry
+
+    settings = _settings()
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        settings.require_redis_url()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    load_modules(settings.handler_modules)
+    metrics = CollectorRegistry(auto_describe=False)
+    metrics.register(FleetCollector(redis_client(), {h.queue for h in registry}))
+    server, thread = start_http_server(port, addr=host, registry=metrics)
+    logging.getLogger("calhook.exporter").info("exporter listening", extra={"port": port})
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.shutdown()
+    thread.join(timeout=5)
 
 
 @main.command()

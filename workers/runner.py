@@ -37,6 +37,7 @@ from workers.ledger import Ledger, Outcome
 from workers.ordering import OrderGuard, version_of
 from workers.queues import count_finished
 from workers.registry import Handler, HandlerContext, Registry
+from workers.stats import count_outcome
 from workers.stores import DEAD, RecordStore
 from workers.trail import Trail
 from workers.watchdog import Watchdog
@@ -183,6 +184,9 @@ class HandlerRunner:
         log.log(level, message, extra={"outcome": outcome, **fields})
         self.trail.add(delivery.event_id, "handler", handler=handler, attempt=attempt,
                        outcome=outcome, **fields)  # fmt: skip
+        duration_ms = fields.get("duration_ms")
+        duration_s = float(duration_ms) / 1000 if isinstance(duration_ms, int | float) else None
+        count_outcome(self._redis, handler, outcome, duration_s)
         return outcome
 
     def _dead_letter(
