@@ -92,6 +92,9 @@ class Settings(BaseSettings):
         description='Named endpoints as JSON: {"shop": {"header": "X-Key", "secrets": "a,b"}}, '
         "served at /webhooks/calenso/{name}.",
     )
+    admin_token: SecretStr = Field(
+        SecretStr(""), description="Token of the /status page; empty: the page is off."
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest body accepted (413).")
     dedup_ttl_s: int = Field(
         DEDUP_TTL_S_DEFAULT, ge=86_400, description="How long a retransmission is recognised."

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -33,6 +34,7 @@ from ingest.errors import (
     IngestError,
     MalformedJson,
     NotJson,
+    Unauthorized,
     Unavailable,
     UnknownEndpoint,
     UnusableEnvelope,
@@ -41,6 +43,8 @@ from ingest.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ingest.metrics import IngressMetrics
 from ingest.publisher import Outgoing, Publisher
 from ingest.spool import Spool, SpoolError
+from ingest.status import authorised
+from ingest.status import page as status_page
 from schemas import EnvelopeError, parse_envelope
 
 log = logging.getLogger("calhook.ingest")
@@ -51,6 +55,7 @@ REDIS = web.AppKey("redis", Redis)
 PUBLISHER = web.AppKey("publisher", Publisher)
 WRITER = web.AppKey("writer", DurableWriter)
 METRICS = web.AppKey("metrics", IngressMetrics)
+STATUS_REDIS = web.AppKey("status_redis", SyncRedis)
 
 _JSON_TYPES = ("application/json", "text/json")
 
@@ -201,6 +206,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
+async def status(request: web.Request) -> web.StreamResponse:
+    """The read-only status page (404 unless CALHOOK_ADMIN_TOKEN is set)."""
+    token = request.app[SETTINGS].admin_token.get_secret_value()
+    if not token:
+        raise web.HTTPNotFound()
+    if not authorised(request, token):
+        raise Unauthorized("the status page needs the admin token")
+    queues = {DISPATCH_QUEUE, "audit", "crm", "notify"}
+    return await status_page(request, request.app[STATUS_REDIS], queues)
+
+
 async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = Redis.from_url(
@@ -222,6 +238,10 @@ async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
     app[METRICS].watch_spool(writer.spool_depth, lambda: writer.spooling)
     app[REDIS] = redis
     app[PUBLISHER] = publisher
+    # The status page's reads are the CLI's synchronous code, run in a thread (ingest/status.py).
+    app[STATUS_REDIS] = SyncRedis.from_url(
+        settings.require_redis_url(), socket_timeout=2, socket_connect_timeout=2
+    )
     app[WRITER] = writer
     await publisher.start()
     try:
@@ -232,6 +252,7 @@ async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
     # Graceful shutdown: requests still in flight get their answer from these last writes.
     await writer.close()
     await redis.aclose()
+    app[STATUS_REDIS].close()
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -249,6 +270,7 @@ def create_app(settings: Settings) -> web.Application:
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/metrics", metrics),
+            web.get("/status", status),
         ]
     )
     return app
