@@ -19,7 +19,7 @@ import redis
 from aiohttp import web
 
 from workers.queues import QueueRow, queue_table, render_table
-from workers.stats import outcomes
+from workers.stats import outcomes, recent_failures
 from workers.stores import DEAD, PARKED, RecordStore
 
 REFRESH_S = 5
@@ -46,6 +46,7 @@ def snapshot(client: redis.Redis, queues: set[str]) -> dict[str, Any]:
     return {
         "queues": queue_table(client, queues),
         "outcomes": sorted(outcomes(client)),
+        "failures": recent_failures(client, _LATEST),
         "dead": _latest(client, DEAD),
         "parked": _latest(client, PARKED),
     }
@@ -74,6 +75,11 @@ def render(data: dict[str, Any]) -> str:
          r.get("error", "").split(":", 1)[0], r.get("attempts", ""), _when(r.get("failed_at"))]
         for r in data["dead"]
     ]  # fmt: skip
+    failure_rows = [
+        [f["event_id"], f["handler"], str(f["attempt"]), f["outcome"], f["error"],
+         _when(str(f["at"]))]
+        for f in data["failures"]
+    ]  # fmt: skip
     parked_rows = [[r.get("id", ""), r.get("type", ""), r.get("reason", ""),
                     _when(r.get("parked_at"))] for r in data["parked"]]  # fmt: skip
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -97,6 +103,8 @@ td:first-child, th:first-child {{ text-align: left; font-family: monospace; }}
 <h1>calhook</h1><small>{now}, refreshing every {REFRESH_S} s; read-only</small>
 {section("Queues", head, queue_rows, "no queue known yet")}
 {section("Handler outcomes", ["handler", "outcome", "count"], outcome_rows, "no handler ran yet")}
+{section("Latest failures", ["event", "handler", "attempt", "outcome", "error", "when"],
+         failure_rows, "none")}
 {section("Latest dead letters", ["id", "handler", "reason", "error", "attempts", "failed"],
          dead_rows, "none")}
 {section("Latest parked events", ["event", "type", "reason", "parked"], parked_rows, "none")}

@@ -37,7 +37,7 @@ from workers.ledger import Ledger, Outcome
 from workers.ordering import OrderGuard, version_of
 from workers.queues import count_finished
 from workers.registry import Handler, HandlerContext, Registry
-from workers.stats import count_outcome
+from workers.stats import count_outcome, note_failure
 from workers.stores import DEAD, RecordStore
 from workers.trail import Trail
 from workers.watchdog import Watchdog
@@ -187,6 +187,10 @@ class HandlerRunner:
         duration_ms = fields.get("duration_ms")
         duration_s = float(duration_ms) / 1000 if isinstance(duration_ms, int | float) else None
         count_outcome(self._redis, handler, outcome, duration_s)
+        if outcome == "retry_scheduled" or outcome.startswith("dead_"):
+            note_failure(self._redis, event_id=delivery.event_id, handler=handler,
+                         attempt=attempt, outcome=outcome, error=str(fields.get("error", "")),
+                         at=time.time())  # fmt: skip
         return outcome
 
     def _dead_letter(

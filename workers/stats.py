@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import orjson
 import redis
 
 from calhook.constants import KEY_PREFIX
 
 OUTCOMES_KEY = f"{KEY_PREFIX}stats:outcomes"
+RECENT_FAILURES_KEY = f"{KEY_PREFIX}stats:recent_failures"
+RECENT_FAILURES_KEPT = 50
 BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -69,3 +73,28 @@ def durations(client: redis.Redis, handlers: set[str]) -> Iterator[Durations]:
             running += int(counts.get(bound, 0))
             cumulative.append((bound, running))
         yield Durations(handler, cumulative, float(counts.get("sum", 0)), running)
+
+
+def note_failure(
+    target: redis.Redis | redis.client.Pipeline,
+    *,
+    event_id: str,
+    handler: str,
+    attempt: int,
+    outcome: str,
+    error: str,
+    at: float,
+) -> None:
+    """Keep the latest failures (a retry scheduled, a dead letter) for the status page."""
+    entry = orjson.dumps(
+        {"at": at, "event_id": event_id, "handler": handler, "attempt": attempt,
+         "outcome": outcome, "error": error}
+    )  # fmt: skip
+    target.lpush(RECENT_FAILURES_KEY, entry)
+    target.ltrim(RECENT_FAILURES_KEY, 0, RECENT_FAILURES_KEPT - 1)
+
+
+def recent_failures(client: redis.Redis, limit: int = 20) -> list[dict[str, Any]]:
+    """The latest failures, newest first."""
+    raw: list[bytes] = client.lrange(RECENT_FAILURES_KEY, 0, limit - 1)  # type: ignore[assignment]
+    return [orjson.loads(entry) for entry in raw]

@@ -18,7 +18,7 @@ from pytest_aiohttp import AiohttpClient
 from calhook.messages import Delivery, dispatch_message
 from calhook.settings import Settings
 from ingest import create_app
-from workers.stats import count_outcome
+from workers.stats import count_outcome, note_failure
 from workers.stores import DEAD, PARKED, RecordStore
 
 ADMIN = "admin-test-token"
@@ -41,6 +41,8 @@ def lay_out(client: redis.Redis) -> None:
     )
     count_outcome(client, "crm.sync_customer", "ok", 0.02)
     count_outcome(client, "crm.sync_customer", "retry_scheduled", 1.5)
+    note_failure(client, event_id="01a2-retried", handler="crm.sync_customer", attempt=1,
+                 outcome="retry_scheduled", error="CrmUnavailable", at=time.time())  # fmt: skip
     RecordStore(client, DEAD).put(
         "01a2-dead.crm.sync_customer",
         {"handler": "crm.sync_customer", "queue": "crm", "reason": "permanent",
@@ -87,6 +89,8 @@ async def test_a_real_browser_renders_the_page_without_personal_data(
     assert "retry_scheduled" in dom
     assert "01a2-dead.crm.sync_customer" in dom
     assert "PermanentError" in dom
+    assert "01a2-retried" in dom
+    assert "CrmUnavailable" in dom
     assert "invoice.paid" in dom
     assert "unknown_type" in dom
     assert "anna.muster" not in dom
