@@ -288,7 +288,10 @@ def events_show(event_id: str, as_json: bool) -> None:
     from workers.trail import Trail
 
     client = _client()
-    entries = Trail(client, get_settings().trail_ttl_s).read(event_id)
+    # Entries come from several processes (a spooled event's ingress, workers): order by time.
+    entries = sorted(
+        Trail(client, get_settings().trail_ttl_s).read(event_id), key=lambda e: e["at"]
+    )
     if not entries:
         raise click.ClickException(
             f"no trail for {event_id} (unknown, not dispatched yet, or expired)"

@@ -39,3 +39,8 @@ WATCHDOG_MESSAGES_KEY: Final = f"{KEY_PREFIX}watchdog:messages"
 def pair_id(event_id: str, handler: str) -> str:
     """The id of one (event, handler): its dead letter, its watchdog entry, its task id."""
     return f"{event_id}.{handler}"
+
+
+def trail_key(event_id: str) -> str:
+    """The list of one event's story (workers/trail.py; the ingress adds "spooled")."""
+    return f"{KEY_PREFIX}trail:{event_id}"

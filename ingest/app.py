@@ -233,7 +233,9 @@ async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
         timeout_s=settings.redis_timeout_s,
         watchdog_s=settings.watchdog_s,
     )
-    writer = DurableWriter(redis, publisher, Spool(Path(settings.spool_dir)))
+    writer = DurableWriter(
+        redis, publisher, Spool(Path(settings.spool_dir)), trail_ttl_s=settings.trail_ttl_s
+    )
     publisher.on_batch = app[METRICS].batch_size.observe
     app[METRICS].watch_spool(writer.spool_depth, lambda: writer.spooling)
     app[REDIS] = redis

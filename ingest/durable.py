@@ -15,10 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from calhook.constants import trail_key
 from ingest.publisher import Outgoing, Publisher, PublishError
 from ingest.spool import Spool, SpoolError
 
@@ -36,8 +39,15 @@ class DurableWriter:
     """Writes events to Redis or, failing that, to the spool; drains the spool back."""
 
     def __init__(
-        self, redis: Redis, publisher: Publisher, spool: Spool, *, retry_interval_s: float = 0.5
+        self,
+        redis: Redis,
+        publisher: Publisher,
+        spool: Spool,
+        *,
+        retry_interval_s: float = 0.5,
+        trail_ttl_s: int = 7 * 86_400,
     ) -> None:
+        self._trail_ttl_s = trail_ttl_s
         self._redis = redis
         self._publisher = publisher
         self._spool = spool
@@ -101,6 +111,14 @@ class DurableWriter:
     async def _sink(self, batch: list[Outgoing]) -> None:
         # One pipelined round trip for the batch; a failure leaves it in the spool for next time.
         await asyncio.gather(*(self._publisher.publish(event) for event in batch))
+        # Tell the events' trails (calhook events show) that they waited in the spool.
+        drained_at = time.time()
+        entry = orjson.dumps({"at": drained_at, "what": "spooled", "drained_at": drained_at})
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for event in batch:
+                pipe.rpush(trail_key(event.event_id), entry)
+                pipe.expire(trail_key(event.event_id), self._trail_ttl_s)
+            await pipe.execute()
 
     async def _drain_forever(self) -> None:
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation of a

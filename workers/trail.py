@@ -15,13 +15,9 @@ from typing import Any
 import orjson
 import redis
 
-from calhook.constants import KEY_PREFIX
+from calhook.constants import KEY_PREFIX, trail_key
 
 INDEX_KEY = f"{KEY_PREFIX}events"
-
-
-def trail_key(event_id: str) -> str:
-    return f"{KEY_PREFIX}trail:{event_id}"
 
 
 class Trail:

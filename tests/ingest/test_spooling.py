@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 import pytest
 import redis
 from aiohttp import web
@@ -92,3 +93,6 @@ async def test_spooled_events_survive_a_restart_and_drain_in_order(
 
     assert queued_ids(redis_db) == ids
     assert (ready["spooling"], ready["spool_depth"]) == (False, 0)
+    # Each event's trail says it waited in the spool.
+    [entry] = [orjson.loads(e) for e in redis_db.lrange(f"calhook:trail:{ids[0]}", 0, -1)]
+    assert entry["what"] == "spooled"
