@@ -9,9 +9,12 @@ from typing import Any
 
 import pytest
 import redis
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from calhook.redis_server import RedisServer
 from calhook.settings import Settings, load_settings
+from ingest import create_app
 from tests.support.chat_server import ChatServer
 from tests.support.fake_crm import TOKEN as CRM_TOKEN
 from tests.support.fake_crm import FakeCrm
@@ -51,6 +54,17 @@ def redis_db(redis_url: str) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.close()
+
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: AiohttpClient, make_settings: Callable[..., Settings], redis_db: redis.Redis
+) -> Client:
+    """The real ingress app, on the test Redis, with the test secret."""
+    return await aiohttp_client(create_app(make_settings()))
 
 
 @pytest.fixture

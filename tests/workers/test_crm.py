@@ -6,19 +6,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
 import redis
-from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient
 
-from calhook.settings import Settings
-from ingest import create_app
 from schemas import CustomerEvent, LeadEvent, parse_event
-from tests.conftest import FIXTURES, SECRET
+from tests.conftest import FIXTURES, SECRET, Client
 from tests.support.fake_crm import TOKEN, FakeCrm, Fault
 from tests.support.waiting import await_for
 from tests.support.worker import WorkerProcess
@@ -29,7 +25,6 @@ from workers.errors import PermanentError, RetryLater
 
 CUSTOMER_UUID = "c3a9e5d2-41b7-4f0e-8c2d-6e1f0a9b7d34"
 AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
-Client = TestClient[Any, Any]
 
 
 def sample(name: str) -> dict[str, Any]:
@@ -210,13 +205,6 @@ def test_the_bucket_is_shared_and_refills(redis_db: redis.Redis) -> None:
 
 
 # --- end to end through the worker ----------------------------------------------------------
-
-
-@pytest.fixture
-async def client(
-    aiohttp_client: AiohttpClient, make_settings: Callable[..., Settings], redis_db: redis.Redis
-) -> Client:
-    return await aiohttp_client(create_app(make_settings()))
 
 
 async def post(client: Client, body: dict[str, Any]) -> str:

@@ -3,46 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Callable
 from typing import Any
 
 import orjson
-import pytest
 import redis
-from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient
 
-from calhook.settings import Settings
-from ingest import create_app
-from tests.conftest import ROOT, SECRET
+from tests.conftest import SECRET, Client
+from tests.support.cli import calhook
 from tests.support.recording import FLAKY_TYPE
 from tests.support.waiting import await_for
 from tests.support.worker import WorkerProcess
 
 AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
-Client = TestClient[Any, Any]
-
-
-@pytest.fixture
-async def client(
-    aiohttp_client: AiohttpClient, make_settings: Callable[..., Settings], redis_db: redis.Redis
-) -> Client:
-    return await aiohttp_client(create_app(make_settings()))
-
-
-def calhook(redis_url: str, *args: str) -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "calhook", *args],
-        cwd=ROOT,
-        env={**os.environ, "REDIS_URL": redis_url},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
 
 
 async def post(client: Client, event_type: str, data: dict[str, Any]) -> str:

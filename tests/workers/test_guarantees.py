@@ -4,23 +4,15 @@ dead letters and replay, the idempotency ledger, the poison cap and order per en
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
-import pytest
 import redis
-from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient
 
 from calhook.messages import Delivery
-from calhook.settings import Settings
-from ingest import create_app
-from tests.conftest import FIXTURES, ROOT, SECRET
+from tests.conftest import FIXTURES, SECRET, Client
+from tests.support.cli import calhook
 from tests.support.recording import (
     APPOINTMENT_LOG_KEY,
     EFFECTS_KEY,
@@ -40,14 +32,6 @@ from workers.dispatch import handler_message
 from workers.stores import PARKED, RecordStore
 
 AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
-Client = TestClient[Any, Any]
-
-
-@pytest.fixture
-async def client(
-    aiohttp_client: AiohttpClient, make_settings: Callable[..., Settings], redis_db: redis.Redis
-) -> Client:
-    return await aiohttp_client(create_app(make_settings()))
 
 
 async def post(client: Client, event_type: str, data: dict[str, Any], created: str = "") -> str:
@@ -67,19 +51,6 @@ def outcomes(worker: WorkerProcess, event_id: str) -> list[str]:
         for line in worker.lines()
         if line.get("event_id") == event_id and "outcome" in line
     ]
-
-
-def calhook(redis_url: str, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "calhook", *args],
-        cwd=ROOT,
-        env={**os.environ, "REDIS_URL": redis_url},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return result.stdout
 
 
 async def test_a_handler_failing_three_times_completes_on_schedule(

@@ -3,17 +3,9 @@ ops mailbox by e-mail and the chat, each exactly once, even when the chat fails 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-import pytest
 import redis
-from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient
 
-from calhook.settings import Settings
-from ingest import create_app
-from tests.conftest import FIXTURES, OPS_MAILBOX, SECRET
+from tests.conftest import FIXTURES, OPS_MAILBOX, SECRET, Client
 from tests.support.chat_server import ChatServer
 from tests.support.smtp_server import SmtpServer
 from tests.support.waiting import await_for
@@ -22,14 +14,6 @@ from workers.notify.mail import message_id
 
 AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
 STAFF = "sandro.meier@example.com"  # the booked resource in the appointment samples
-Client = TestClient[Any, Any]
-
-
-@pytest.fixture
-async def client(
-    aiohttp_client: AiohttpClient, make_settings: Callable[..., Settings], redis_db: redis.Redis
-) -> Client:
-    return await aiohttp_client(create_app(make_settings()))
 
 
 def outcome(redis_db: redis.Redis, event_id: str, handler: str) -> bytes | None:

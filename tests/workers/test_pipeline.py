@@ -10,22 +10,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 import redis
-from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient
 
 from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK
 from calhook.messages import task_message
-from calhook.settings import Settings
-from ingest import create_app
 from schemas import CURRENT_TYPES, PLANNED_TYPES
-from tests.conftest import FIXTURES, SECRET, fixture_files, queues_drained
+from tests.conftest import FIXTURES, SECRET, Client, fixture_files, queues_drained
 from tests.support.recording import RUNS_KEY, VIEWS_KEY
 from tests.support.waiting import await_for, wait_for
 from tests.support.worker import WorkerProcess
@@ -38,14 +32,6 @@ APPOINTMENT_LOG_TYPES = {
 }
 # The samples of one customer are not in time order, so the ordered handlers skip some.
 FINISHED = ("handler done", "skipped stale")
-Client = TestClient[Any, Any]
-
-
-@pytest.fixture
-async def client(
-    aiohttp_client: AiohttpClient, make_settings: Callable[..., Settings], redis_db: redis.Redis
-) -> Client:
-    return await aiohttp_client(create_app(make_settings()))
 
 
 async def post(client: Client, body: bytes) -> str:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,23 +13,14 @@ import redis
 
 from calhook.messages import Delivery, dispatch_message, task_message
 from calhook.redis_server import RedisServer
-from tests.conftest import ROOT
+from tests.support.cli import calhook
 from workers.delayed import DelayedStore
 from workers.queues import count_finished
 from workers.stores import DEAD, PARKED, RecordStore
 
 
 def calhook_queues(redis_url: str, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "calhook", "queues", *args],
-        cwd=ROOT,
-        env={**os.environ, "REDIS_URL": redis_url},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return result.stdout
+    return calhook(redis_url, "queues", *args)
 
 
 @pytest.fixture
