@@ -195,6 +195,7 @@ def dev(port: int | None) -> None:
         f"  Post to: http://127.0.0.1:{port}/webhooks/calenso"
         f"{f' with header {settings.auth_header}: {secret}' if secret else ''}\n"
         f"  Try:     calhook send ../shared/fixtures/calenso/customer.created.nested.json\n"
+        f"  Inspect: REDIS_URL={env['REDIS_URL']} calhook queues --watch\n"
         f"  Stop:    Ctrl-C\n",
         err=True,
     )
