@@ -61,6 +61,8 @@ def serve(host: str | None, port: int | None) -> None:
         port=port if port is not None else settings.port,
         access_log=None,
         print=None,
+        # Several `calhook serve` processes (one per core) share the port.
+        reuse_port=True,
         # Requests in flight get this long to finish before cleanup flushes the publisher.
         shutdown_timeout=10.0,
     )
