@@ -4,12 +4,10 @@ shutdown that flushes what is pending."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
-import pytest
 import redis
 from celery import Celery
 from pytest_aiohttp import AiohttpClient
@@ -53,15 +51,6 @@ def test_message_has_the_shape_celery_itself_writes(redis_db: redis.Redis, redis
     assert (
         read_task_message(orjson.dumps(ours))[1:3] == read_task_message(orjson.dumps(theirs))[1:3]
     )
-
-
-@pytest.fixture
-async def slow_redis(redis_url: str) -> AsyncIterator[SlowProxy]:
-    target = urlsplit(redis_url)
-    proxy = SlowProxy(target.hostname or "127.0.0.1", target.port or 6379)
-    await proxy.start()
-    yield proxy
-    await proxy.close()
 
 
 async def test_slow_redis_does_not_stall_other_requests(

@@ -4,12 +4,10 @@ without duplicates, also after a restart."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
-import pytest
 import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -32,15 +30,6 @@ def queued_ids(redis_db: redis.Redis) -> list[str]:
     return [read_task_message(m)[2]["event_id"] for m in reversed(raw)]
 
 
-@pytest.fixture
-async def proxy(redis_url: str) -> AsyncIterator[SlowProxy]:
-    target = urlsplit(redis_url)
-    slow = SlowProxy(target.hostname or "127.0.0.1", target.port or 6379)
-    await slow.start()
-    yield slow
-    await slow.close()
-
-
 async def post_many(client: TestClient[Any, Any], n: int, first: int = 0) -> list[str]:
     # Distinct bodies: the same bytes would be (rightly) recognised as a retransmission.
     answers = await asyncio.gather(
@@ -54,19 +43,19 @@ async def post_many(client: TestClient[Any, Any], n: int, first: int = 0) -> lis
 
 
 async def test_a_stalled_redis_is_spooled_then_drained_without_duplicates(
-    make_settings: Callable[..., Settings], redis_db: redis.Redis, proxy: SlowProxy
+    make_settings: Callable[..., Settings], redis_db: redis.Redis, slow_redis: SlowProxy
 ) -> None:
-    app = create_app(make_settings(redis_url=f"redis://127.0.0.1:{proxy.port}/0"))
+    app = create_app(make_settings(redis_url=f"redis://127.0.0.1:{slow_redis.port}/0"))
     async with TestClient(TestServer(app)) as client:
         assert (await client.get("/readyz")).status == 200
-        proxy.delay_s = 1.0  # Redis still executes every write; its answers come too late
+        slow_redis.delay_s = 1.0  # Redis still executes every write; its answers come too late
 
         ids = await post_many(client, 20)
 
         writer = app[WRITER]
         assert writer.spooled == 20
         assert writer.spooling
-        proxy.delay_s = 0
+        slow_redis.delay_s = 0
         await await_for(lambda: not writer.spooling, what="the spool to drain")
 
     # Some first writes reached Redis before their deadline passed; drain found them by their

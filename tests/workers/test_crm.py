@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +15,7 @@ import redis
 from schemas import CustomerEvent, LeadEvent, parse_event
 from tests.conftest import FIXTURES, SECRET, Client
 from tests.support.fake_crm import TOKEN, FakeCrm, Fault
-from tests.support.waiting import await_for
+from tests.support.waiting import await_for, wait_for
 from tests.support.worker import WorkerProcess
 from workers.crm.contact import Contact, contact_from_customer, contact_from_lead, e164
 from workers.crm.http import HttpCrm
@@ -200,8 +199,15 @@ def test_the_bucket_is_shared_and_refills(redis_db: redis.Redis) -> None:
         other.acquire()
 
     assert 0 < raised.value.after_s <= 0.2
-    time.sleep(raised.value.after_s + 0.05)
-    one.acquire()
+
+    def refilled() -> bool:
+        try:
+            one.acquire()
+        except RetryLater:
+            return False
+        return True
+
+    wait_for(refilled, timeout_s=2, what="a token to come back")
 
 
 # --- end to end through the worker ----------------------------------------------------------
