@@ -20,6 +20,17 @@ from calhook.constants import DISPATCH_QUEUE
 from calhook.settings import Settings, SettingsError, get_settings
 
 
+def _broker_process() -> Settings:
+    """The settings of a long-running process on the broker: logging set up, REDIS_URL required."""
+    settings = _settings()
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        settings.require_redis_url()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    return settings
+
+
 def _settings() -> Settings:
     try:
         return get_settings()
@@ -117,12 +128,7 @@ def scheduler() -> None:
     from workers.delayed import DelayedStore, run_scheduler
     from workers.watchdog import Watchdog
 
-    settings = _settings()
-    logs.configure(settings.log_format, settings.log_level)
-    try:
-        settings.require_redis_url()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
+    settings = _broker_process()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -146,12 +152,7 @@ def exporter(host: str, port: int) -> None:
     from workers.exporter import FleetCollector
     from workers.registry import load_modules, registry
 
-    settings = _settings()
-    logs.configure(settings.log_format, settings.log_level)
-    try:
-        settings.require_redis_url()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
+    settings = _broker_process()
     load_modules(settings.handler_modules)
     metrics = CollectorRegistry(auto_describe=False)
     metrics.register(FleetCollector(redis_client(), {h.queue for h in registry}))
