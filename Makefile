@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 DEV_SECRET ?= dev-secret
 FILE ?= ../shared/fixtures/calenso/customer.created.nested.json
 
-.PHONY: install run send test test-fast lint format ci clean
+.PHONY: install run send test test-fast lint format ci clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

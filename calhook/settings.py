@@ -150,6 +150,11 @@ class Settings(BaseSettings):
     soft_shutdown_s: float = Field(
         25.0, ge=0, description="On SIGTERM, let running tasks finish this long before requeue."
     )
+    retention_days: int = Field(
+        30,
+        ge=1,
+        description="Parked and dead-letter records, and event trails, are erased after this.",
+    )
     trail_ttl_s: int = Field(
         7 * 86_400, ge=3600, description="How long each event's story is kept (calhook events)."
     )
