@@ -67,6 +67,11 @@ class RedisServer:
         """The ``redis://`` URL of the server."""
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._process.pid if self._process is not None else None
+
     def start(self, timeout_s: float = 15.0) -> str:
         """Start the server, wait until it answers PING, return its URL."""
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,96 @@
+"""Child processes of a benchmark: started pinned to a core, waited for, measured, stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CORES = sorted(os.sched_getaffinity(0))
+# The server under test gets its own core; the load generator and Redis share the other one.
+SERVER_CORE = CORES[0]
+LOAD_CORE = CORES[-1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout_s} s")
+
+
+class Child:
+    """A child process, optionally pinned to some cores, with its output in a log file."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str],
+        log_dir: Path,
+        cores: Sequence[int] | None = None,
+    ) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+        self.proc = subprocess.Popen(
+            list(argv), env=full_env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        if cores is not None and len(CORES) > 1:
+            os.sched_setaffinity(self.proc.pid, set(cores))
+        self.ps = psutil.Process(self.proc.pid)
+
+    def pin_tree(self, cores: Sequence[int]) -> None:
+        """Pin the process and its children (a prefork pool) to ``cores``."""
+        if len(CORES) < 2:
+            return
+        for p in [self.ps, *self.ps.children(recursive=True)]:
+            try:
+                p.cpu_affinity(list(cores))
+            except psutil.Error:
+                pass
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the process and its children."""
+        total = 0
+        for p in [self.ps, *self.ps.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
