@@ -39,7 +39,7 @@ def _split(name: str, raw: bytes) -> Body:
 
 
 def fixture_bodies() -> list[Body]:
-    """Every fixture of a type calhook handles today (2–3 KB each), nested and flat."""
+    """Every fixture of a type calhook handles today (2-3 KB each), nested and flat."""
     if not FIXTURES.is_dir():
         raise SystemExit(f"fixtures not found at {FIXTURES} (../shared next to the project)")
     bodies = []

@@ -25,7 +25,7 @@ from bench.loadgen import write_bodies
 from bench.procs import BIN, CORES, LOAD_CORE, SERVER_CORE, Child, wait_for_port
 from calhook.redis_server import RedisServer, free_port
 
-SECRET = "bench-secret-0123456789abcdef"
+SECRET = "bench-secret-0123456789abcdef"  # noqa: S105 (a local benchmark's)
 SERVERS = ("bare", "recipe", "calhook")
 PATH = "/webhooks/calenso"
 

@@ -32,7 +32,11 @@ def percentile(sorted_values: list[float], q: float) -> float:
 def load_bodies(directory: Path) -> list[Body]:
     count = int((directory / "count").read_text())
     return [
-        Body(str(i), (directory / f"{i}.prefix").read_bytes(), (directory / f"{i}.suffix").read_bytes())
+        Body(
+            str(i),
+            (directory / f"{i}.prefix").read_bytes(),
+            (directory / f"{i}.suffix").read_bytes(),
+        )
         for i in range(1, count + 1)
     ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -62,19 +63,15 @@ class Child:
         if len(CORES) < 2:
             return
         for p in [self.ps, *self.ps.children(recursive=True)]:
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.cpu_affinity(list(cores))
-            except psutil.Error:
-                pass
 
     def rss_bytes(self) -> int:
         """Resident memory of the process and its children."""
         total = 0
         for p in [self.ps, *self.ps.children(recursive=True)]:
-            try:
+            with contextlib.suppress(psutil.Error):
                 total += p.memory_info().rss
-            except psutil.Error:
-                pass
         return total
 
     def stop(self, timeout_s: float = 20.0) -> None:

@@ -1,7 +1,7 @@
 """Asynchronous, batched publishing of accepted events onto the dispatch queue.
 
 Requests hand their event to :meth:`Publisher.publish` and wait; one sender task writes everything
-that is pending in one pipelined round trip, so under load many requests share a round trip and
+that is pending in one script call, so under load many requests share a round trip and
 the event loop never waits on Redis. Each event is deduplicated and enqueued by one Lua script,
 atomically: either the body was new and its message is on the queue, or nothing was written and
 the first event_id is returned. A request is answered only after Redis has confirmed its write.
@@ -22,22 +22,32 @@ from calhook.constants import WATCHDOG_KEY, WATCHDOG_MESSAGES_KEY
 
 log = logging.getLogger("calhook.ingest.publisher")
 
-# KEYS[1] dedup key, KEYS[2] queue, KEYS[3] watchdog set, KEYS[4] watchdog messages;
-# ARGV[1] event_id, ARGV[2] message, ARGV[3] dedup ttl (s), ARGV[4] watchdog due (ms).
-# Returns the first event_id for a body already seen, else nil once the message is queued (and
-# watched: see workers/watchdog.py).
+# One script call writes a whole batch. KEYS[1] queue, KEYS[2] watchdog set, KEYS[3] watchdog
+# messages, KEYS[3 + i] the i-th event's dedup key; ARGV[1] dedup ttl (s), ARGV[2] watchdog due
+# (ms), ARGV[1 + 2i] the i-th event_id, ARGV[2 + 2i] its message. Returns one entry per event:
+# the first event_id of a body already seen, or false (nil) once the message is queued (and
+# watched: see workers/watchdog.py). A body twice in one batch is a duplicate of itself.
+# If Redis refuses the script (out of memory), it does so at the first write: nothing is written.
 _ENQUEUE_LUA = """
-local first = redis.call('GET', KEYS[1])
-if first then
-  -- Our own id: a client retry of a write that had already succeeded.
-  if first == ARGV[1] then return false end
-  return first
+local results = {}
+for i = 4, #KEYS do
+  local id = ARGV[2 * i - 5]
+  local message = ARGV[2 * i - 4]
+  local first = redis.call('GET', KEYS[i])
+  if first and first ~= id then
+    results[#results + 1] = first
+  else
+    -- Our own id means a retry of a batch that had already been written.
+    if not first then
+      redis.call('SET', KEYS[i], id, 'EX', ARGV[1])
+      redis.call('LPUSH', KEYS[1], message)
+      redis.call('ZADD', KEYS[2], ARGV[2], id)
+      redis.call('HSET', KEYS[3], id, KEYS[1] .. '\\n' .. message)
+    end
+    results[#results + 1] = false
+  end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('LPUSH', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-redis.call('HSET', KEYS[4], ARGV[1], KEYS[2] .. '\\n' .. ARGV[2])
-return false
+return results
 """
 
 
@@ -62,7 +72,7 @@ _Waiter = tuple[Outgoing, "asyncio.Future[str | None]"]
 
 
 class Publisher:
-    """Writes events to Redis in pipelined batches; see the module docstring."""
+    """Writes events to Redis in batches, one script call each; see the module docstring."""
 
     def __init__(
         self,
@@ -141,41 +151,24 @@ class Publisher:
                     future.set_exception(PublishError(f"redis write failed: {exc!r}"))
             return
         for (_, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(PublishError(f"redis refused the write: {result}"))
-            else:
+            if not future.done():
                 future.set_result(result.decode() if isinstance(result, bytes) else None)
 
     async def _write(self, batch: list[_Waiter]) -> list[object]:
         if self._sha is None:
             self._sha = await self._redis.script_load(_ENQUEUE_LUA)
-        results = await self._pipeline(batch)
-        if any(isinstance(r, NoScriptError) for r in results):
+        keys = [self._queue, WATCHDOG_KEY, WATCHDOG_MESSAGES_KEY]
+        keys += [event.dedup_key for event, _ in batch]
+        args: list[str | bytes | int] = [
+            self._dedup_ttl_s,
+            int(time.time() * 1000) + self._watchdog_ms,
+        ]
+        for event, _ in batch:
+            args += (event.event_id, event.message)
+        try:
+            results = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+        except NoScriptError:
             # Redis restarted or its script cache was flushed; NOSCRIPT means nothing ran.
             self._sha = await self._redis.script_load(_ENQUEUE_LUA)
-            retry = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            for i, result in zip(
-                retry, await self._pipeline([batch[i] for i in retry]), strict=True
-            ):
-                results[i] = result
-        return results
-
-    async def _pipeline(self, batch: list[_Waiter]) -> list[object]:
-        due_ms = int(time.time() * 1000) + self._watchdog_ms
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for event, _ in batch:
-                pipe.evalsha(
-                    self._sha,  # type: ignore[arg-type]
-                    4,
-                    event.dedup_key,
-                    self._queue,
-                    WATCHDOG_KEY,
-                    WATCHDOG_MESSAGES_KEY,
-                    event.event_id,
-                    event.message,
-                    self._dedup_ttl_s,
-                    due_ms,
-                )
-            return list(await pipe.execute(raise_on_error=False))
+            results = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+        return list(results)

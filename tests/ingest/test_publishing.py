@@ -102,3 +102,42 @@ async def test_close_flushes_pending_writes(redis_db: redis.Redis, slow_redis: S
     assert await asyncio.gather(*pending) == [None] * 10
     assert redis_db.llen("dispatch") == 10
     await client.aclose()
+
+
+async def test_one_script_call_writes_a_batch_with_its_duplicates(
+    redis_db: redis.Redis, redis_url: str
+) -> None:
+    client = AsyncRedis.from_url(redis_url)
+    publisher = Publisher(
+        client, queue="dispatch", dedup_ttl_s=86_400, batch_max=64, timeout_s=5, watchdog_s=60
+    )
+    await publisher.start()
+    redis_db.set("seen", "e-first")  # a body seen before this batch
+    events = [Outgoing(f"d{n}", f"e{n}", b"m%d" % n) for n in range(5)]
+    events += [Outgoing("d2", "e-again", b"m2-again"), Outgoing("seen", "e-late", b"late")]
+
+    results = await asyncio.gather(*(publisher.publish(event) for event in events))
+    await publisher.close()
+    await client.aclose()
+
+    assert publisher.batches == 1
+    # The repeat within the batch is a duplicate of the one before it; the old one of the first.
+    assert results == [None] * 5 + ["e2", "e-first"]
+    assert redis_db.lrange("dispatch", 0, -1) == [b"m%d" % n for n in reversed(range(5))]
+    watched = redis_db.zrange("calhook:watchdog", 0, -1)
+    assert sorted(watched) == [b"e%d" % n for n in range(5)]
+    assert redis_db.ttl("d0") > 86_000
+
+
+async def test_a_flushed_script_cache_is_reloaded(redis_db: redis.Redis, redis_url: str) -> None:
+    client = AsyncRedis.from_url(redis_url)
+    publisher = Publisher(
+        client, queue="dispatch", dedup_ttl_s=86_400, batch_max=64, timeout_s=5, watchdog_s=60
+    )
+    await publisher.start()
+    assert await publisher.publish(Outgoing("d1", "e1", b"m1")) is None
+    redis_db.script_flush()  # as after a Redis restart
+    assert await publisher.publish(Outgoing("d2", "e2", b"m2")) is None
+    await publisher.close()
+    await client.aclose()
+    assert redis_db.llen("dispatch") == 2
