@@ -5,6 +5,10 @@ sit in worker memory (RELIABILITY.md items 4 and 5). So a retry due in an hour i
 sorted set scored by its due time, with its message in a hash; the scheduler moves due messages
 onto their queues with one Lua script, so a message is moved exactly once even with several
 schedulers running, and a restart of any process loses nothing.
+
+The scheduler also enforces the retention (``CALHOOK_RETENTION_DAYS``) once a minute: parked and
+dead-letter records and event trails older than it are erased even if nothing is written or
+read any more (:func:`sweep_retention`).
 """
 
 from __future__ import annotations
@@ -16,12 +20,17 @@ import time
 import redis
 
 from calhook.constants import KEY_PREFIX
+from calhook.settings import get_settings
+from workers.stores import DEAD, PARKED, RecordStore
+from workers.trail import Trail
 from workers.watchdog import Watchdog, entry
 
 log = logging.getLogger("calhook.scheduler")
 
 DUE_KEY = f"{KEY_PREFIX}delayed"
 MESSAGES_KEY = f"{KEY_PREFIX}delayed:messages"
+# Records expire by their own TTL; the sweep only keeps indexes tidy, so once a minute is plenty.
+RETENTION_SWEEP_S = 60.0
 
 # KEYS[1] due set, KEYS[2] messages; ARGV[1] now (ms), ARGV[2] most to move.
 # A stored entry is "<queue>\n<message>". The queue is not in KEYS: calhook needs one Redis (no
@@ -46,6 +55,7 @@ class DelayedStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
+        self.client = client
         self._move_due = client.register_script(_MOVE_DUE_LUA)
 
     def schedule(self, member: str, queue: str, message: bytes, due_s: float) -> None:
@@ -70,14 +80,31 @@ class DelayedStore:
         return float(first[0][1]) / 1000 if first else None
 
 
+def sweep_retention(client: redis.Redis, now_s: float | None = None) -> int:
+    """Erase parked and dead-letter records and event trails past the retention; how many."""
+    now = time.time() if now_s is None else now_s
+    trail = Trail(client, get_settings().trail_ttl_s)
+    return sum(
+        [RecordStore(client, PARKED).trim(now), RecordStore(client, DEAD).trim(now),
+         trail.trim(now)]
+    )  # fmt: skip
+
+
 def run_scheduler(
     store: DelayedStore, watchdog: Watchdog, interval_s: float, stop: threading.Event
 ) -> None:
     """Every ``interval_s`` until ``stop`` is set: move due retries to their queues, and queue
-    again what the watchdog says was lost. Redis errors are waited out."""
+    again what the watchdog says was lost; every minute (and at start), erase what is past the
+    retention. Redis errors are waited out."""
     log.info("scheduler started", extra={"interval_s": interval_s})
+    next_sweep = 0.0
     while not stop.is_set():
         try:
+            if time.monotonic() >= next_sweep:
+                erased = sweep_retention(store.client)
+                next_sweep = time.monotonic() + RETENTION_SWEEP_S
+                if erased:
+                    log.info("retention: erased old records", extra={"erased": erased})
             moved = store.move_due()
             while moved:
                 log.info("retries due", extra={"moved": moved})

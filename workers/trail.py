@@ -1,5 +1,8 @@
 """The story of each event, kept in Redis for ``CALHOOK_TRAIL_TTL_S``: ``calhook events``.
 
+Never longer than ``CALHOOK_RETENTION_DAYS``: the TTL is the smaller of the two, so lowering the
+retention shortens trails too, without a second setting to keep in step.
+
 One list per event of small JSON entries (received, dispatched or parked, every handler
 attempt's outcome, retries and their due time), and one index of events by arrival, so ops can
 find an event by type and time and read what happened to it without grepping logs. Entries carry
@@ -16,23 +19,55 @@ import orjson
 import redis
 
 from calhook.constants import KEY_PREFIX, trail_key
+from workers.stores import retention_s as default_retention_s
 
 INDEX_KEY = f"{KEY_PREFIX}events"
+_TRIM_BATCH = 500
 
 
 class Trail:
     """Appends to and reads event trails."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, retention_s: int | None = None) -> None:
         self._redis = client
-        self._ttl_s = ttl_s
+        self._trail_ttl_s = ttl_s
+        self._retention_s = retention_s
+        self._keep_s: int | None = None
+
+    @property
+    def ttl_s(self) -> int:
+        """How long a trail is kept: ``ttl_s``, but never past the retention."""
+        if self._keep_s is None:
+            retention = self._retention_s or default_retention_s()
+            self._keep_s = min(self._trail_ttl_s, retention)
+        return self._keep_s
+
+    def trim(self, now: float | None = None) -> int:
+        """Erase the trails of events that arrived more than the TTL before ``now``.
+
+        Their lists expire by themselves; this drops their index entries, and lists whose TTL
+        was longer when they were written. Returns how many events were dropped.
+        """
+        cutoff = (time.time() if now is None else now) - self.ttl_s
+        erased = 0
+        while True:
+            old: list[bytes] = self._redis.zrangebyscore(  # type: ignore[assignment]
+                INDEX_KEY, "-inf", cutoff, start=0, num=_TRIM_BATCH
+            )
+            if not old:
+                return erased
+            with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(*(trail_key(i.decode()) for i in old))
+                pipe.zrem(INDEX_KEY, *old)
+                pipe.execute()
+            erased += len(old)
 
     def add(self, event_id: str, what: str, **fields: Any) -> None:
         """Append one entry to the event's trail."""
         entry = orjson.dumps({"at": time.time(), "what": what, **fields})
         with self._redis.pipeline(transaction=False) as pipe:
             pipe.rpush(trail_key(event_id), entry)
-            pipe.expire(trail_key(event_id), self._ttl_s)
+            pipe.expire(trail_key(event_id), self.ttl_s)
             pipe.execute()
 
     def received(self, event_id: str, received_at: float, **fields: Any) -> None:
@@ -40,9 +75,9 @@ class Trail:
         entry = orjson.dumps({"at": received_at, "what": "received", **fields})
         with self._redis.pipeline(transaction=False) as pipe:
             pipe.rpush(trail_key(event_id), entry)
-            pipe.expire(trail_key(event_id), self._ttl_s)
+            pipe.expire(trail_key(event_id), self.ttl_s)
             pipe.zadd(INDEX_KEY, {event_id: received_at})
-            pipe.zremrangebyscore(INDEX_KEY, "-inf", time.time() - self._ttl_s)
+            pipe.zremrangebyscore(INDEX_KEY, "-inf", time.time() - self.ttl_s)
             pipe.execute()
 
     def read(self, event_id: str) -> list[dict[str, Any]]:

@@ -1,0 +1,70 @@
+"""``calhook forget CUSTOMER_UUID``: the right to erasure, for everything calhook keeps in Redis."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from calhook._cli_stores import _client
+
+_LABELS = {
+    "parked": "parked events",
+    "dead_letters": "dead letters",
+    "delayed": "retries waiting (delayed store)",
+    "watchdog": "watchdog copies",
+    "queued": "task messages on queues",
+    "unacked": "task messages taken by workers (unacked)",
+    "ordering": "order versions",
+    "trails": "event trails",
+    "ledger": "ledger entries",
+    "dispatch_markers": "fan-out markers",
+    "dedup": "dedup keys",
+    "notify_marks": "notification marks",
+    "recent_failures": "recent failures (status page)",
+}
+
+NOT_REACHED = (
+    "Not reached: the ingress spool (files on each ingress host, drained into Redis within "
+    "seconds while Redis is up: run forget again once it is), and the systems handlers wrote "
+    "to (CRM, mail, chat). calhook writes no personal data to its logs."
+)
+
+
+@click.command()
+@click.argument("customer_uuid")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON, for scripts.")
+def forget(customer_uuid: str, as_json: bool) -> None:
+    """Erase one customer's data from every store calhook keeps in Redis (right to erasure).
+
+    Every event whose body mentions CUSTOMER_UUID goes: parked events, dead letters, retries,
+    watchdog copies, task messages still queued or taken by a worker (that work is then never
+    done: erasure wins), and what is keyed by those events or by the customer (trails, ledger,
+    order versions, dedup keys, notification marks). Prints counts and ids, never the data.
+    """
+    from workers.forget import STORES, ForgetError, forget_customer
+
+    client = _client()
+    try:
+        report = forget_customer(client, customer_uuid)
+    except ForgetError as exc:
+        raise click.BadParameter(str(exc), param_hint="CUSTOMER_UUID") from None
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+        return
+    events = len(report.event_ids)
+    click.echo(
+        f"customer {report.customer_uuid}: {report.total} items removed, "
+        f"from {events} event{'' if events == 1 else 's'}"
+    )
+    width = max(len(label) for label in _LABELS.values())
+    for store in STORES:
+        click.echo(f"  {_LABELS[store]:<{width}}  {report.removed[store]:>6}")
+    if report.work_dropped:
+        click.echo(
+            f"{report.work_dropped} queued task(s) or retries were erased: their handlers will "
+            "not run for this customer (the right to erasure wins over delivery)."
+        )
+    for event_id in report.event_ids:
+        click.echo(f"  event {event_id}")
+    click.echo(NOT_REACHED)
