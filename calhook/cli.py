@@ -277,8 +277,10 @@ def schema() -> None:
 
 
 def _register_store_commands() -> None:
+    from calhook._cli_forget import forget
     from calhook._cli_stores import dlq, events, parked, queues
 
+    main.add_command(forget)
     main.add_command(events)
     main.add_command(dlq)
     main.add_command(parked)
