@@ -48,35 +48,16 @@ def main() -> None:
 @click.option("--host", default=None, help="Bind address [CALHOOK_HOST].")
 @click.option("--port", type=int, default=None, help="Port [CALHOOK_PORT].")
 def serve(host: str | None, port: int | None) -> None:
-    """Run the HTTP ingress."""
-    from aiohttp import web
-
-    from ingest import create_app
+    """Run the HTTP ingress (and its admin listener when CALHOOK_ADMIN_PORT is set)."""
+    from ingest.server import run
 
     settings = _settings()
     logs.configure(settings.log_format, settings.log_level, background=True)
     try:
         settings.require_redis_url()
-        app = create_app(settings)
+        run(settings, host, port)
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    web.run_app(
-        app,
-        host=host or settings.host,
-        port=port if port is not None else settings.port,
-        access_log=None,
-        print=None,
-        # Several `calhook serve` processes (one per core) share the port.
-        reuse_port=True,
-        # Requests in flight get this long to finish before cleanup flushes the publisher.
-        shutdown_timeout=10.0,
-    )
 
 
 def _all_queues() -> list[str]:

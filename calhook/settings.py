@@ -6,7 +6,10 @@ default, in the README's settings table (a test keeps the two in step).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -34,11 +37,39 @@ class SettingsError(Exception):
     """Raised when the environment holds a setting calhook cannot use; names the variable."""
 
 
+STANDARD_WEBHOOKS_PREFIX = "whsec_"
+
+
+def decode_whsec(secret: str) -> bytes:
+    """The key of a Standard Webhooks secret ``whsec_<base64>``; ValueError if it is not one.
+
+    The message never repeats the secret.
+    """
+    if not secret.startswith(STANDARD_WEBHOOKS_PREFIX):
+        raise ValueError(f"a standard-webhooks secret must start with {STANDARD_WEBHOOKS_PREFIX}")
+    encoded = secret.removeprefix(STANDARD_WEBHOOKS_PREFIX)
+    try:
+        # Senders print the key with or without padding; both name the same bytes.
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("a standard-webhooks secret must be whsec_ followed by base64") from None
+    if not key:
+        raise ValueError("a standard-webhooks secret must not be empty")
+    return key
+
+
 class Endpoint(BaseModel):
-    """A webhook endpoint: the header Calenso sends its secret in, and the accepted secrets."""
+    """A webhook endpoint: how a delivery proves itself, and the accepted secrets.
+
+    ``header``: a static secret in ``header`` (what Calenso sends). ``standard-webhooks``: an
+    HMAC-SHA256 signature in ``webhook-signature`` over ``webhook-id``, ``webhook-timestamp`` and
+    the body, with ``whsec_<base64>`` secrets (a signing proxy in front of Calenso, or another
+    sender). Several secrets are accepted at once either way, for rotation.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    scheme: Literal["header", "standard-webhooks"] = "header"
     header: str = "Authorization"
     secrets: tuple[SecretStr, ...] = ()
 
@@ -47,11 +78,36 @@ class Endpoint(BaseModel):
     def _split(cls, value: Any) -> Any:
         return _split_csv(value)
 
+    @model_validator(mode="after")
+    def _signing_keys(self) -> Endpoint:
+        if self.scheme == "standard-webhooks":
+            for secret in self.secrets:
+                decode_whsec(secret.get_secret_value())
+        return self
+
+    def signing_keys(self) -> tuple[bytes, ...]:
+        """The decoded keys of a ``standard-webhooks`` endpoint."""
+        return tuple(decode_whsec(s.get_secret_value()) for s in self.secrets)
+
 
 def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
     return value
+
+
+def _networks(value: tuple[str, ...]) -> tuple[str, ...]:
+    for cidr in value:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ValueError(f"{cidr!r} is not an IP address or CIDR network") from None
+    return value
+
+
+def networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """The networks of comma-separated CIDR settings (validated when the settings were read)."""
+    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
 
 
 CsvList = Annotated[tuple[str, ...], NoDecode]
@@ -90,12 +146,48 @@ class Settings(BaseSettings):
     endpoints: dict[str, Endpoint] = Field(
         default_factory=dict,
         description='Named endpoints as JSON: {"shop": {"header": "X-Key", "secrets": "a,b"}}, '
-        "served at /webhooks/calenso/{name}.",
+        'or {"relay": {"scheme": "standard-webhooks", "secrets": "whsec_…"}}, served at '
+        "/webhooks/calenso/{name}.",
+    )
+    allowed_ips: CsvList = Field(
+        (), description="Comma-separated client networks (CIDR) allowed to post; empty: any (403)."
+    )
+    trusted_proxies: CsvList = Field(
+        (),
+        description="Comma-separated proxy networks (CIDR) whose X-Forwarded-For is believed.",
     )
     admin_token: SecretStr = Field(
-        SecretStr(""), description="Token of the /status page; empty: the page is off."
+        SecretStr(""),
+        description="Bearer token of /status and /metrics on the public port; empty: both off.",
+    )
+    admin_host: str = Field("127.0.0.1", description="Address of the admin listener.")
+    admin_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of a separate admin listener serving /metrics and /status without a "
+        "token; set, the public port does not serve them.",
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest body accepted (413).")
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline to receive a request's whole body (408)."
+    )
+    header_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        description="Deadline to receive a request's whole head, from the connection or the "
+        "previous answer (also the keep-alive idle time).",
+    )
+    max_header_bytes: int = Field(
+        16_384, ge=1024, description="Largest request head: request line and header lines (431)."
+    )
+    max_headers: int = Field(64, ge=8, description="Most header lines in a request.")
+    max_concurrent: int = Field(
+        1024, ge=1, description="Webhook requests handled at once by a process (503 above)."
+    )
+    max_json_depth: int = Field(
+        32, ge=1, le=1024, description="Deepest nesting of objects and arrays in a body (422)."
+    )
     dedup_ttl_s: int = Field(
         DEDUP_TTL_S_DEFAULT, ge=86_400, description="How long a retransmission is recognised."
     )
@@ -206,11 +298,22 @@ class Settings(BaseSettings):
     data_dir: str = Field(".calhook", description="Folder of `calhook dev`'s embedded Redis.")
 
     @field_validator(
-        "handler_modules", "auth_secrets", "retry_schedule_s", "notify_to", mode="before"
+        "handler_modules",
+        "auth_secrets",
+        "retry_schedule_s",
+        "notify_to",
+        "allowed_ips",
+        "trusted_proxies",
+        mode="before",
     )
     @classmethod
     def _split(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("allowed_ips", "trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _networks(value)
 
     @field_validator("retry_schedule_s")
     @classmethod

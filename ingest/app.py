@@ -1,10 +1,14 @@
 """The ingress: a thin aiohttp app that makes each authentic Calenso delivery durable, then answers.
 
-Order of checks on ``POST /webhooks/calenso[/{endpoint}]``: endpoint → secret → size → JSON →
-envelope (a string ``type`` and an object ``data``) → dedup and enqueue in one Redis script →
-``202 {"status": "accepted", "event_id": …}``. Everything past the envelope (the event's own
-schema, unknown types) is the dispatch task's business: such events are accepted and parked there,
-never refused here, because Calenso may not send them again.
+Order of checks on ``POST /webhooks/calenso[/{endpoint}]``: concurrency (503) → client address
+(403) → head size (431) → endpoint (404) → what the headers prove (401: the static secret, or a
+Standard Webhooks timestamp) → body size and read deadline (413, 408) → what the body proves (401:
+the Standard Webhooks signature) → JSON, its depth and numbers (415/400/422) → envelope (a
+string ``type`` and an object ``data``, 422) → dedup and enqueue in one Redis script →
+``202 {"status": "accepted", "event_id": …}``. Nothing is enqueued before authentication has
+passed. Everything past the envelope (the event's own schema, unknown types) is the dispatch
+task's business: such events are accepted and parked there, never refused here, because Calenso
+may not send them again.
 """
 
 from __future__ import annotations
@@ -26,38 +30,42 @@ from redis.exceptions import RedisError
 from calhook.constants import DISPATCH_QUEUE, dedup_key
 from calhook.ids import new_event_id
 from calhook.messages import Delivery, dispatch_message
-from calhook.settings import DEFAULT_ENDPOINT, Endpoint, Settings, SettingsError
-from ingest.auth import authenticate
+from calhook.settings import DEFAULT_ENDPOINT, Settings, SettingsError, networks
+from ingest.admin import admin_routes
+from ingest.auth import Authenticator, authenticator
+from ingest.body import parse_json, read_body
+from ingest.clients import ClientFilter
 from ingest.durable import DurableWriter, NotDurable
 from ingest.errors import (
-    BodyTooLarge,
+    HeadersTooLarge,
     IngestError,
-    MalformedJson,
-    NotJson,
-    Unauthorized,
+    Overloaded,
     Unavailable,
     UnknownEndpoint,
     UnusableEnvelope,
 )
-from ingest.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ingest.keys import (
+    CLIENTS,
+    ENDPOINTS,
+    IN_FLIGHT,
+    METRICS,
+    OPENAPI,
+    PUBLISHER,
+    REDIS,
+    SETTINGS,
+    STATUS_REDIS,
+    WRITER,
+    InFlight,
+)
 from ingest.metrics import IngressMetrics
+from ingest.openapi import render as render_openapi
 from ingest.publisher import Outgoing, Publisher
 from ingest.spool import Spool, SpoolError
-from ingest.status import authorised
-from ingest.status import page as status_page
 from schemas import EnvelopeError, parse_envelope
 
+__all__ = ["METRICS", "PUBLISHER", "REDIS", "SETTINGS", "WRITER", "create_admin_app", "create_app"]
+
 log = logging.getLogger("calhook.ingest")
-
-SETTINGS = web.AppKey("settings", Settings)
-ENDPOINTS = web.AppKey("endpoints", dict[str, Endpoint])
-REDIS = web.AppKey("redis", Redis)
-PUBLISHER = web.AppKey("publisher", Publisher)
-WRITER = web.AppKey("writer", DurableWriter)
-METRICS = web.AppKey("metrics", IngressMetrics)
-STATUS_REDIS = web.AppKey("status_redis", SyncRedis)
-
-_JSON_TYPES = ("application/json", "text/json")
 
 
 def _json(status: int, payload: dict[str, Any]) -> web.Response:
@@ -72,14 +80,18 @@ async def _errors(
     try:
         return await handler(request)
     except IngestError as exc:
-        return _json(exc.status, {"status": "error", "error": exc.code, "detail": exc.message})
+        response = _json(exc.status, {"status": "error", "error": exc.code, "detail": exc.message})
+        response.headers.update(exc.headers)
+        if exc.close:
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return _json(exc.status, {"status": "error", "error": exc.reason, "detail": exc.reason})
 
 
-def _endpoints(settings: Settings) -> dict[str, Endpoint]:
+def _endpoints(settings: Settings) -> dict[str, Authenticator]:
     endpoints = {DEFAULT_ENDPOINT: settings.endpoint(DEFAULT_ENDPOINT)}
     endpoints.update(settings.endpoints)
     open_ = sorted(name for name, ep in endpoints.items() if ep is not None and not ep.secrets)
@@ -90,60 +102,66 @@ def _endpoints(settings: Settings) -> dict[str, Endpoint]:
             "development"
         )
     if open_:
+        # Every start says so: an open ingress must never pass for a configured one.
         log.warning("accepting unauthenticated webhooks", extra={"endpoints": open_})
-    return {name: ep for name, ep in endpoints.items() if ep is not None}
+    return {name: authenticator(ep) for name, ep in endpoints.items() if ep is not None}
 
 
-def _parse_json(body: bytes, content_type: str) -> Any:
-    try:
-        # Some senders (PHP among them) prefix a UTF-8 byte order mark; JSON does not allow it.
-        return orjson.loads(body.removeprefix(b"\xef\xbb\xbf"))
-    except orjson.JSONDecodeError as exc:
-        # A body that parses is taken whatever its declared type: an authentic event must not
-        # be refused for a header. One that does not parse is answered by what it claimed.
-        declared_json = content_type in _JSON_TYPES or content_type.endswith("+json")
-        if declared_json or not content_type:
-            raise MalformedJson(f"body is not valid JSON: {exc}") from None
-        raise NotJson(f"expected a JSON body, got {content_type}") from None
+def _head_bytes(request: web.Request) -> int:
+    # The request line and each "name: value\r\n", as they came on the wire.
+    size = len(request.method) + len(request.raw_path) + 11
+    for name, value in request.raw_headers:
+        size += len(name) + len(value) + 4
+    return size
 
 
 async def receive(request: web.Request) -> web.Response:
-    """Accept one Calenso delivery, and measure it; see the module docstring."""
+    """Accept one Calenso delivery, within the concurrency limit, and measure it."""
     started = time.perf_counter()
+    app = request.app
     name = request.match_info.get("endpoint", DEFAULT_ENDPOINT)
-    label = name if name in request.app[ENDPOINTS] else "unknown"
-    metrics = request.app[METRICS]
+    label = name if name in app[ENDPOINTS] else "unknown"
+    in_flight = app[IN_FLIGHT]
     status = 500
     try:
-        response = await _receive(request, name)
+        if in_flight.count >= in_flight.limit:
+            raise Overloaded(f"{in_flight.limit} requests are in progress; send it again")
+        in_flight.count += 1
+        try:
+            response = await _receive(request, name)
+        finally:
+            in_flight.count -= 1
         status = response.status
         return response
     except IngestError as exc:
         status = exc.status
         raise
     finally:
+        metrics = app[METRICS]
         metrics.requests.labels(label, str(status)).inc()
         metrics.ack_seconds.labels(label).observe(time.perf_counter() - started)
 
 
 async def _receive(request: web.Request, name: str) -> web.Response:
-    endpoint = request.app[ENDPOINTS].get(name)
-    if endpoint is None:
+    app = request.app
+    settings = app[SETTINGS]
+    clients = app[CLIENTS]
+    if clients.active:
+        clients.check(request.remote, request.headers.getall("X-Forwarded-For", ()))
+    if _head_bytes(request) > settings.max_header_bytes:
+        raise HeadersTooLarge(f"the request head exceeds {settings.max_header_bytes} bytes")
+    auth = app[ENDPOINTS].get(name)
+    if auth is None:
         raise UnknownEndpoint(f"no endpoint named {name!r}")
-    authenticate(endpoint, request.headers)
-
-    limit = request.app[SETTINGS].max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"body of {request.content_length} bytes exceeds {limit}")
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise BodyTooLarge(f"body exceeds {limit} bytes") from None
+    headers = request.headers
+    auth.before_body(headers)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+    auth.after_body(headers, body)
 
     try:
         # The header as sent: aiohttp reports a missing one as application/octet-stream.
-        declared = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        envelope = parse_envelope(_parse_json(body, declared))
+        declared = headers.get("Content-Type", "").split(";")[0].strip().lower()
+        envelope = parse_envelope(parse_json(body, declared, settings.max_json_depth))
     except EnvelopeError as exc:
         raise UnusableEnvelope(str(exc)) from None
 
@@ -151,17 +169,17 @@ async def _receive(request: web.Request, name: str) -> web.Response:
     message = dispatch_message(Delivery(event_id, body.decode(), name, time.time()), envelope.type)
     digest = hashlib.sha256(name.encode() + b"\0" + body).hexdigest()
     try:
-        first = await request.app[WRITER].write(Outgoing(dedup_key(digest), event_id, message))
+        first = await app[WRITER].write(Outgoing(dedup_key(digest), event_id, message))
     except NotDurable as exc:
         log.error("not durable", extra={"type": envelope.type[:100], "error": str(exc)})
         raise Unavailable("the event could not be stored; send it again") from None
 
-    metrics = request.app[METRICS]
+    metrics = app[METRICS]
     if first is not None:
         log.info("duplicate", extra={"event_id": first, "type": envelope.type[:100]})
         metrics.event(name, envelope.type, "duplicate")
         return _json(200, {"status": "duplicate", "event_id": first})
-    metrics.event(name, envelope.type, "spool" if request.app[WRITER].spooling else "redis")
+    metrics.event(name, envelope.type, "spool" if app[WRITER].spooling else "redis")
     log.info(
         "accepted",
         extra={
@@ -200,21 +218,9 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus metrics of this ingress process."""
-    body = request.app[METRICS].render()
-    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
-
-
-async def status(request: web.Request) -> web.StreamResponse:
-    """The read-only status page (404 unless CALHOOK_ADMIN_TOKEN is set)."""
-    token = request.app[SETTINGS].admin_token.get_secret_value()
-    if not token:
-        raise web.HTTPNotFound()
-    if not authorised(request, token):
-        raise Unauthorized("the status page needs the admin token")
-    queues = {DISPATCH_QUEUE, "audit", "crm", "notify"}
-    return await status_page(request, request.app[STATUS_REDIS], queues)
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI document of this ingress (no auth: it describes, it reveals no secret)."""
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
 async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
@@ -258,10 +264,17 @@ async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    """Build the ingress app; refuses to build without secrets unless explicitly allowed."""
+    """Build the ingress app; refuses to build without secrets unless explicitly allowed.
+
+    ``/metrics`` and ``/status`` are routed here only without a separate admin listener, and
+    then only with an admin token (ingest/admin.py); :func:`create_admin_app` serves them there.
+    """
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_errors])
     app[SETTINGS] = settings
     app[ENDPOINTS] = _endpoints(settings)
+    app[CLIENTS] = ClientFilter(networks(settings.allowed_ips), networks(settings.trusted_proxies))
+    app[IN_FLIGHT] = InFlight(settings.max_concurrent)
+    app[OPENAPI] = render_openapi(settings)
     app[METRICS] = IngressMetrics()
     app.cleanup_ctx.append(_durable_writer)
     app.add_routes(
@@ -271,8 +284,22 @@ def create_app(settings: Settings) -> web.Application:
             web.post("/webhooks/calenso/{endpoint}", receive),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
-            web.get("/metrics", metrics),
-            web.get("/status", status),
+            web.get("/openapi.json", openapi),
         ]
     )
+    token = settings.admin_token.get_secret_value()
+    if settings.admin_port is None and token:
+        app.add_routes(admin_routes(app, token))
+    elif settings.admin_port is None:
+        log.info("/metrics and /status are off: set CALHOOK_ADMIN_PORT or CALHOOK_ADMIN_TOKEN")
     return app
+
+
+def create_admin_app(ingress: web.Application) -> web.Application:
+    """The admin listener's app: ``/metrics`` and ``/status`` of ``ingress``, without a token.
+
+    Start it after ``ingress`` (whose start-up opens the status page's Redis client).
+    """
+    admin = web.Application(middlewares=[_errors])
+    admin.add_routes(admin_routes(ingress, None))
+    return admin

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class IngestError(Exception):
-    """Raised when a request cannot be accepted; carries the status and a machine-readable code."""
+    """Raised when a request cannot be accepted; carries the status and a machine-readable code.
+
+    ``headers`` go on the answer; ``close`` ends the connection after it (the rest of a request
+    we stopped reading is not worth waiting for).
+    """
 
     status = 400
     code = "bad_request"
+    headers: Mapping[str, str] = {}
+    close = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -26,6 +34,28 @@ class Unauthorized(IngestError):
 
     status = 401
     code = "unauthorized"
+
+
+class Forbidden(IngestError):
+    """Raised when the client's address is outside ``CALHOOK_ALLOWED_IPS``."""
+
+    status = 403
+    code = "forbidden"
+
+
+class BodyTimeout(IngestError):
+    """Raised when the body did not arrive within ``CALHOOK_BODY_TIMEOUT_S``."""
+
+    status = 408
+    code = "body_timeout"
+    close = True
+
+
+class HeadersTooLarge(IngestError):
+    """Raised when the request's head exceeds ``CALHOOK_MAX_HEADER_BYTES``."""
+
+    status = 431
+    code = "headers_too_large"
 
 
 class BodyTooLarge(IngestError):
@@ -49,6 +79,29 @@ class MalformedJson(IngestError):
     code = "malformed_json"
 
 
+class UnreadableBody(IngestError):
+    """Raised when the body's framing is broken (chunked encoding, length) or cut short."""
+
+    status = 400
+    code = "unreadable_body"
+    close = True
+
+
+class JsonTooDeep(IngestError):
+    """Raised when objects and arrays nest deeper than ``CALHOOK_MAX_JSON_DEPTH``."""
+
+    status = 422
+    code = "json_too_deep"
+
+
+class NumberOutOfRange(IngestError):
+    """Raised when a JSON number cannot be held without loss: an integer beyond 64 bits, or a
+    number too large for a double."""
+
+    status = 422
+    code = "number_out_of_range"
+
+
 class UnusableEnvelope(IngestError):
     """Raised when the JSON is not a Calenso envelope: not an object, no string type, no data."""
 
@@ -61,3 +114,11 @@ class Unavailable(IngestError):
 
     status = 503
     code = "unavailable"
+
+
+class Overloaded(IngestError):
+    """Raised when ``CALHOOK_MAX_CONCURRENT`` webhook requests are already in progress."""
+
+    status = 503
+    code = "overloaded"
+    headers = {"Retry-After": "1"}

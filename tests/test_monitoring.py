@@ -69,7 +69,9 @@ def test_prometheus_scrapes_the_ingress_and_the_exporter() -> None:
     targets = {t for job in config["scrape_configs"] for c in job["static_configs"]
                for t in c["targets"]}  # fmt: skip
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    assert targets == {"ingress:8080", "exporter:9108"}
+    assert targets == {"ingress:9180", "exporter:9108"}
+    # The ingress serves /metrics only on its admin listener.
+    assert compose["ingress"]["environment"]["CALHOOK_ADMIN_PORT"] == "9180"
     assert compose["exporter"]["command"][-1] == "9108"
     assert "monitoring" in compose["prometheus"]["profiles"]
     mounted = {v.split(":")[0] for v in compose["grafana"]["volumes"]}

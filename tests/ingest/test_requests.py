@@ -316,15 +316,16 @@ async def test_a_byte_order_mark_and_a_trailing_slash_are_tolerated(
 
 
 async def test_metrics_count_requests_and_events_without_personal_data(
-    client: Client,
+    aiohttp_client: AiohttpClient, make_settings: Callable[..., Settings], redis_db: redis.Redis
 ) -> None:
+    client = await aiohttp_client(create_app(make_settings(admin_token="admin-token")))
     await client.post(URL, data=BODY, headers=AUTH)
     await client.post(URL, data=BODY, headers=AUTH)
     await client.post(URL, data=BODY, headers={"Authorization": "wrong"})
     unknown = orjson.dumps({"type": "x.secret.luca", "created": "2025-01-01 00:00:00", "data": {}})
     await client.post(URL, data=unknown, headers=AUTH)
 
-    response = await client.get("/metrics")
+    response = await client.get("/metrics", headers={"Authorization": "Bearer admin-token"})
     text = await response.text()
 
     assert response.status == 200
