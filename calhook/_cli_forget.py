@@ -6,7 +6,9 @@ import json
 
 import click
 
+from calhook import logs
 from calhook._cli_stores import _client
+from calhook.settings import get_settings
 
 _LABELS = {
     "parked": "parked events",
@@ -45,6 +47,9 @@ def forget(customer_uuid: str, as_json: bool) -> None:
     from workers.forget import STORES, ForgetError, forget_customer
 
     client = _client()
+    settings = get_settings()
+    # The log keeps a record of the erasure: counts only (workers/forget.py).
+    logs.configure(settings.log_format, settings.log_level)
     try:
         report = forget_customer(client, customer_uuid)
     except ForgetError as exc:
