@@ -83,7 +83,13 @@ async def _errors(
         response = _json(exc.status, {"status": "error", "error": exc.code, "detail": exc.message})
         response.headers.update(exc.headers)
         if exc.close:
+            # Send the answer and hang up now: aiohttp would otherwise linger, reading what is
+            # left of the body for up to 10 s, which is what a trickling client wants.
             response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
+            if request.transport is not None:
+                request.transport.close()  # after flushing the answer
         return response
     except web.HTTPException as exc:
         if exc.status < 400:
