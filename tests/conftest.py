@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from ingest import create_app
 from tests.support.chat_server import ChatServer
 from tests.support.fake_crm import TOKEN as CRM_TOKEN
 from tests.support.fake_crm import FakeCrm
+from tests.support.leaks import LeakScan, personal_data
 from tests.support.recording import RECORD_QUEUE
 from tests.support.smtp_server import SmtpServer
 from tests.support.waiting import wait_for
@@ -34,6 +36,51 @@ def fixture_files() -> list[Path]:
     """Every Calenso sample payload, current and planned, nested and flat."""
     files = sorted(FIXTURES.glob("*.json")) + sorted((FIXTURES / "planned").glob("*.json"))
     return [f for f in files if f.name != "request.example.json"]
+
+
+_SESSION_SCANS: list[LeakScan] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def personal_data_stays_out_of_logs() -> Iterator[LeakScan]:
+    """Fail the session if a log line of it shows a fixture's e-mail, phone, name or address.
+
+    Every record of every in-process logger reaches this root handler (calhook's loggers at
+    DEBUG for the session, so that nothing calhook could log goes unread); the log files of the
+    processes tests start (tests/support/worker.py registers them) are read at the end.
+    """
+    scan = LeakScan(personal_data(fixture_files()))
+    _SESSION_SCANS.append(scan)
+    root, ours = logging.getLogger(), logging.getLogger("calhook")
+    level = ours.level
+    ours.setLevel(logging.DEBUG)
+    root.addHandler(scan)
+    yield scan
+    root.removeHandler(scan)
+    ours.setLevel(level)
+    scan.scan_registered()
+    if scan.leaks:
+        pytest.fail(
+            f"personal data of the fixtures in the logs of this session:\n{scan.report()}",
+            pytrace=False,
+        )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name the known, explained leaks the session's scan saw (they do not fail the run)."""
+    known = [f for scan in _SESSION_SCANS for f in scan.findings if f.known is not None]
+    if known:
+        terminalreporter.section("known personal-data leaks in logs")
+        for finding in known:
+            terminalreporter.line(f"- {finding}")
+
+
+@pytest.fixture(autouse=True)
+def _leak_scan_installed(personal_data_stays_out_of_logs: LeakScan) -> None:
+    """Put the scan back on the root logger if a test replaced the root handlers."""
+    root = logging.getLogger()
+    if personal_data_stays_out_of_logs not in root.handlers:
+        root.addHandler(personal_data_stays_out_of_logs)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.support.leaks import register_log
 from tests.support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +40,8 @@ class CalhookProcess:
 
     def start(self) -> CalhookProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # The session's leak scan reads every process's log at the end (tests/conftest.py).
+        register_log(self.log_path)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "calhook", *self.args],
