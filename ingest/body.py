@@ -102,6 +102,12 @@ def _check_integers(body: bytes) -> None:
         pass  # orjson read it; nothing more to learn here
 
 
+def _printable(header: str) -> str:
+    # aiohttp hands over bytes that are not UTF-8 as lone surrogates, which no JSON encoder
+    # writes: escape them (and anything else outside printable ASCII), and keep it short.
+    return header[:100].encode("ascii", "backslashreplace").decode("ascii")
+
+
 def parse_json(body: bytes, content_type: str, max_depth: int) -> Any:
     """The body's JSON value, or the IngestError that says why there is none we can use."""
     # Some senders (PHP among them) prefix a UTF-8 byte order mark; JSON does not allow it.
@@ -119,7 +125,7 @@ def parse_json(body: bytes, content_type: str, max_depth: int) -> Any:
         declared_json = content_type in _JSON_TYPES or content_type.endswith("+json")
         if declared_json or not content_type:
             raise MalformedJson(f"body is not valid JSON: {exc}") from None
-        raise NotJson(f"expected a JSON body, got {content_type}") from None
+        raise NotJson(f"expected a JSON body, got {_printable(content_type)}") from None
     scan = body.translate(_SCAN)
     if scan.count(b"{") > max_depth and _deeper_than(value, max_depth):
         raise JsonTooDeep(f"objects and arrays nest deeper than {max_depth}")

@@ -210,3 +210,14 @@ async def test_a_body_larger_than_the_limit_is_413_even_when_chunked(
     assert declared.error().startswith("body_too_large")
     assert (declared.status, streamed.status) == (413, 413)
     assert queued(redis_db) == 0
+
+
+async def test_a_content_type_that_is_not_utf8_is_named_escaped_not_a_500(
+    make_settings: Callable[..., Settings], redis_db: redis.Redis
+) -> None:
+    request = head(5).replace(b"Content-Type: application/json", b"Content-Type: text/\xff\xfe")
+    async with listening(make_settings(), "127.0.0.1", 0) as bound:
+        answer = await exchange(bound.port, request + b"a=b&c")
+
+    assert answer.status == 415
+    assert answer.error() == "unsupported_media_type: expected a JSON body, got text/\\udcff\\udcfe"
