@@ -1,25 +1,23 @@
 """Reading a delivery's body within its limits, and parsing it as JSON within ours.
 
 Limits on the hot path cost next to nothing when they are not near: a body that arrived with
-the request head is read without a timer; nesting is only measured when the body holds more
-opening brackets than the depth allowed (a bound on its depth), and integers are only checked
-when the body holds a run of 19 digits or more (the shortest that can leave 64 bits). Both
-scans are one ``bytes.translate`` in C.
+the request head is read without a timer, and nesting is only measured when the body holds
+more opening brackets than the depth allowed (a bound on its depth, counted in C).
 
 What orjson does with numbers, and what we answer:
 
 - an integer within [-2**63, 2**64): exact;
-- an integer beyond that: orjson turns it into a float *silently*, losing digits. The body is
-  stored as sent, but every reader would see another number, so it is refused (422);
-- a number beyond a double's range (``1e400``): orjson refuses it; so do we (422);
-- a tiny one (``1e-400``) becomes 0.0 and a long fraction is rounded, as any double reader does:
-  accepted.
+- an integer beyond that: orjson reads it as a float, losing digits. Accepted all the same:
+  the body is stored byte for byte as sent (parked and dead-letter records keep it), and
+  refusing it would lose an authentic event Calenso may never send again (DESIGN.md rule 1);
+- a number beyond a double's range (``1e400``): orjson cannot read it, nor can any worker;
+  refused with a 422 that says so, not the generic 400 of malformed JSON;
+- a tiny one (``1e-400``) becomes 0.0 and a long fraction is rounded, as any double reader does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import orjson
@@ -37,13 +35,6 @@ from ingest.errors import (
 
 _JSON_TYPES = ("application/json", "text/json")
 _BOM = b"\xef\xbb\xbf"
-# One pass maps every digit to "0" and both opening brackets to "{", everything else to " ".
-_SCAN = bytes(
-    48 if 48 <= i <= 57 else 123 if i in (91, 123) else 32  # "0".."9" → "0"; "[", "{" → "{"
-    for i in range(256)
-)
-_LONG_DIGITS = b"0" * 19
-_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 
 async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
@@ -76,32 +67,6 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
-class _Beyond64Bits(Exception):
-    """Raised inside the integer check when a literal does not fit orjson's exact range."""
-
-
-def _exact_int(literal: str) -> int:
-    if len(literal) > 21:  # one sign and 20 digits: 2**64 - 1 has 20
-        raise _Beyond64Bits
-    value = int(literal)
-    if not _INT_MIN <= value <= _INT_MAX:
-        raise _Beyond64Bits
-    return value
-
-
-def _check_integers(body: bytes) -> None:
-    # Only the parser knows which digits are an integer literal (not part of a string or a
-    # float); the standard library's hands each one to us. Reached only for long digit runs.
-    try:
-        json.loads(body, parse_int=_exact_int)
-    except _Beyond64Bits:
-        raise NumberOutOfRange(
-            "an integer is beyond 64 bits and would lose digits; send it as a string"
-        ) from None
-    except (ValueError, RecursionError):
-        pass  # orjson read it; nothing more to learn here
-
-
 def _printable(header: str) -> str:
     # aiohttp hands over bytes that are not UTF-8 as lone surrogates, which no JSON encoder
     # writes: escape them (and anything else outside printable ASCII), and keep it short.
@@ -126,9 +91,6 @@ def parse_json(body: bytes, content_type: str, max_depth: int) -> Any:
         if declared_json or not content_type:
             raise MalformedJson(f"body is not valid JSON: {exc}") from None
         raise NotJson(f"expected a JSON body, got {_printable(content_type)}") from None
-    scan = body.translate(_SCAN)
-    if scan.count(b"{") > max_depth and _deeper_than(value, max_depth):
+    if body.count(b"{") + body.count(b"[") > max_depth and _deeper_than(value, max_depth):
         raise JsonTooDeep(f"objects and arrays nest deeper than {max_depth}")
-    if _LONG_DIGITS in scan:
-        _check_integers(body)
     return value

@@ -95,8 +95,7 @@ class JsonTooDeep(IngestError):
 
 
 class NumberOutOfRange(IngestError):
-    """Raised when a JSON number cannot be held without loss: an integer beyond 64 bits, or a
-    number too large for a double."""
+    """Raised when a JSON number is too large for a double (orjson cannot read it)."""
 
     status = 422
     code = "number_out_of_range"

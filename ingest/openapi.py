@@ -113,7 +113,7 @@ def _webhook(settings: Settings, named: bool) -> dict[str, Any]:
                 "422": _error(
                     "JSON, but not usable: not an envelope (an object with a string `type` and "
                     "an object `data`), nested deeper than CALHOOK_MAX_JSON_DEPTH, or a number "
-                    "that does not fit (an integer beyond 64 bits, beyond a double)."
+                    "beyond a double's range."
                 ),
                 "431": _error("The request head is larger than CALHOOK_MAX_HEADER_BYTES."),
                 "503": _error(
