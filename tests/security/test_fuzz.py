@@ -80,11 +80,15 @@ def fuzz(strategy: st.SearchStrategy[Any], check: Callable[[Any], None]) -> int:
 
 # --- the JSON parser -------------------------------------------------------------------------
 
-# Content types as aiohttp hands them over from valid UTF-8 headers (see the xfail below for
-# the others).
-content_types = st.sampled_from(
-    ["application/json", "text/json", "application/x+json", "text/plain", "", "multipart/x"]
-) | st.text(max_size=30)
+# Content types as aiohttp hands them over: text, and header bytes that are not UTF-8 decoded
+# with surrogateescape.
+content_types = (
+    st.sampled_from(
+        ["application/json", "text/json", "application/x+json", "text/plain", "", "multipart/x"]
+    )
+    | st.text(max_size=30)
+    | st.binary(max_size=30).map(lambda raw: raw.decode("utf-8", "surrogateescape"))
+)
 
 
 def check_parser(case: tuple[bytes, str]) -> None:
@@ -110,7 +114,6 @@ def test_json_parser_raises_only_its_refusals() -> None:
     [
         (b"[" * 40 + b"]" * 40, JsonTooDeep),
         (b"[" * 5000, JsonTooDeep),
-        (b'{"n": 18446744073709551616}', NumberOutOfRange),
         (b'{"n": 1e400}', NumberOutOfRange),
         (b"\xff\xfe{", MalformedJson),
         (UTF8_BOM + b"{", MalformedJson),
@@ -123,11 +126,6 @@ def test_json_parser_refusals_are_the_documented_ones(
         parse_json(body, "application/json", MAX_DEPTH)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ingest/body.py parse_json quotes the Content-Type in NotJson's detail; a header that "
-    "is not UTF-8 reaches it surrogate-escaped, and orjson cannot write the answer (a 500)",
-)
 def test_json_parser_refusal_of_a_non_utf8_content_type_can_be_written() -> None:
     content_type = b"text/\xff".decode("utf-8", "surrogateescape")  # as aiohttp decodes it
 
@@ -255,8 +253,8 @@ def check_round_trip(case: tuple[str, bytes]) -> None:
     original = parse_event(orjson.loads(FIXTURE_BYTES[name]))
     try:
         value = parse_json(raw, "application/json", MAX_DEPTH)
-    except MalformedJson:
-        return  # an added unknown field held a lone surrogate: not JSON orjson reads
+    except (MalformedJson, NumberOutOfRange):
+        return  # an added unknown field held a lone surrogate or a huge number: refused
     event = parse_event(parse_envelope(value))
 
     assert event.model_dump(mode="json") == original.model_dump(mode="json")
