@@ -163,9 +163,11 @@ class Dispatcher:
                 ],
             )
             if sent:
-                count_finished(self._redis, DISPATCH_QUEUE)
-                self._received(delivery, event.type)
-                self._trail.add(delivery.event_id, "dispatched", handlers=names)
+                with self._redis.pipeline(transaction=False) as pipe:
+                    count_finished(pipe, DISPATCH_QUEUE)
+                    self._received(pipe, delivery, event.type)
+                    self._trail.add_to(pipe, delivery.event_id, "dispatched", handlers=names)
+                    pipe.execute()
                 log.info("dispatched", extra={"handlers": names})
             else:
                 log.info("already dispatched", extra={"handlers": names})
@@ -191,13 +193,16 @@ class Dispatcher:
                 "body": delivery.body,
             },
         )
-        cancel(self._redis, delivery.event_id)
-        self._received(delivery, event_type or "")
-        self._trail.add(delivery.event_id, "parked", reason=reason.value)
+        with self._redis.pipeline(transaction=False) as pipe:
+            cancel(pipe, delivery.event_id)
+            self._received(pipe, delivery, event_type or "")
+            self._trail.add_to(pipe, delivery.event_id, "parked", reason=reason.value)
+            pipe.execute()
         log.warning("parked", extra={"reason": reason.value, "errors": errors})
 
-    def _received(self, delivery: Delivery, event_type: str) -> None:
-        self._trail.received(
+    def _received(self, pipe: redis.client.Pipeline, delivery: Delivery, event_type: str) -> None:
+        self._trail.received_to(
+            pipe,
             delivery.event_id,
             delivery.received_at,
             type=event_type[:100],

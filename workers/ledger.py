@@ -50,16 +50,33 @@ class Ledger:
         raw = self._redis.hget(ledger_key(event_id), handler)
         return Outcome(raw.decode()) if raw else None  # type: ignore[union-attr]
 
-    def record(self, event_id: str, handler: str, outcome: Outcome) -> None:
-        """Record the final outcome of the pair, count completions for audits, and stop the
-        pair's watchdog: its work is over, whatever the outcome."""
-        key = ledger_key(event_id)
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, handler, outcome.value)
-            pipe.hincrby(key, f"{handler}#{outcome.value}", 1)
+    def begin(self, event_id: str, handler: str, attempt: int) -> tuple[Outcome | None, int]:
+        """At the start of a delivery, in one round trip: the pair's final outcome if it has
+        one, and the delivery count of this attempt, this one included."""
+        key = deliveries_key(event_id)
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(ledger_key(event_id), handler)
+            pipe.hincrby(key, f"{handler}#{attempt}", 1)
             pipe.expire(key, self._ttl_s)
-            cancel(pipe, pair_id(event_id, handler))
+            raw, count, _ = pipe.execute()
+        return (Outcome(raw.decode()) if raw else None), int(count)
+
+    def record(self, event_id: str, handler: str, outcome: Outcome) -> None:
+        """Record the final outcome of the pair; see :meth:`record_to`."""
+        with self._redis.pipeline(transaction=True) as pipe:
+            self.record_to(pipe, event_id, handler, outcome)
             pipe.execute()
+
+    def record_to(
+        self, pipe: redis.client.Pipeline, event_id: str, handler: str, outcome: Outcome
+    ) -> None:
+        """Queue on ``pipe`` the final outcome of the pair, its count for audits, and the stop of
+        the pair's watchdog: its work is over, whatever the outcome."""
+        key = ledger_key(event_id)
+        pipe.hset(key, handler, outcome.value)
+        pipe.hincrby(key, f"{handler}#{outcome.value}", 1)
+        pipe.expire(key, self._ttl_s)
+        cancel(pipe, pair_id(event_id, handler))
 
     def forget(self, event_id: str, handler: str, pipe: redis.client.Pipeline) -> None:
         """Queue on ``pipe`` the removal of the pair's outcome and counts, so a replay runs it."""

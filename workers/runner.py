@@ -80,11 +80,11 @@ class HandlerRunner:
 
     def _run(self, h: Handler, delivery: Delivery, attempt: int) -> str:
         event_id = delivery.event_id
-        prior = self.ledger.outcome(event_id, h.name)
+        # One round trip: a redelivery of finished work is counted too, which is harmless.
+        prior, deliveries = self.ledger.begin(event_id, h.name, attempt)
         if prior is not None:
             return self._report(delivery, h.name, attempt, logging.INFO, "already finished",
                                 f"already_{prior.value}")  # fmt: skip
-        deliveries = self.ledger.count_delivery(event_id, h.name, attempt)
         if deliveries > self._settings.max_deliveries:
             self._dead_letter(
                 h,
@@ -116,10 +116,14 @@ class HandlerRunner:
                     self._call(h, event, ctx)
             except Exception as exc:
                 return self._failed(h, delivery, event.type, attempt, exc, started)
-            self.ledger.record(event_id, h.name, Outcome.DONE)
-            count_finished(self._redis, h.queue)
-            self._report(delivery, h.name, attempt, logging.INFO, "handler done", "ok",
-                         duration_ms=_ms(started))  # fmt: skip
+            # The outcome, the watchdog's stop, the counters and the trail: one round trip.
+            fields: dict[str, object] = {"duration_ms": _ms(started)}
+            with self._redis.pipeline(transaction=True) as pipe:
+                self.ledger.record_to(pipe, event_id, h.name, Outcome.DONE)
+                count_finished(pipe, h.queue)
+                self._record_attempt(pipe, delivery, h.name, attempt, "ok", fields)
+                pipe.execute()
+            log.info("handler done", extra={"outcome": "ok", **fields})
             return "done"
 
     def _call(self, h: Handler, event: CalensoEvent, ctx: HandlerContext) -> None:
@@ -182,16 +186,29 @@ class HandlerRunner:
     ) -> str:
         """Log what came of an attempt and add it to the event's trail; return the outcome."""
         log.log(level, message, extra={"outcome": outcome, **fields})
-        self.trail.add(delivery.event_id, "handler", handler=handler, attempt=attempt,
-                       outcome=outcome, **fields)  # fmt: skip
-        duration_ms = fields.get("duration_ms")
-        duration_s = float(duration_ms) / 1000 if isinstance(duration_ms, int | float) else None
-        count_outcome(self._redis, handler, outcome, duration_s)
+        with self._redis.pipeline(transaction=False) as pipe:
+            self._record_attempt(pipe, delivery, handler, attempt, outcome, fields)
+            pipe.execute()
         if outcome == "retry_scheduled" or outcome.startswith("dead_"):
             note_failure(self._redis, event_id=delivery.event_id, handler=handler,
                          attempt=attempt, outcome=outcome, error=str(fields.get("error", "")),
                          at=time.time())  # fmt: skip
         return outcome
+
+    def _record_attempt(
+        self,
+        pipe: redis.client.Pipeline,
+        delivery: Delivery,
+        handler: str,
+        attempt: int,
+        outcome: str,
+        fields: dict[str, object],
+    ) -> None:
+        self.trail.add_to(pipe, delivery.event_id, "handler", handler=handler, attempt=attempt,
+                          outcome=outcome, **fields)  # fmt: skip
+        duration_ms = fields.get("duration_ms")
+        duration_s = float(duration_ms) / 1000 if isinstance(duration_ms, int | float) else None
+        count_outcome(pipe, handler, outcome, duration_s)
 
     def _dead_letter(
         self,

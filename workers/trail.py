@@ -64,21 +64,32 @@ class Trail:
 
     def add(self, event_id: str, what: str, **fields: Any) -> None:
         """Append one entry to the event's trail."""
-        entry = orjson.dumps({"at": time.time(), "what": what, **fields})
         with self._redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(trail_key(event_id), entry)
-            pipe.expire(trail_key(event_id), self.ttl_s)
+            self.add_to(pipe, event_id, what, **fields)
             pipe.execute()
 
+    def add_to(self, pipe: redis.client.Pipeline, event_id: str, what: str, **fields: Any) -> None:
+        """Queue on ``pipe`` the append of one entry (written with the caller's other writes)."""
+        entry = orjson.dumps({"at": time.time(), "what": what, **fields})
+        pipe.rpush(trail_key(event_id), entry)
+        pipe.expire(trail_key(event_id), self.ttl_s)
+
     def received(self, event_id: str, received_at: float, **fields: Any) -> None:
-        """Start an event's trail and index it by arrival; forget index entries past the TTL."""
-        entry = orjson.dumps({"at": received_at, "what": "received", **fields})
+        """Start an event's trail and index it by arrival; see :meth:`received_to`."""
         with self._redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(trail_key(event_id), entry)
-            pipe.expire(trail_key(event_id), self.ttl_s)
-            pipe.zadd(INDEX_KEY, {event_id: received_at})
-            pipe.zremrangebyscore(INDEX_KEY, "-inf", time.time() - self.ttl_s)
+            self.received_to(pipe, event_id, received_at, **fields)
             pipe.execute()
+
+    def received_to(
+        self, pipe: redis.client.Pipeline, event_id: str, received_at: float, **fields: Any
+    ) -> None:
+        """Queue on ``pipe`` the start of an event's trail and its index entry; forget index
+        entries past the TTL."""
+        entry = orjson.dumps({"at": received_at, "what": "received", **fields})
+        pipe.rpush(trail_key(event_id), entry)
+        pipe.expire(trail_key(event_id), self.ttl_s)
+        pipe.zadd(INDEX_KEY, {event_id: received_at})
+        pipe.zremrangebyscore(INDEX_KEY, "-inf", time.time() - self.ttl_s)
 
     def read(self, event_id: str) -> list[dict[str, Any]]:
         """The event's entries, oldest first (empty if unknown or expired)."""
