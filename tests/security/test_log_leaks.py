@@ -17,14 +17,50 @@ import pytest
 import redis
 
 from calhook.logs import JsonFormatter, RedactMessageBodies
-from tests.conftest import SECRET, Client, fixture_files, queues_drained
+from tests.conftest import OPS_MAILBOX, SECRET, Client, fixture_files, queues_drained
 from tests.security.conftest import DEFAULT_HEADER, DEFAULT_SECRETS, SHOP_SECRETS, Ingress
+from tests.support.chat_server import ChatServer
+from tests.support.fake_crm import TOKEN as CRM_TOKEN
+from tests.support.fake_crm import FakeCrm
 from tests.support.leaks import LeakScan, Needle, personal_data
+from tests.support.smtp_server import SmtpServer
 from tests.support.waiting import await_for
-from tests.support.worker import WorkerProcess
+from tests.support.worker import TEST_HANDLER_MODULES, WorkerProcess
 
 NEEDLES = personal_data(fixture_files())
 EMAIL = "luca.brunner@example.org"  # the customer of customer.created.nested.json
+
+
+@pytest.fixture(scope="module")
+def pipeline_worker(
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    fake_crm_server: FakeCrm,
+    smtp_server: SmtpServer,
+    chat_server: ChatServer,
+) -> Iterator[WorkerProcess]:
+    """A real worker with every integration on, like the session's ``worker_process``.
+
+    Its own, stopped when this module ends: the session's worker would go on consuming the
+    dispatch queue during later modules that expect nobody to (tests/test_cli.py).
+    """
+    worker = WorkerProcess(
+        redis_url,
+        tmp_path_factory.mktemp("leaks") / "worker.log",
+        2,
+        CALHOOK_HANDLER_MODULES=f"{TEST_HANDLER_MODULES},workers.tasks.crm,workers.tasks.notify",
+        CALHOOK_CRM_KIND="http",
+        CALHOOK_CRM_URL=fake_crm_server.url,
+        CALHOOK_CRM_TOKEN=CRM_TOKEN,
+        CALHOOK_CRM_RATE_PER_S="1000",
+        CALHOOK_SMTP_URL=smtp_server.url(),
+        CALHOOK_NOTIFY_FROM="calhook@example.com",
+        CALHOOK_NOTIFY_TO=OPS_MAILBOX,
+        CALHOOK_CHAT_WEBHOOK_URL=chat_server.url,
+    )
+    worker.start()
+    yield worker
+    worker.stop()
 
 
 @pytest.fixture
@@ -79,8 +115,9 @@ def test_scanner_finds_a_fixture_email_logged_on_purpose(tmp_path: Path) -> None
 
 
 async def test_every_fixture_through_ingress_and_worker_logs_no_personal_data(
-    worker: WorkerProcess, client: Client, redis_db: redis.Redis, scan: LeakScan
+    pipeline_worker: WorkerProcess, client: Client, redis_db: redis.Redis, scan: LeakScan
 ) -> None:
+    worker = pipeline_worker
     worker_log_start = worker.log_path.stat().st_size
     accepted = []
     for path in fixture_files():
