@@ -217,6 +217,11 @@ class Settings(BaseSettings):
         description="A queued message whose work has not finished after this is queued again "
         "(it was lost between Redis and a worker); > visibility timeout.",
     )
+    task_events: bool = Field(
+        False,
+        description="Workers send Celery's task events from the start (Flower turns them on by "
+        "itself); they cost a publish per task.",
+    )
     worker_max_memory_kb: int = Field(
         512_000, ge=0, description="Replace a worker child above this RSS (0: never)."
     )

@@ -67,7 +67,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": DISPATCH_QUEUE,
         "task_create_missing_queues": True,
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": True,
+        # Task events cost the worker's consumer a publish per task state (a fifth of its time
+        # in the benchmark); Flower enables them on the workers it watches, so they are off
+        # until someone looks.
+        "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
     }
 
