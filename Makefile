@@ -41,3 +41,7 @@ ci: lint test  ## What .ci/run runs.
 
 clean:
 	rm -rf $(VENV) .calhook .pytest_cache .mypy_cache .ruff_cache
+
+bench: install  ## The benchmarks (bench/run.py): results in bench/results/; needs wrk (apt-get install wrk).
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.run $(BENCH_ARGS)

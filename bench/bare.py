@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import sys
 
-import uvloop
 from aiohttp import web
+
+from bench.procs import serve
 
 ACCEPTED = b'{"status":"accepted"}'
 
@@ -22,9 +23,7 @@ async def accept(request: web.Request) -> web.Response:
 def main() -> None:
     app = web.Application(client_max_size=1_048_576)
     app.router.add_post("/webhooks/calenso", accept)
-    uvloop.install()
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None,
-                reuse_port=True)  # fmt: skip
+    serve(app, int(sys.argv[1]))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -91,3 +92,17 @@ class Child:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def serve(app: Any, port: int) -> None:
+    """Run ``app`` as ``calhook serve`` runs the ingress: uvloop, no access log, SO_REUSEPORT,
+    and the same aiohttp server limits (ingest.server.server_options)."""
+    import uvloop
+    from aiohttp import web
+
+    from calhook.settings import load_settings
+    from ingest.server import server_options
+
+    uvloop.install()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, reuse_port=True,
+                **server_options(load_settings()))  # fmt: skip

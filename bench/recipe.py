@@ -11,9 +11,10 @@ import hmac
 import os
 import sys
 
-import uvloop
 from aiohttp import web
 from celery import Celery
+
+from bench.procs import serve
 
 celery = Celery("recipe", broker=os.environ["REDIS_URL"])
 SECRET = os.environ["CALHOOK_AUTH_SECRETS"].split(",")[0]
@@ -30,9 +31,7 @@ async def accept(request: web.Request) -> web.Response:
 def main() -> None:
     app = web.Application(client_max_size=1_048_576)
     app.router.add_post("/webhooks/calenso", accept)
-    uvloop.install()
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None,
-                reuse_port=True)  # fmt: skip
+    serve(app, int(sys.argv[1]))
 
 
 if __name__ == "__main__":

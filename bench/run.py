@@ -1,0 +1,109 @@
+"""`make bench`: run every benchmark in one go and write bench/results/.
+
+    python -m bench.run            # the full run (about 12 minutes)
+    python -m bench.run --quick    # a short smoke run of every part (about 2 minutes)
+    python -m bench.run --only ingress,e2e
+
+Writes RESULTS.md (the tables quoted in the README), results.json (every run's figures) and
+ingress.png. Needs wrk on PATH (Debian: apt-get install wrk) and the fixtures in ../shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import e2e, ingress, memory, report
+from bench.procs import CORES
+from calhook.redis_server import find_server_binary
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The worker host of each end-to-end scenario: (queues, pool, concurrency) per worker process.
+NOOP_WORKERS = (("dispatch,bench", "prefork", 2),)
+BARE_WORKERS = (("bare", "prefork", 2),)
+IO_WORKERS = (("dispatch,bench", "threads", 48), ("dispatch,bench", "threads", 48))
+
+
+def machine(command: str) -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    with Path("/proc/cpuinfo").open() as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    redis_version = subprocess.run(
+        [find_server_binary(), "--version"], capture_output=True, text=True, check=False
+    ).stdout.split(" sha=")[0]
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": str(len(CORES)),
+        "memory": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "python": platform.python_version(),
+        "redis": redis_version,
+        "command": command,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="short runs, one round")
+    parser.add_argument("--only", default="ingress,e2e,memory", help="comma-separated parts")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    parts = set(args.only.split(","))
+    if shutil.which("wrk") is None and "ingress" in parts:
+        sys.exit("wrk is not installed (Debian: apt-get install wrk)")
+    quick = args.quick
+    started = time.monotonic()
+
+    def progress(line: str) -> None:
+        print(f"[{time.monotonic() - started:6.0f} s] {line}", flush=True)
+
+    scenarios = [
+        e2e.Scenario("noop", "noop", NOOP_WORKERS, events=500 if quick else 2000,
+                     latency_rate=50 if quick else 100, latency_seconds=2 if quick else 6,
+                     bare_workers=BARE_WORKERS),
+        e2e.Scenario("io", "io", IO_WORKERS, events=500 if quick else 2000,
+                     latency_rate=50 if quick else 100, latency_seconds=2 if quick else 6),
+    ]  # fmt: skip
+    results: dict[str, Any] = {}
+    if "ingress" in parts:
+        config = ingress.Config(
+            rounds=1 if quick else 3, seconds=1 if quick else 3, rates=(500, 1000, 2000)
+        )
+        results["ingress"] = ingress.run(config, progress)
+    if "e2e" in parts:
+        results["e2e"] = e2e.run(scenarios, 1 if quick else 3, progress)
+    if "memory" in parts:
+        results["memory"] = memory.run(20 if quick else 300, 100, NOOP_WORKERS, progress)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python -m bench.run" + (" --quick" if quick else "")
+    describe = {s.name: s.describe() for s in scenarios}
+    info = machine(command)
+    (args.out / "results.json").write_text(
+        json.dumps({"machine": info, "results": results}, indent=1)
+    )
+    (args.out / "RESULTS.md").write_text(report.markdown(results, info, describe) + "\n")
+    if "ingress" in results:
+        report.plot(results, args.out / "ingress.png")
+    progress(f"wrote {args.out}/RESULTS.md")
+    print((args.out / "RESULTS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
