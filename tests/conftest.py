@@ -68,11 +68,18 @@ def personal_data_stays_out_of_logs() -> Iterator[LeakScan]:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Name the known, explained leaks the session's scan saw (they do not fail the run)."""
-    known = [f for scan in _SESSION_SCANS for f in scan.findings if f.known is not None]
-    if known:
+    by_reason: dict[str, list[str]] = {}
+    for scan in _SESSION_SCANS:
+        for finding in scan.findings:
+            if finding.known is not None:
+                where = f"{finding.needle.kind} {finding.needle.masked} in {finding.where}"
+                by_reason.setdefault(finding.known.reason, []).append(where)
+    if by_reason:
         terminalreporter.section("known personal-data leaks in logs")
-        for finding in known:
-            terminalreporter.line(f"- {finding}")
+        for reason, places in by_reason.items():
+            terminalreporter.line(f"{reason}:")
+            for where in places:
+                terminalreporter.line(f"  - {where}")
 
 
 @pytest.fixture(autouse=True)
