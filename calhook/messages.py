@@ -11,13 +11,13 @@ from __future__ import annotations
 import base64
 import os
 import socket
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK
+from calhook.ids import random_uuid4
 
 _ORIGIN = f"calhook@{socket.gethostname()}:{os.getpid()}"
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -40,7 +40,7 @@ def task_message(
     ``argsrepr``/``kwargsrepr`` are what Flower and Celery's logs show instead of the arguments;
     callers pass something without personal data, never the payload.
     """
-    task_id = task_id or str(uuid.uuid4())
+    task_id = task_id or str(random_uuid4())
     body = orjson.dumps([list(args), kwargs or {}, _EMBED])
     message = {
         "body": base64.b64encode(body).decode("ascii"),
@@ -76,7 +76,7 @@ def task_message(
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
             "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
+            "delivery_tag": str(random_uuid4()),
         },
     }
     return orjson.dumps(message)
