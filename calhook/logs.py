@@ -86,16 +86,24 @@ class ConsoleFormatter(logging.Formatter):
 
 
 class RedactMessageBodies(logging.Filter):
-    """Cut the message body out of Celery's and kombu's complaints about a message.
+    """Cut the message body out of Celery's and kombu's complaints about a message, and task
+    arguments out of Celery's task lines.
 
     On an unknown task or an undecodable message they log the full body, which holds the
-    customer's name, e-mail and phone.
+    customer's name, e-mail and phone. Celery's "received"/"succeeded" lines carry the task's
+    ``argsrepr``/``kwargsrepr`` in their ``data``: calhook's own messages set those to ids
+    without personal data, but a message from another producer (a team's ``.delay()``) carries
+    its real arguments there. Only calhook's own shape is kept.
     """
 
     _MARKERS = ("full contents of the message body", "body:")
+    _OWN_KEYS = frozenset({"event_id", "type", "handler", "attempt"})
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith(("celery", "kombu")):
+            data = getattr(record, "data", None)
+            if isinstance(data, dict):
+                record.data = {k: self._argument(k, v) for k, v in data.items()}
             text = record.getMessage()
             lowered = text.lower()
             for marker in self._MARKERS:
@@ -105,6 +113,19 @@ class RedactMessageBodies(logging.Filter):
                     record.args = None
                     break
         return True
+
+    @classmethod
+    def _argument(cls, key: str, value: object) -> object:
+        if key not in ("args", "kwargs") or value in ("", "()", "{}", "[]", None):
+            return value
+        if key == "kwargs" and isinstance(value, str):
+            try:
+                parsed = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict) and set(parsed) <= cls._OWN_KEYS:
+                return value
+        return "[arguments redacted]"
 
 
 _listener: logging.handlers.QueueListener | None = None

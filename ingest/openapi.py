@@ -2,10 +2,10 @@
 
 It must stay truthful, because schemathesis holds the app to it: every status an operation can
 answer is declared, with the content type it really has. Two kinds of answer come from aiohttp
-itself, before any calhook code runs, as ``text/plain``: a 400 for a request aiohttp's parser
-refuses (a header line longer than ``CALHOOK_MAX_HEADER_BYTES``, more than
-``CALHOOK_MAX_HEADERS`` headers, broken chunked framing, bytes that are not HTTP), and a 405 for
-a method a path does not have (JSON, from our error middleware). The document is built once per
+itself, before any calhook code runs: a 400 for a request aiohttp's parser refuses (a header
+line longer than ``CALHOOK_MAX_HEADER_BYTES``, more than ``CALHOOK_MAX_HEADERS`` headers, broken
+chunked framing, bytes that are not HTTP; made our JSON error by ``ingest.server``), and a 405
+for a method a path does not have (JSON, from our error middleware). The document is built once per
 app, with the settings that change what a client sees.
 """
 
@@ -19,13 +19,10 @@ from calhook import __version__
 from calhook.settings import Settings
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
-_TEXT = {"text/plain": {"schema": {"type": "string"}}}
 
 
-def _error(description: str, *, text: bool = False, retry_after: bool = False) -> dict[str, Any]:
+def _error(description: str, *, retry_after: bool = False) -> dict[str, Any]:
     content: dict[str, Any] = {"application/json": {"schema": _ERROR}}
-    if text:
-        content.update(_TEXT)
     answer: dict[str, Any] = {"description": description, "content": content}
     if retry_after:
         answer["headers"] = {
@@ -40,8 +37,8 @@ def _error(description: str, *, text: bool = False, retry_after: bool = False) -
 def _parser_error() -> dict[str, Any]:
     return {
         "description": "aiohttp's HTTP parser refused the request before calhook saw it: a header "
-        "line too long, too many headers, broken framing (text/plain).",
-        "content": dict(_TEXT),
+        "line too long, too many headers, broken framing.",
+        "content": {"application/json": {"schema": _ERROR}},
     }
 
 
@@ -101,8 +98,7 @@ def _webhook(settings: Settings, named: bool) -> dict[str, Any]:
                 },
                 "400": _error(
                     "Malformed JSON (declared as JSON or undeclared), or a body cut short; "
-                    "or a request aiohttp's parser refused (text/plain).",
-                    text=True,
+                    "or a request aiohttp's parser refused.",
                 ),
                 "401": _error("Missing or wrong secret header, or Standard Webhooks signature."),
                 "403": _error("The client address is not in CALHOOK_ALLOWED_IPS."),
@@ -191,8 +187,7 @@ def document(settings: Settings) -> dict[str, Any]:
             "title": "calhook ingress",
             "version": __version__,
             "description": "Receives Calenso webhooks and makes each durable before answering. "
-            'Every error is JSON: {"status": "error", "error": <code>, "detail": <text>}, '
-            "except aiohttp parser refusals (text/plain 400).",
+            'Every error is JSON: {"status": "error", "error": <code>, "detail": <text>}.',
         },
         "paths": {
             "/webhooks/calenso": _webhook(settings, named=False),

@@ -9,9 +9,9 @@ The limits that live below the app are set here, on aiohttp's server:
 - ``CALHOOK_MAX_HEADER_BYTES`` bounds every line (request line and header lines) in aiohttp's
   parser, and the whole head in the app (431); ``CALHOOK_MAX_HEADERS`` bounds their number.
   aiohttp's parser refuses a line or a count beyond them itself, before any calhook code runs,
-  with a ``400`` in ``text/plain`` and a closed connection: that answer cannot be made JSON
-  without replacing aiohttp's protocol class. Its log line would quote the start of the
-  offending line, so :class:`ParserRefusals` shortens it to the refusal's kind.
+  with a ``400`` and a closed connection. Its answer would be text quoting the offending line
+  (a secret, perhaps): :class:`IngressRunner` makes it our JSON error, quoting nothing, and
+  :class:`ParserRefusals` shortens its log line to the refusal's kind.
 """
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.web_protocol import RequestHandler
 
 from calhook.settings import Settings
 from ingest.app import create_admin_app, create_app
@@ -53,6 +56,54 @@ class ParserRefusals(logging.Filter):
             record.exc_text = None
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
+
+
+class _JsonRefusals(RequestHandler):
+    """aiohttp's protocol, answering what it refuses by itself (a request its parser cannot
+    take, a handler that timed out or crashed) with calhook's JSON error, quoting nothing."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own logs the refusal (through ParserRefusals) and checks nothing was sent.
+        super().handle_error(request, status, exc, None)
+        reason = HTTPStatus(status).phrase if status in _STATUSES else "Error"
+        detail = (
+            "the request could not be parsed: a line too long, too many headers, or bad framing"
+            if status == HTTPStatus.BAD_REQUEST
+            else reason
+        )
+        body = {"status": "error", "error": reason, "detail": detail}
+        response = web.Response(
+            status=status, body=orjson.dumps(body), content_type="application/json"
+        )
+        response.force_close()
+        return response
+
+
+_STATUSES = frozenset(s.value for s in HTTPStatus)
+
+
+class _JsonRefusalsServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonRefusals(self, loop=self._loop, **self._kwargs)
+
+
+class IngressRunner(web.AppRunner):
+    """An AppRunner whose connections answer aiohttp's own refusals in JSON (see above).
+
+    aiohttp builds its Server inside ``AppRunner``; its class is swapped for a subclass that
+    only changes which protocol class it makes (``Server`` has no slots; nothing else differs).
+    """
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonRefusalsServer
+        return server
 
 
 def _filter_parser_refusals() -> None:
@@ -91,7 +142,7 @@ async def listening(
     _filter_parser_refusals()
     app = create_app(settings)
     options = server_options(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S, **options)
+    runner = IngressRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S, **options)
     await runner.setup()
     admin: web.AppRunner | None = None
     try:
@@ -105,7 +156,7 @@ async def listening(
         await site.start()
         admin_port = None
         if settings.admin_port is not None:
-            admin = web.AppRunner(create_admin_app(app), access_log=None, **options)
+            admin = IngressRunner(create_admin_app(app), access_log=None, **options)
             await admin.setup()
             admin_site = web.TCPSite(
                 admin, settings.admin_host, settings.admin_port, reuse_port=True
