@@ -55,7 +55,6 @@ def _env(redis_url: str, work: Path, mode: str, slow_url: str) -> dict[str, str]
         "CALHOOK_AUTH_SECRETS": SECRET,
         "CALHOOK_SPOOL_DIR": str(work / "spool"),
         "CALHOOK_HANDLER_MODULES": "bench.handlers",
-        "CALHOOK_LOG_LEVEL": "WARNING",
         "BENCH_HANDLER": mode,
         "BENCH_SLOW_URL": slow_url,
     }

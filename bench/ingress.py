@@ -50,7 +50,6 @@ def servers(redis_url: str, work: Path) -> Iterator[dict[str, tuple[int, Child]]
         "REDIS_URL": redis_url,
         "CALHOOK_AUTH_SECRETS": SECRET,
         "CALHOOK_SPOOL_DIR": str(work / "spool"),
-        "CALHOOK_LOG_LEVEL": "INFO",
     }
     with ExitStack() as stack:
         running = {}

@@ -169,5 +169,11 @@ def configure(fmt: str = "json", level: str = "INFO", *, background: bool = Fals
     root.setLevel(level)
     # aiohttp's access log repeats what our own "accepted" line says, with less.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Celery's "received" and "succeeded" lines, two per task, repeat our own "dispatched" and
+    # "handler done" (which carry the event id, handler, outcome and duration) and cost the
+    # worker as much as the task; its failures are logged at ERROR and still pass.
+    quiet = logging.DEBUG if logging.getLevelName(level) == logging.DEBUG else logging.WARNING
+    for name in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(name).setLevel(quiet)
     # httpx logs every request's URL at INFO; CRM URLs can carry an e-mail address.
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -56,3 +56,16 @@ def test_celery_message_bodies_are_redacted(capfd: pytest.CaptureFixture[str]) -
     assert "anna.muster" not in json.dumps(line)
     assert str(line["msg"]).endswith("[message body redacted]")
     assert "calhook.handler.gone" in str(line["msg"])
+
+
+@pytest.mark.parametrize(("level", "shown"), [("INFO", ["failed"]), ("DEBUG", ["ok", "failed"])])
+def test_celerys_per_task_lines_show_only_when_debugging(
+    capfd: pytest.CaptureFixture[str], level: str, shown: list[str]
+) -> None:
+    logs.configure("json", level)
+
+    trace = logging.getLogger("celery.app.trace")
+    trace.info("ok")
+    trace.error("failed")
+
+    assert [line["msg"] for line in lines(capfd.readouterr().err)] == shown
