@@ -30,8 +30,13 @@ from calhook.redis_server import find_server_binary
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # The worker host of each end-to-end scenario: (queues, pool, concurrency) per worker process.
-NOOP_WORKERS = (("dispatch,bench", "prefork", 2),)
-BARE_WORKERS = (("bare", "prefork", 2),)
+# One worker process per core: each Celery worker's consumer (its main process: BRPOP, unacked
+# bookkeeping, acks) is single-threaded and was the busiest process of a one-worker host; two
+# processes were faster than one with two children for calhook and for the bare task alike.
+NOOP_WORKERS = (("dispatch,bench", "prefork", 1), ("dispatch,bench", "prefork", 1))
+BARE_WORKERS = (("bare", "prefork", 1), ("bare", "prefork", 1))
+# A handler that waits on I/O: threads, so one process waits on many calls at once (the GIL is
+# released while waiting); a prefork child waits on one.
 IO_WORKERS = (("dispatch,bench", "threads", 48), ("dispatch,bench", "threads", 48))
 
 
@@ -89,7 +94,7 @@ def main() -> None:
     if "e2e" in parts:
         results["e2e"] = e2e.run(scenarios, 1 if quick else 3, progress)
     if "memory" in parts:
-        results["memory"] = memory.run(20 if quick else 300, 100, NOOP_WORKERS, progress)
+        results["memory"] = memory.run(20 if quick else 300, 150, NOOP_WORKERS, progress)
 
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.run" + (" --quick" if quick else "")
