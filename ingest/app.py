@@ -33,7 +33,7 @@ from calhook.messages import Delivery, dispatch_message
 from calhook.settings import DEFAULT_ENDPOINT, Settings, SettingsError, networks
 from ingest.admin import admin_routes
 from ingest.auth import Authenticator, authenticator
-from ingest.body import parse_json, read_body
+from ingest.body import BOM, parse_json, read_body
 from ingest.clients import ClientFilter
 from ingest.durable import DurableWriter, NotDurable
 from ingest.errors import (
@@ -94,7 +94,12 @@ async def _errors(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _json(exc.status, {"status": "error", "error": exc.reason, "detail": exc.reason})
+        response = _json(exc.status, {"status": "error", "error": exc.reason, "detail": exc.reason})
+        # Keep what the answer says besides its body (Allow on a 405).
+        for name, value in exc.headers.items():
+            if name.lower() not in ("content-type", "content-length"):
+                response.headers[name] = value
+        return response
 
 
 def _endpoints(settings: Settings) -> dict[str, Authenticator]:
@@ -163,6 +168,9 @@ async def _receive(request: web.Request, name: str) -> web.Response:
     auth.before_body(headers)
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     auth.after_body(headers, body)
+    # Some senders (PHP among them) prefix a UTF-8 byte order mark, which JSON does not allow:
+    # it goes here, before the dedup digest and the stored body, or dispatch could not parse it.
+    body = body.removeprefix(BOM)
 
     try:
         # The header as sent: aiohttp reports a missing one as application/octet-stream.

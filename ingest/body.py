@@ -34,7 +34,7 @@ from ingest.errors import (
 )
 
 _JSON_TYPES = ("application/json", "text/json")
-_BOM = b"\xef\xbb\xbf"
+BOM = b"\xef\xbb\xbf"
 
 
 async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
@@ -76,7 +76,7 @@ def _printable(header: str) -> str:
 def parse_json(body: bytes, content_type: str, max_depth: int) -> Any:
     """The body's JSON value, or the IngestError that says why there is none we can use."""
     # Some senders (PHP among them) prefix a UTF-8 byte order mark; JSON does not allow it.
-    body = body.removeprefix(_BOM)
+    body = body.removeprefix(BOM)
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
