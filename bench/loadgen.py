@@ -83,16 +83,22 @@ class Run:
                         if line[:15].lower() == b"content-length:":
                             length = int(line[15:])
                     body = await reader.readexactly(length)
+                    status = int(status_line[9:12])  # an empty line (closed) is a ValueError
                 except (OSError, asyncio.IncompleteReadError, ValueError):
                     self.errors += 1
                     writer.close()
                     reader, writer = await asyncio.open_connection("127.0.0.1", self.args.port)
                     continue
                 done = time.perf_counter()
+                self.statuses[status] = self.statuses.get(status, 0) + 1
+                if not 200 <= status < 300:
+                    # A refusal is counted (statuses), not acknowledged: no rate, no latency.
+                    # The server may close the connection after it: open a new one.
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", self.args.port)
+                    continue
                 self.last_done = done
                 self.latencies.append(done - due)
-                status = int(status_line[9:12])
-                self.statuses[status] = self.statuses.get(status, 0) + 1
                 if self.args.acks and status == 202:
                     self.acks.append((json.loads(body)["event_id"], time.time()))
         finally:

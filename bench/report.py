@@ -151,11 +151,13 @@ def markdown(results: dict[str, Any], machine: dict[str, str], describe: dict[st
             "## End to end",
             "",
             "*events/s drained*: events accepted while no worker ran, then one worker host "
-            "started; from its first finished handler to the last. The bare baseline drains the "
-            "same number of `send_task` messages of a no-op task with calhook's broker settings "
-            "(late ack, prefetch 1). Both count completions with one Redis INCR. *Latency*: "
-            "events offered at a fixed rate with the workers running, from the 202 to the "
-            "handler's trail entry.",
+            "started; from the moment it took its first message to the last handler's end. The "
+            "bare baseline, run right after, drains the same number of `send_task` messages of "
+            "a no-op task with calhook's broker settings (late ack, prefetch 1). Both count "
+            "completions with one Redis INCR. calhook runs at its default log level (INFO: a "
+            "`dispatched` and a `handler done` line per event), the bare worker at Celery's "
+            "(WARNING). *Latency*: events offered at a fixed rate with the workers running, "
+            "from the 202 to the handler's trail entry.",
             "",
             *e2e_table(results["e2e"], describe),
             "",

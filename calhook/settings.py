@@ -362,6 +362,16 @@ class Settings(BaseSettings):
         """The zone of naive ``created`` timestamps."""
         return ZoneInfo(self.created_tz)
 
+    @property
+    def retention_s(self) -> int:
+        """``CALHOOK_RETENTION_DAYS`` in seconds."""
+        return self.retention_days * 86_400
+
+    @property
+    def trail_keep_s(self) -> int:
+        """How long a trail is kept: its TTL, never past the retention."""
+        return min(self.trail_ttl_s, self.retention_s)
+
     def endpoint(self, name: str) -> Endpoint | None:
         """The endpoint called ``name`` (the default endpoint for ``"default"``), if any."""
         if name == DEFAULT_ENDPOINT:

@@ -256,7 +256,7 @@ async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
         watchdog_s=settings.watchdog_s,
     )
     writer = DurableWriter(
-        redis, publisher, Spool(Path(settings.spool_dir)), trail_ttl_s=settings.trail_ttl_s
+        redis, publisher, Spool(Path(settings.spool_dir)), trail_ttl_s=settings.trail_keep_s
     )
     publisher.on_batch = app[METRICS].batch_size.observe
     app[METRICS].watch_spool(writer.spool_depth, lambda: writer.spooling)

@@ -82,12 +82,12 @@ def _dispatcher() -> Dispatcher:
     return Dispatcher(
         client,
         registry,
-        RecordStore(client, PARKED),
+        RecordStore(client, PARKED, settings.retention_s),
         settings.zone,
         Ledger(client, settings.ledger_ttl_s),
         settings.max_deliveries,
         settings.watchdog_s,
-        Trail(client, settings.trail_ttl_s),
+        Trail(client, settings.trail_ttl_s, settings.retention_s),
     )
 
 
