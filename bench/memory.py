@@ -4,6 +4,13 @@ The pipeline (ingress, a worker with the no-op handler) takes a steady offered r
 whole run; the RSS of the ingress process and of the worker (main process and pool children)
 is sampled every few seconds. Growth compares the last fifth of the run with the second fifth,
 after start-up and warm-up.
+
+The workers run with a one-minute task time limit instead of the default five. Celery's worker
+process arms a timer for each task's hard time limit; a finished task cancels it, but the entry
+stays in the timer heap until its time comes, so the main process grows by about half a
+kilobyte per task until the first limit passes, then holds steady at rate × limit entries (a bare
+Celery worker does the same). With the default limit that plateau comes at the end of a
+five-minute run; with one minute the run shows it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from bench.procs import BIN, ROOT, Child, wait_for_port
 from calhook.redis_server import RedisServer, free_port
 
 SAMPLE_S = 2.0
+TIME_LIMITS = {"CALHOOK_TASK_TIME_LIMIT_S": "60", "CALHOOK_VISIBILITY_TIMEOUT_S": "120"}
 
 
 def run(seconds: float, rate: int, workers: tuple[tuple[str, str, int], ...], progress: Any
@@ -34,6 +42,7 @@ def run(seconds: float, rate: int, workers: tuple[tuple[str, str, int], ...], pr
         bodies = write_bodies(fixture_bodies(), work / "bodies")
         with RedisServer(work / "redis") as server:
             env = _env(server.url, work, "noop", "")
+            env.update(TIME_LIMITS)
             port = free_port()
             argv = [str(BIN / "calhook"), "serve", "--host", "127.0.0.1", "--port", str(port)]
             with (

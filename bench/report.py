@@ -78,7 +78,10 @@ def e2e_table(results: dict[str, dict[str, Figures]], describe: dict[str, str]) 
 def memory_table(memory: dict[str, Any]) -> list[str]:
     lines = [
         f"{memory['seconds']:.0f} s at {memory['rate']} events/s through ingress and worker; "
-        "RSS sampled every 2 s (worker: main process and pool children).",
+        "RSS sampled every 2 s (worker: main process and pool children). The workers run with "
+        "a 60 s task time limit: Celery keeps a timer entry per task until its hard limit "
+        "passes, even when the task is long done, so a worker grows until then and holds "
+        "steady after (bench/memory.py).",
         "",
         "| process | peak MB | 2nd fifth MB | last fifth MB | growth |",
         "|---|---:|---:|---:|---:|",
