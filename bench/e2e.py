@@ -114,15 +114,22 @@ def _workers(
         yield children
 
 
+@contextmanager
+def _ingress(env: dict[str, str], work: Path) -> Iterator[int]:
+    """A `calhook serve` on a free port, until the block exits; yields the port."""
+    port = free_port()
+    argv = [str(BIN / "calhook"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with Child("e2e-ingress", argv, env, work) as ingress:
+        wait_for_port(port, ingress.proc)
+        yield port
+
+
 def drain_calhook(scenario: Scenario, work: Path, slow_url: str) -> dict[str, Any]:
     bodies = write_bodies(fixture_bodies(), work / "bodies")
     with RedisServer(work / f"redis-{time.time_ns()}") as server:
         client = redis.Redis.from_url(server.url)
         env = _env(server.url, work, scenario.handler, slow_url)
-        port = free_port()
-        argv = [str(BIN / "calhook"), "serve", "--host", "127.0.0.1", "--port", str(port)]
-        with Child("e2e-ingress", argv, env, work) as ingress:
-            wait_for_port(port, ingress.proc)
+        with _ingress(env, work) as port:
             posted = _post(port, bodies, 2000, scenario.events / 2000, work)
         accepted = posted["statuses"].get("202", 0)
         with _workers(scenario.workers, env, work):
@@ -151,13 +158,7 @@ def latency(scenario: Scenario, work: Path, slow_url: str) -> dict[str, Any]:
     with RedisServer(work / f"redis-{time.time_ns()}") as server:
         client = redis.Redis.from_url(server.url)
         env = _env(server.url, work, scenario.handler, slow_url)
-        port = free_port()
-        argv = [str(BIN / "calhook"), "serve", "--host", "127.0.0.1", "--port", str(port)]
-        with (
-            Child("e2e-ingress", argv, env, work) as ingress,
-            _workers(scenario.workers, env, work),
-        ):
-            wait_for_port(port, ingress.proc)
+        with _ingress(env, work) as port, _workers(scenario.workers, env, work):
             time.sleep(3)  # the worker connects
             posted = _post(port, bodies, scenario.latency_rate, scenario.latency_seconds, work)
             acks: list[tuple[str, float]] = [tuple(a) for a in posted["acks"]]  # type: ignore[misc]

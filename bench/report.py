@@ -201,3 +201,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+
+def update_readme(readme: Path, results_md: str) -> None:
+    """Put the report (without its title) between the README's bench markers."""
+    text = readme.read_text()
+    start, end = text.index(README_START), text.index(README_END)
+    body = results_md.split("\n", 1)[1].strip().replace("\n## ", "\n### ")
+    text = text[: start + len(README_START)] + "\n" + body + "\n" + text[end:]
+    readme.write_text(text)

@@ -3,6 +3,7 @@
     python -m bench.run            # the full run (about 12 minutes)
     python -m bench.run --quick    # a short smoke run of every part (about 2 minutes)
     python -m bench.run --only ingress,e2e
+    python -m bench.run --readme   # and quote the report in README.md's Performance section
 
 Writes RESULTS.md (the tables quoted in the README), results.json (every run's figures) and
 ingress.png. Needs wrk on PATH (Debian: apt-get install wrk) and the fixtures in ../shared.
@@ -68,6 +69,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short runs, one round")
     parser.add_argument("--only", default="ingress,e2e,memory", help="comma-separated parts")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--readme", action="store_true", help="also quote the report in README.md's Performance"
+    )
     args = parser.parse_args()
     parts = set(args.only.split(","))
     if shutil.which("wrk") is None and "ingress" in parts:
@@ -107,6 +111,10 @@ def main() -> None:
     if "ingress" in results:
         report.plot(results, args.out / "ingress.png")
     progress(f"wrote {args.out}/RESULTS.md")
+    if args.readme:
+        report.update_readme(Path(__file__).resolve().parent.parent / "README.md",
+                             (args.out / "RESULTS.md").read_text())  # fmt: skip
+        progress("quoted it in README.md (Performance)")
     print((args.out / "RESULTS.md").read_text())
 
 

@@ -264,13 +264,7 @@ class Forgetter:
             if task is not None and task.mentions(self.customer):
                 matched.append(member)
                 self._matched(task.event_id, task.body)
-        removed = 0
-        for batch in _batches(matched):
-            with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hdel(messages_key, *batch)
-                pipe.zrem(due_key, *batch)
-                deleted, _ = pipe.execute()
-            removed += int(deleted)
+        removed = self._remove_indexed(messages_key, due_key, matched)
         self._found.removed[name] += removed
         return removed
 
@@ -309,14 +303,19 @@ class Forgetter:
             if task is not None and task.mentions(self.customer):
                 matched.append(tag)
                 self._matched(task.event_id, task.body)
+        removed = self._remove_indexed(UNACKED_KEY, UNACKED_INDEX_KEY, matched)
+        self._found.removed["unacked"] += removed
+        return removed
+
+    def _remove_indexed(self, hash_key: str, index_key: str, members: list[bytes]) -> int:
+        """Remove ``members`` from a hash and its sorted-set index; how many the hash had."""
         removed = 0
-        for batch in _batches(matched):
+        for batch in _batches(members):
             with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hdel(UNACKED_KEY, *batch)
-                pipe.zrem(UNACKED_INDEX_KEY, *batch)
+                pipe.hdel(hash_key, *batch)
+                pipe.zrem(index_key, *batch)
                 deleted, _ = pipe.execute()
             removed += int(deleted)
-        self._found.removed["unacked"] += removed
         return removed
 
     def _ordering(self) -> None:
