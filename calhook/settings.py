@@ -192,7 +192,7 @@ class Settings(BaseSettings):
         DEDUP_TTL_S_DEFAULT, ge=86_400, description="How long a retransmission is recognised."
     )
     publish_batch_max: int = Field(
-        256, ge=1, description="Most events written to Redis in one pipelined round trip."
+        256, ge=1, description="Most events written to Redis in one script call."
     )
     redis_timeout_s: float = Field(
         0.25, gt=0, description="Deadline of a Redis write from the ingress; the spool after it."

@@ -41,7 +41,7 @@ class IngressMetrics:
         )
         self.batch_size = Histogram(
             "calhook_ingress_publish_batch_size",
-            "Events written to Redis in one pipelined round trip.",
+            "Events written to Redis in one script call.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )

@@ -102,7 +102,10 @@ class IngressRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        server.__class__ = _JsonRefusalsServer
+        try:
+            server.__class__ = _JsonRefusalsServer
+        except TypeError:  # an aiohttp whose Server has slots: keep its own (text) refusals
+            log.warning("aiohttp's parser refusals stay text/plain with this aiohttp version")
         return server
 
 
