@@ -290,7 +290,7 @@ def events_show(event_id: str, as_json: bool) -> None:
     client = _client()
     # Entries come from several processes (a spooled event's ingress, workers): order by time.
     entries = sorted(
-        Trail(client, get_settings().trail_ttl_s).read(event_id), key=lambda e: e["at"]
+        Trail(client, get_settings().trail_keep_s).read(event_id), key=lambda e: e["at"]
     )
     if not entries:
         raise click.ClickException(
@@ -319,7 +319,7 @@ def events_list(event_type: str | None, since: str, limit: int) -> None:
     """Events that arrived since a time, newest first."""
     from workers.trail import Trail
 
-    trail = Trail(_client(), get_settings().trail_ttl_s)
+    trail = Trail(_client(), get_settings().trail_keep_s)
     for entry in trail.events(since=_since(since), event_type=event_type, limit=limit):
         click.echo(f"{entry['event_id']}  {_stamp(entry['at'])}  {entry.get('type', '')}"
                    f"  {entry.get('endpoint', '')}")  # fmt: skip

@@ -9,6 +9,7 @@ from pathlib import Path
 import redis
 
 from calhook.constants import trail_key
+from calhook.settings import load_settings
 from tests.support.waiting import wait_for
 from tests.support.worker import SchedulerProcess
 from workers.delayed import sweep_retention
@@ -30,9 +31,12 @@ def test_a_record_expires_after_the_retention(redis_db: redis.Redis) -> None:
 
 
 def test_a_trail_never_outlives_the_retention(redis_db: redis.Redis) -> None:
-    Trail(redis_db, ttl_s=7 * DAY_S).received("short", time.time(), type="t")
-    Trail(redis_db, ttl_s=90 * DAY_S).received("long", time.time(), type="t")
-    Trail(redis_db, ttl_s=7 * DAY_S, retention_s=DAY_S).add("one-day", "dispatched")
+    for name, settings in (
+        ("short", load_settings(trail_ttl_s=7 * DAY_S)),
+        ("long", load_settings(trail_ttl_s=90 * DAY_S)),
+        ("one-day", load_settings(trail_ttl_s=7 * DAY_S, retention_days=1)),
+    ):
+        Trail(redis_db, settings.trail_keep_s).received(name, time.time(), type="t")
 
     assert 7 * DAY_S - 5 <= int(redis_db.ttl(trail_key("short"))) <= 7 * DAY_S
     assert 30 * DAY_S - 5 <= int(redis_db.ttl(trail_key("long"))) <= 30 * DAY_S

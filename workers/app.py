@@ -87,7 +87,7 @@ def _dispatcher() -> Dispatcher:
         Ledger(client, settings.ledger_ttl_s),
         settings.max_deliveries,
         settings.watchdog_s,
-        Trail(client, settings.trail_ttl_s, settings.retention_s),
+        Trail(client, settings.trail_keep_s),
     )
 
 

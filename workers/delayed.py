@@ -83,7 +83,7 @@ class DelayedStore:
 def sweep_retention(client: redis.Redis, now_s: float | None = None) -> int:
     """Erase parked and dead-letter records and event trails past the retention; how many."""
     now = time.time() if now_s is None else now_s
-    trail = Trail(client, get_settings().trail_ttl_s)
+    trail = Trail(client, get_settings().trail_keep_s)
     return sum(
         [RecordStore(client, PARKED).trim(now), RecordStore(client, DEAD).trim(now),
          trail.trim(now)]

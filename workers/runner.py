@@ -62,7 +62,7 @@ class HandlerRunner:
         self.dead = RecordStore(client, DEAD, settings.retention_s)
         self.delayed = DelayedStore(client)
         self.watchdog = Watchdog(client, settings.watchdog_s)
-        self.trail = Trail(client, settings.trail_ttl_s, settings.retention_s)
+        self.trail = Trail(client, settings.trail_keep_s)
         self.guard = OrderGuard(client, ttl_s=90 * 86_400, lock_s=settings.task_time_limit_s)
 
     def run(self, handler_name: str, delivery: Delivery, attempt: int, queue: str = "") -> str:

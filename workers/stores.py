@@ -31,7 +31,7 @@ _TRIM_BATCH = 500
 
 def retention_s() -> int:
     """``CALHOOK_RETENTION_DAYS`` of this process's settings, in seconds."""
-    return get_settings().retention_days * DAY_S
+    return get_settings().retention_s
 
 
 class RecordStore:

@@ -19,7 +19,6 @@ import orjson
 import redis
 
 from calhook.constants import KEY_PREFIX, trail_key
-from workers.stores import retention_s as default_retention_s
 
 INDEX_KEY = f"{KEY_PREFIX}events"
 _TRIM_BATCH = 500
@@ -28,19 +27,11 @@ _TRIM_BATCH = 500
 class Trail:
     """Appends to and reads event trails."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int, retention_s: int | None = None) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        """``ttl_s``: how long a trail is kept, ``Settings.trail_keep_s`` (never past the
+        retention)."""
         self._redis = client
-        self._trail_ttl_s = ttl_s
-        self._retention_s = retention_s
-        self._keep_s: int | None = None
-
-    @property
-    def ttl_s(self) -> int:
-        """How long a trail is kept: ``ttl_s``, but never past the retention."""
-        if self._keep_s is None:
-            retention = self._retention_s or default_retention_s()
-            self._keep_s = min(self._trail_ttl_s, retention)
-        return self._keep_s
+        self.ttl_s = ttl_s
 
     def trim(self, now: float | None = None) -> int:
         """Erase the trails of events that arrived more than the TTL before ``now``.
