@@ -74,9 +74,10 @@ def _printable(header: str) -> str:
 
 
 def parse_json(body: bytes, content_type: str, max_depth: int) -> Any:
-    """The body's JSON value, or the IngestError that says why there is none we can use."""
-    # Some senders (PHP among them) prefix a UTF-8 byte order mark; JSON does not allow it.
-    body = body.removeprefix(BOM)
+    """The body's JSON value, or the IngestError that says why there is none we can use.
+
+    ``body`` is the one the ingress keeps: a UTF-8 byte order mark is already gone (app.py).
+    """
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
