@@ -7,14 +7,13 @@ incoming webhook is the secret, and the tests check that calhook never logs it.
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import threading
 from collections import deque
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
+
+from tests.support.threaded import ThreadedServer
 
 WEBHOOK_PATH = "/services/T0TEST/B0TEST/s3cr3tW3bh00kT0k3n"
 
@@ -23,17 +22,18 @@ class ChatServer:
     """The server, as a context manager; ``url`` is what CALHOOK_CHAT_WEBHOOK_URL would hold."""
 
     def __init__(self) -> None:
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self.port = int(self._sock.getsockname()[1])
-        self.url = f"http://127.0.0.1:{self.port}{WEBHOOK_PATH}"
         self._posts: list[Any] = []
         self._calls = 0
         self._faults: deque[tuple[int, dict[str, str]]] = deque()
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._server = ThreadedServer(app)
+
+    @property
+    def url(self) -> str:
+        """The webhook's URL (once started)."""
+        return f"{self._server.url}{WEBHOOK_PATH}"
 
     def fail_next(self, status: int, times: int = 1, headers: dict[str, str] | None = None) -> None:
         """Answer the next ``times`` calls with ``status`` (and ``headers``), recording nothing."""
@@ -66,38 +66,17 @@ class ChatServer:
             return web.Response(status=404, text="no_service")
         return web.Response(text="ok")
 
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.SockSite(self._runner, self._sock).start()
-
-    async def _stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
     def start(self) -> ChatServer:
         """Start serving; returns self."""
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
+        self._server.start()
         return self
 
     def stop(self) -> None:
         """Stop serving and end the thread."""
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-        self._sock.close()
+        self._server.stop()
 
     def __enter__(self) -> ChatServer:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

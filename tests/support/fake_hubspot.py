@@ -34,6 +34,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from tests.support.threaded import ThreadedServer
+
 CONTACTS = "/crm/v3/objects/contacts"
 # HubSpot's default contact properties calhook writes, plus the custom unique one.
 DEFAULT_PROPERTIES = frozenset(
@@ -190,43 +192,25 @@ class FakeHubSpot:
         self._rules: list[_Rule] = []
         self._records: dict[str, dict[str, Any]] = {}
         self._ids = itertools.count(1001)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
+        self._server: ThreadedServer | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> FakeHubSpot:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="fake-hubspot", daemon=True)
-        self._thread.start()
-        port = asyncio.run_coroutine_threadsafe(self._serve(), loop).result(timeout=10)
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def _serve(self) -> int:
         app = web.Application(middlewares=[self._middleware])
         app.router.add_post(f"{CONTACTS}/batch/upsert", self._upsert)
         app.router.add_post(f"{CONTACTS}/batch/archive", self._archive_batch)
         app.router.add_get(f"{CONTACTS}/{{contact_id}}", self._read)
         app.router.add_delete(f"{CONTACTS}/{{contact_id}}", self._archive)
         # A slow answer still in progress must not hold up stop().
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        return int(self._runner.addresses[0][1])
+        self._server = ThreadedServer(app, shutdown_timeout=0.5).start()
+        self.url = self._server.url
+        return self
 
     def stop(self) -> None:
-        loop, thread, runner = self._loop, self._thread, self._runner
-        if loop is None or thread is None:
-            return
-        if runner is not None:
-            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
-        self._loop = self._thread = self._runner = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
     def __enter__(self) -> FakeHubSpot:
         return self.start()
