@@ -3,9 +3,10 @@
 Normally events go to Redis through the :class:`~ingest.publisher.Publisher`. When a write fails
 or misses its deadline (``CALHOOK_REDIS_TIMEOUT_S``, well under a second), the event is appended
 to the spool instead, fsynced before the answer, and the writer switches to *spooling*: every
-event goes to the spool until the drainer has moved all of it to Redis, so arrival order is kept
-and a sick Redis is not hammered. The drainer resends through the same dedup-and-enqueue script,
-so an event whose first write did reach Redis (a timeout is not a refusal) is not queued twice.
+event goes to the spool until the drainer has moved all of it to Redis, appends still being
+fsynced included, so acknowledged order is kept and a sick Redis is not hammered. The drainer
+resends through the same dedup-and-enqueue script, so an event whose first write did reach Redis
+(a timeout is not a refusal) is not queued twice.
 
 Only when Redis and the spool both fail is an event refused (503).
 """
@@ -100,11 +101,17 @@ class DurableWriter:
                     log.warning("redis unavailable, spooling", extra={"error": str(exc)})
                     self._spooling = True
                     self._wake.set()
+        # append() counts the event in the spool's depth before its first await, so from the
+        # moment it is chosen for the spool the drainer cannot end spooling ahead of it.
         try:
             await self._spool.append(event)
         except SpoolError as exc:
             log.error("spool unavailable", extra={"error": str(exc)})
             raise NotDurable(str(exc)) from exc
+        finally:
+            # The drainer may have kept spooling on only for this append; let it look again now
+            # instead of at its next periodic wake.
+            self._wake.set()
         self.spooled += 1
         return None
 
@@ -155,7 +162,9 @@ class DurableWriter:
         if moved:
             self.drained += moved
             log.info("spool drained", extra={"moved": moved, "depth": self._spool.depth()})
+        # depth() counts appends still being fsynced: ending spooling while one is, would let
+        # later events reach Redis directly before it is drained, out of acknowledged order.
+        # No await between the check and the switch: no append can slip in between.
         if self._spooling and self._spool.depth() == 0:
-            # No await between the check and the switch: no append can slip in between.
             self._spooling = False
             log.info("redis is back, spooling ends")

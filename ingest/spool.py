@@ -228,7 +228,8 @@ class Spool:
         self._segments: list[_Segment] = []
         self._active: _Segment | None = None
         self._next_seq = 1
-        self._depth = 0
+        self._depth = 0  # records written and not yet drained
+        self._writing = 0  # records handed to append() whose write has not ended yet
         self._pending: list[tuple[Outgoing, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._write_lock = asyncio.Lock()  # held while a write is in flight on the active segment
@@ -250,8 +251,12 @@ class Spool:
         return self._slot
 
     def depth(self) -> int:
-        """Records appended and not yet drained, in this spool's own slot."""
-        return self._depth
+        """Records appended and not yet drained, in this spool's own slot.
+
+        An append still being written and fsynced counts from the moment append() is called: a
+        caller that sees 0 knows no record can turn up later ahead of what it writes elsewhere.
+        """
+        return self._depth + self._writing
 
     async def open(self) -> None:
         """Claim the first free slot, recover its segments and start the writer."""
@@ -292,6 +297,9 @@ class Spool:
         if self._lock_fd is None or self._closing:
             raise SpoolError("the spool is not open")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Counted before the first await (see depth()); the record is written even if the
+        # caller stops waiting, so the count follows the record, not the caller.
+        self._writing += 1
         self._pending.append((event, future))
         self._wake.set()
         await future
@@ -326,6 +334,7 @@ class Spool:
                 # What the failed write left behind is unknown: later appends go to a new segment
                 # and readers stop at this one's last known good end.
                 self._active = None
+                self._writing -= len(batch)
                 log.error("spool write failed", extra={"records": len(batch), "error": repr(exc)})
                 for _, future in batch:
                     if not future.done():
@@ -334,6 +343,7 @@ class Spool:
             seg.end += written
             seg.pending += len(batch)
             self._depth += len(batch)
+            self._writing -= len(batch)
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(batch))
         for _, future in batch:
