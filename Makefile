@@ -28,10 +28,11 @@ test: install  ## The whole suite, fault-injection tests included.
 test-fast: install  ## The suite without the long fault-injection tests.
 	$(BIN)/pytest -m "not slow"
 
-lint: install  ## ruff and mypy (strict), as CI runs them.
+lint: install  ## ruff, mypy (strict) and the import layers, as CI runs them.
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -161,7 +161,7 @@ def latency(scenario: Scenario, work: Path, slow_url: str) -> dict[str, Any]:
         with _ingress(env, work) as port, _workers(scenario.workers, env, work):
             time.sleep(3)  # the worker connects
             posted = _post(port, bodies, scenario.latency_rate, scenario.latency_seconds, work)
-            acks: list[tuple[str, float]] = [tuple(a) for a in posted["acks"]]  # type: ignore[misc]
+            acks: list[tuple[str, float]] = [tuple(a) for a in posted["acks"]]
             _wait_done(client, len(acks), 300)
         latencies = []
         with client.pipeline(transaction=False) as pipe:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]  # no stubs in the dev dependencies
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -22,7 +22,7 @@ def spread(values: Sequence[float], fmt: str = "{:,.0f}") -> str:
 
 def median_ratio(a: Figures, b: Figures, key: str = "rate") -> float:
     """The median over rounds of a/b, each round's pair measured back to back."""
-    return statistics.median(x[key] / y[key] for x, y in zip(a, b, strict=False) if y[key])
+    return float(statistics.median(x[key] / y[key] for x, y in zip(a, b, strict=False) if y[key]))
 
 
 def _pick(figures: Figures, key: str) -> list[float]:
@@ -144,7 +144,8 @@ def markdown(results: dict[str, Any], machine: dict[str, str], describe: dict[st
             "and Redis on core 1. *bare*: an aiohttp handler that reads the body and answers "
             "202. *recipe*: an aiohttp handler that checks the secret, parses the JSON and "
             "calls Celery's `send_task`. *calhook*: `calhook serve` with auth, full validation, "
-            "dedup and the watchdog copy, answering after Redis confirmed the write.",
+            "dedup, the body stored once with its dispatch state and one dispatch message per "
+            "batch of requests (one script call), answering after Redis confirmed the write.",
             "",
             *ingress_table(results["ingress"]),
             "",

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]  # no stubs in the dev dependencies
 
 from bench import e2e, ingress, memory, report
 from bench.procs import CORES

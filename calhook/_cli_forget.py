@@ -11,16 +11,10 @@ from calhook._cli_stores import _client
 from calhook.settings import get_settings
 
 _LABELS = {
-    "parked": "parked events",
-    "dead_letters": "dead letters",
-    "delayed": "retries waiting (delayed store)",
-    "watchdog": "watchdog copies",
-    "queued": "task messages on queues",
-    "unacked": "task messages taken by workers (unacked)",
+    "events": "events (state, body, trail)",
+    "open_work": "open work (queued, running, waiting)",
+    "records": "dead letters and parked records",
     "ordering": "order versions",
-    "trails": "event trails",
-    "ledger": "ledger entries",
-    "dispatch_markers": "fan-out markers",
     "dedup": "dedup keys",
     "notify_marks": "notification marks",
     "recent_failures": "recent failures (status page)",
@@ -39,15 +33,16 @@ NOT_REACHED = (
 def forget(customer_uuid: str, as_json: bool) -> None:
     """Erase one customer's data from every store calhook keeps in Redis (right to erasure).
 
-    Every event whose body mentions CUSTOMER_UUID goes: parked events, dead letters, retries,
-    watchdog copies, task messages still queued or taken by a worker (that work is then never
-    done: erasure wins), and what is keyed by those events or by the customer (trails, ledger,
-    order versions, dedup keys, notification marks). Prints counts and ids, never the data.
+    Every event whose body mentions CUSTOMER_UUID goes, with its parked record, dead letters,
+    open work (queued, running or waiting: it is then never done; erasure wins), and what is
+    keyed by those events or by the customer (states, trails, order versions, dedup keys,
+    notification marks). Prints counts and ids, never the data.
     """
+    from calhook.store.connect import pair_store
     from workers.forget import STORES, ForgetError, forget_customer
 
-    client = _client()
     settings = get_settings()
+    client = pair_store(_client(), settings)
     # The log keeps a record of the erasure: counts only (workers/forget.py).
     logs.configure(settings.log_format, settings.log_level)
     try:
@@ -67,8 +62,8 @@ def forget(customer_uuid: str, as_json: bool) -> None:
         click.echo(f"  {_LABELS[store]:<{width}}  {report.removed[store]:>6}")
     if report.work_dropped:
         click.echo(
-            f"{report.work_dropped} queued task(s) or retries were erased: their handlers will "
-            "not run for this customer (the right to erasure wins over delivery)."
+            f"{report.work_dropped} open pair(s) were erased: their handlers will not run for "
+            "this customer (the right to erasure wins over delivery)."
         )
     for event_id in report.event_ids:
         click.echo(f"  event {event_id}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import time
@@ -11,6 +12,7 @@ import click
 import redis
 
 from calhook.settings import SettingsError, get_settings
+from calhook.store.pairs import PairState
 
 
 def _client() -> redis.Redis:
@@ -52,7 +54,7 @@ def dlq() -> None:
 @click.option("--limit", type=int, default=50, show_default=True)
 def dlq_list(handler: str | None, limit: int) -> None:
     """List dead letters, oldest first."""
-    from workers.stores import DEAD, RecordStore
+    from calhook.store.records import DEAD, RecordStore
 
     store = RecordStore(_client(), DEAD)
     click.echo(f"{store.count()} dead letters")
@@ -73,7 +75,7 @@ def dlq_list(handler: str | None, limit: int) -> None:
 @click.argument("record_id")
 def dlq_show(record_id: str) -> None:
     """Show one dead letter: error, traceback summary, attempts and the event's body."""
-    from workers.stores import DEAD, RecordStore
+    from calhook.store.records import DEAD, RecordStore
 
     record = RecordStore(_client(), DEAD).get(record_id)
     if record is None:
@@ -87,26 +89,11 @@ def dlq_show(record_id: str) -> None:
 @click.option("--handler", default=None, help="Every dead letter of this handler.")
 def dlq_replay(ids: tuple[str, ...], select_all: bool, handler: str | None) -> None:
     """Run only the failed handler again for each selected event (attempt 1)."""
-    from workers.ledger import Ledger
-    from workers.replay import ReplayError, replay_dead
-    from workers.stores import DEAD, RecordStore
-    from workers.watchdog import Watchdog
+    from calhook.store.records import DEAD, RecordStore
 
-    client = _client()
-    store = RecordStore(client, DEAD)
+    store = RecordStore(_client(), DEAD)
     matches = (lambda r: r.get("handler") == handler) if handler else None
-    ledger = Ledger(client, get_settings().ledger_ttl_s)
-    watchdog = Watchdog(client, get_settings().watchdog_s)
-    done = 0
-    for record_id in _select(store.records(), ids, select_all, matches):
-        try:
-            queue = replay_dead(client, record_id, ledger, watchdog)
-        except ReplayError as exc:
-            click.echo(f"{record_id}: {exc}", err=True)
-            continue
-        click.echo(f"{record_id}: queued on {queue}")
-        done += 1
-    click.echo(f"{done} replayed")
+    _replay(DEAD, _select(store.records(), ids, select_all, matches), show_queue=True)
 
 
 @dlq.command("purge")
@@ -115,14 +102,39 @@ def dlq_replay(ids: tuple[str, ...], select_all: bool, handler: str | None) -> N
 @click.option("--handler", default=None, help="Every dead letter of this handler.")
 def dlq_purge(ids: tuple[str, ...], select_all: bool, handler: str | None) -> None:
     """Delete dead letters for good."""
-    from workers.stores import DEAD, RecordStore
+    from calhook.store.records import DEAD, RecordStore
 
     store = RecordStore(_client(), DEAD)
     matches = (lambda r: r.get("handler") == handler) if handler else None
-    selected = _select(store.records(), ids, select_all, matches)
+    _purge(DEAD, _select(store.records(), ids, select_all, matches))
+
+
+def _replay(kind: str, selected: list[str], *, show_queue: bool = False) -> None:
+    """Replay each record: one transition each, so a record replayed by someone else at the
+    same time is reported and not run twice."""
+    from calhook.store.connect import pair_store
+    from calhook.store.pairs import ReplayError
+
+    pairs = pair_store(_client(), get_settings())
+    done = 0
     for record_id in selected:
-        store.remove(record_id)
-    click.echo(f"{len(selected)} purged")
+        try:
+            queue = pairs.replay(kind, record_id)
+        except ReplayError as exc:
+            click.echo(f"{record_id}: {exc}", err=True)
+            continue
+        if show_queue:
+            click.echo(f"{record_id}: queued on {queue}")
+        done += 1
+    click.echo(f"{done} replayed")
+
+
+def _purge(kind: str, selected: list[str]) -> None:
+    from calhook.store.connect import pair_store
+
+    pairs = pair_store(_client(), get_settings())
+    purged = sum(pairs.purge(kind, selected[i : i + 500]) for i in range(0, len(selected), 500))
+    click.echo(f"{purged} purged")
 
 
 @click.group()
@@ -135,7 +147,7 @@ def parked() -> None:
 @click.option("--limit", type=int, default=50, show_default=True)
 def parked_list(reason: str | None, limit: int) -> None:
     """List parked events, oldest first."""
-    from workers.stores import PARKED, RecordStore
+    from calhook.store.records import PARKED, RecordStore
 
     store = RecordStore(_client(), PARKED)
     click.echo(f"{store.count()} parked")
@@ -156,7 +168,7 @@ def parked_list(reason: str | None, limit: int) -> None:
 @click.argument("event_id")
 def parked_show(event_id: str) -> None:
     """Show one parked event, with its reason, errors and body."""
-    from workers.stores import PARKED, RecordStore
+    from calhook.store.records import PARKED, RecordStore
 
     record = RecordStore(_client(), PARKED).get(event_id)
     if record is None:
@@ -173,21 +185,10 @@ def parked_replay(
     ids: tuple[str, ...], select_all: bool, reason: str | None, event_type: str | None
 ) -> None:
     """Dispatch the selected events again (e.g. after a handler for their type was deployed)."""
-    from workers.replay import ReplayError, replay_parked
-    from workers.stores import PARKED, RecordStore
-    from workers.watchdog import Watchdog
+    from calhook.store.records import PARKED, RecordStore
 
-    client = _client()
-    store = RecordStore(client, PARKED)
-    done = 0
-    for record_id in _select(store.records(), ids, select_all, _filter(reason, event_type)):
-        try:
-            replay_parked(client, record_id, Watchdog(client, get_settings().watchdog_s))
-        except ReplayError as exc:
-            click.echo(f"{record_id}: {exc}", err=True)
-            continue
-        done += 1
-    click.echo(f"{done} replayed")
+    store = RecordStore(_client(), PARKED)
+    _replay(PARKED, _select(store.records(), ids, select_all, _filter(reason, event_type)))
 
 
 @parked.command("purge")
@@ -199,13 +200,10 @@ def parked_purge(
     ids: tuple[str, ...], select_all: bool, reason: str | None, event_type: str | None
 ) -> None:
     """Delete parked events for good."""
-    from workers.stores import PARKED, RecordStore
+    from calhook.store.records import PARKED, RecordStore
 
     store = RecordStore(_client(), PARKED)
-    selected = _select(store.records(), ids, select_all, _filter(reason, event_type))
-    for record_id in selected:
-        store.remove(record_id)
-    click.echo(f"{len(selected)} purged")
+    _purge(PARKED, _select(store.records(), ids, select_all, _filter(reason, event_type)))
 
 
 def _filter(reason: str | None, event_type: str | None) -> Callable[[dict[str, str]], bool] | None:
@@ -229,11 +227,11 @@ def _filter(reason: str | None, event_type: str | None) -> Callable[[dict[str, s
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per queue, for scripts.")
 def queues(watch_s: float | None, as_json: bool) -> None:
-    """Per queue: ready, unacked, delayed, dead, parked, oldest waiting event, done last minute.
+    """Per queue, in pairs: ready, running, unacked, delayed, dead, parked, oldest, done/min.
 
     Reads Redis only; works with no worker running.
     """  # fmt: skip
-    from workers.queues import queue_table, render_table
+    from calhook.store.queues import queue_table, render_table
     from workers.registry import load_modules, registry
 
     client = _client()
@@ -283,9 +281,8 @@ def _stamp(epoch: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="The entries as JSON.")
 def events_show(event_id: str, as_json: bool) -> None:
     """What happened to one event, oldest first, and where each handler stands now."""
-    from workers.delayed import MESSAGES_KEY
-    from workers.ledger import ledger_key
-    from workers.trail import Trail
+    from calhook.store.connect import pair_store
+    from calhook.store.trail import Trail
 
     client = _client()
     # Entries come from several processes (a spooled event's ingress, workers): order by time.
@@ -296,19 +293,26 @@ def events_show(event_id: str, as_json: bool) -> None:
         raise click.ClickException(
             f"no trail for {event_id} (unknown, not dispatched yet, or expired)"
         )
-    raw: dict[bytes, bytes] = client.hgetall(ledger_key(event_id))  # type: ignore[assignment]
-    outcomes = {k.decode(): v.decode() for k, v in raw.items() if b"#" not in k}
-    pending = [k.decode() for k, _ in client.hscan_iter(MESSAGES_KEY, match=f"{event_id}.*")]
+    states = pair_store(client, get_settings()).states(event_id)
+    now = {p.pair.replace("@", ""): _state(p) for p in states.values()}
     if as_json:
-        click.echo(json.dumps({"event_id": event_id, "entries": entries, "outcomes": outcomes,
-                               "retries_pending": pending}, indent=2))  # fmt: skip
+        pairs = {name: dataclasses.asdict(p) for name, p in states.items()}
+        click.echo(json.dumps({"event_id": event_id, "entries": entries, "states": now,
+                               "pairs": pairs}, indent=2))  # fmt: skip
         return
     for entry in entries:
         details = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("at", "what"))
         click.echo(f"{_stamp(entry['at'])}  {entry['what']:<10} {details}")
-    click.echo("now: " + (", ".join(f"{h}={o}" for h, o in sorted(outcomes.items())) or "-"))
-    if pending:
-        click.echo("retries pending: " + ", ".join(sorted(pending)))
+    click.echo("now: " + (", ".join(f"{h}={s}" for h, s in sorted(now.items())) or "-"))
+
+
+def _state(pair: PairState) -> str:
+    """A pair's state as people read it: ``waiting (attempt 3, due 12:00:05)``."""
+    if pair.state == "waiting" and pair.due_s is not None:
+        return f"waiting (attempt {pair.attempt}, due {_stamp(pair.due_s)})"
+    if pair.state in ("running", "queued") and pair.attempt > 1:
+        return f"{pair.state} (attempt {pair.attempt})"
+    return pair.state
 
 
 @events.command("list")
@@ -317,7 +321,7 @@ def events_show(event_id: str, as_json: bool) -> None:
 @click.option("--limit", type=int, default=50, show_default=True)
 def events_list(event_type: str | None, since: str, limit: int) -> None:
     """Events that arrived since a time, newest first."""
-    from workers.trail import Trail
+    from calhook.store.trail import Trail
 
     trail = Trail(_client(), get_settings().trail_keep_s)
     for entry in trail.events(since=_since(since), event_type=event_type, limit=limit):

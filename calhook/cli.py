@@ -102,22 +102,19 @@ def worker(
 
 @main.command()
 def scheduler() -> None:
-    """Move retries that are due from the delayed store onto their queues (run one or more)."""
+    """Queue what is due: retries, runs whose worker died, messages lost in transit (run one or
+    more); and erase what is past the retention."""
     import threading
 
+    from calhook.store.connect import pair_store
     from workers.connections import redis_client
-    from workers.delayed import DelayedStore, run_scheduler
-    from workers.watchdog import Watchdog
+    from workers.scheduler import run_scheduler
 
     settings = _broker_process()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    client = redis_client()
-    run_scheduler(
-        DelayedStore(client), Watchdog(client, settings.watchdog_s), settings.scheduler_interval_s,
-        stop,
-    )  # fmt: skip
+    run_scheduler(pair_store(redis_client(), settings), settings, stop)
 
 
 @main.command()

@@ -97,7 +97,8 @@ class RedactMessageBodies(logging.Filter):
     """
 
     _MARKERS = ("full contents of the message body", "body:")
-    _OWN_KEYS = frozenset({"event_id", "type", "handler", "attempt"})
+    # ids, seq, handler: what calhook queues; event_id, type, attempt: what calhook 0.1 queued.
+    _OWN_KEYS = frozenset({"ids", "seq", "handler", "event_id", "type", "attempt"})
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith(("celery", "kombu")):

@@ -1,9 +1,11 @@
-"""Celery task messages (protocol 2) exactly as kombu's Redis transport stores them.
+"""Celery task messages (protocol 2) as kombu's Redis transport stores them, and event records.
 
 The ingress must not call Celery's synchronous producer on its event loop (DESIGN.md rule 2), and
-the dispatch task fans out in one atomic Redis script; both write this format with a plain
-``LPUSH <queue> <message>``. A test publishes with Celery itself and compares, and another has a
-real worker consume what we wrote.
+every transition that queues work does so inside its Lua script; calhook's own messages are
+therefore built in Lua (``push`` in ``calhook/store/lua/_lib.lua``) and carry event ids, never
+bodies. :func:`task_message` builds the same format in Python for tools, the benchmark's recipe
+and the tests, which publish with Celery itself and compare, and have a real worker consume what
+the scripts wrote.
 """
 
 from __future__ import annotations
@@ -11,12 +13,11 @@ from __future__ import annotations
 import base64
 import os
 import socket
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK
+from calhook.constants import DISPATCH_TASK
 from calhook.ids import random_uuid4
 
 _ORIGIN = f"calhook@{socket.gethostname()}:{os.getpid()}"
@@ -85,36 +86,30 @@ def task_message(
 def read_task_message(raw: bytes | str) -> tuple[str, list[Any], dict[str, Any], dict[str, Any]]:
     """Decode a stored message into ``(task name, args, kwargs, headers)``; for tools and tests."""
     message = orjson.loads(raw)
-    args, kwargs, _embed = orjson.loads(base64.b64decode(message["body"]))
+    body = message["body"]
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    args, kwargs, _embed = orjson.loads(body)
     headers: dict[str, Any] = message["headers"]
     return str(headers["task"]), list(args), dict(kwargs), headers
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """An accepted event as the ingress queued it: what every calhook task receives."""
-
-    event_id: str
-    body: str
-    endpoint: str
-    received_at: float
-
-    def task_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of the dispatch task (handler tasks add theirs)."""
-        return {
-            "event_id": self.event_id,
-            "body": self.body,
-            "endpoint": self.endpoint,
-            "received_at": self.received_at,
-        }
+def event_record(endpoint: str, received_at: float, event_type: str, body: bytes) -> bytes:
+    """What the ingress stores (and spools) of an accepted event: three header lines, then the
+    body as received (``calhook/store/lua/accept.lua`` splits it)."""
+    kind = event_type[:100].replace("\n", " ").replace("\r", " ")
+    return f"{endpoint}\n{received_at!r}\n{kind}\n".encode() + body
 
 
-def dispatch_message(delivery: Delivery, event_type: str) -> bytes:
-    """The message of an event's dispatch task; its task id is the event id."""
-    return task_message(
-        DISPATCH_TASK,
-        queue=DISPATCH_QUEUE,
-        task_id=delivery.event_id,
-        kwargs=delivery.task_kwargs(),
-        kwargsrepr=orjson.dumps({"event_id": delivery.event_id, "type": event_type[:100]}).decode(),
-    )
+def record_from_message(message: bytes) -> bytes | None:
+    """The record of an event spooled by an older calhook as a Celery dispatch message, or
+    None if ``message`` is not one."""
+    try:
+        task, _, kwargs, _ = read_task_message(message)
+        if task != DISPATCH_TASK:
+            return None
+        return event_record(
+            str(kwargs["endpoint"]), float(kwargs["received_at"]), "", str(kwargs["body"]).encode()
+        )
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None

@@ -211,11 +211,26 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         900, ge=1, description="Redis redelivers an unacked task after this; > task time limit."
     )
-    watchdog_s: int = Field(
-        1800,
-        ge=2,
-        description="A queued message whose work has not finished after this is queued again "
-        "(it was lost between Redis and a worker); > visibility timeout.",
+    recovery_s: float = Field(
+        60.0,
+        gt=0,
+        description="A queued pair no worker has taken after this is checked by the scheduler: "
+        "if its message is neither waiting nor held by a worker, it was lost and is queued again.",
+    )
+    lease_s: float = Field(
+        60.0,
+        ge=3,
+        description="A running pair whose worker stops renewing it for this long is run again "
+        "(its worker died); the heartbeat renews it every third of this.",
+    )
+    handler_batch_max: int = Field(
+        1, ge=1, le=1000, description="Most events one handler message names."
+    )
+    order_wait_s: float = Field(
+        1.0,
+        gt=0,
+        description="An ordered pair whose entity is being handled waits this long before it "
+        "tries again (no attempt is spent).",
     )
     task_events: bool = Field(
         False,
@@ -236,13 +251,22 @@ class Settings(BaseSettings):
         2, ge=0, le=10, description="In-call retries of a transient error before the schedule."
     )
     max_deliveries: int = Field(
-        5, ge=2, description="A message delivered this often without finishing is dead-lettered."
+        5,
+        ge=2,
+        description="An attempt started this often without finishing (its worker died each "
+        "time) is dead-lettered as poison.",
     )
     scheduler_interval_s: float = Field(
-        1.0, gt=0, description="How often the scheduler moves due retries to their queues."
+        1.0,
+        gt=0,
+        description="How often the scheduler queues what is due: retries, runs whose worker "
+        "died, messages lost in transit.",
     )
     ledger_ttl_s: int = Field(
-        7 * 86_400, ge=86_400, description="How long handler outcomes and entity versions stay."
+        7 * 86_400,
+        ge=86_400,
+        description="How long an event's pair states stay once every pair is final (a late "
+        "copy of a message finds them and runs nothing).",
     )
     soft_shutdown_s: float = Field(
         25.0, ge=0, description="On SIGTERM, let running tasks finish this long before requeue."
@@ -346,9 +370,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _limits(self) -> Settings:
-        if self.watchdog_s <= self.visibility_timeout_s:
-            # Before the visibility timeout, an unacked message is still Redis's to hand back.
-            raise ValueError("CALHOOK_WATCHDOG_S must be greater than CALHOOK_VISIBILITY_TIMEOUT_S")
         if self.visibility_timeout_s <= self.task_time_limit_s:
             # A task still running when its message becomes visible again runs twice
             # (RELIABILITY.md item 3).

@@ -27,10 +27,11 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from calhook.constants import DISPATCH_QUEUE, dedup_key
+from calhook.constants import dedup_key
 from calhook.ids import new_event_id
-from calhook.messages import Delivery, dispatch_message
+from calhook.messages import event_record
 from calhook.settings import DEFAULT_ENDPOINT, Settings, SettingsError, networks
+from calhook.store.connect import clock as store_clock
 from ingest.admin import admin_routes
 from ingest.auth import Authenticator, authenticator
 from ingest.body import BOM, parse_json, read_body
@@ -180,7 +181,7 @@ async def _receive(request: web.Request, name: str) -> web.Response:
         raise UnusableEnvelope(str(exc)) from None
 
     event_id = new_event_id()
-    message = dispatch_message(Delivery(event_id, body.decode(), name, time.time()), envelope.type)
+    message = event_record(name, time.time(), envelope.type, body)
     digest = hashlib.sha256(name.encode() + b"\0" + body).hexdigest()
     try:
         first = await app[WRITER].write(Outgoing(dedup_key(digest), event_id, message))
@@ -249,11 +250,10 @@ async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
     )
     publisher = Publisher(
         redis,
-        queue=DISPATCH_QUEUE,
+        clock=store_clock(settings),
         dedup_ttl_s=settings.dedup_ttl_s,
         batch_max=settings.publish_batch_max,
         timeout_s=settings.redis_timeout_s,
-        watchdog_s=settings.watchdog_s,
     )
     writer = DurableWriter(
         redis, publisher, Spool(Path(settings.spool_dir)), trail_ttl_s=settings.trail_keep_s

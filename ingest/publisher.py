@@ -1,54 +1,27 @@
-"""Asynchronous, batched publishing of accepted events onto the dispatch queue.
+"""Asynchronous, batched writing of accepted events.
 
 Requests hand their event to :meth:`Publisher.publish` and wait; one sender task writes everything
-that is pending in one script call, so under load many requests share a round trip and
-the event loop never waits on Redis. Each event is deduplicated and enqueued by one Lua script,
-atomically: either the body was new and its message is on the queue, or nothing was written and
-the first event_id is returned. A request is answered only after Redis has confirmed its write.
+that is pending in one script call (``calhook/store/lua/accept.lua``), so under load many requests
+share a round trip and the event loop never waits on Redis. The script deduplicates each event,
+stores its body once with the state of its dispatch, and queues one dispatch message naming every
+new event of the batch, atomically: either the body was new and it is stored and queued, or
+nothing was written and the first event_id is returned. A request is answered only after Redis
+has confirmed its write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
 
-from calhook.constants import WATCHDOG_KEY, WATCHDOG_MESSAGES_KEY
+from calhook.messages import record_from_message
+from calhook.store.scripts import AsyncScripts, Clock
 
 log = logging.getLogger("calhook.ingest.publisher")
-
-# One script call writes a whole batch. KEYS[1] queue, KEYS[2] watchdog set, KEYS[3] watchdog
-# messages, KEYS[3 + i] the i-th event's dedup key; ARGV[1] dedup ttl (s), ARGV[2] watchdog due
-# (ms), ARGV[1 + 2i] the i-th event_id, ARGV[2 + 2i] its message. Returns one entry per event:
-# the first event_id of a body already seen, or false (nil) once the message is queued (and
-# watched: see workers/watchdog.py). A body twice in one batch is a duplicate of itself.
-# If Redis refuses the script (out of memory), it does so at the first write: nothing is written.
-_ENQUEUE_LUA = """
-local results = {}
-for i = 4, #KEYS do
-  local id = ARGV[2 * i - 5]
-  local message = ARGV[2 * i - 4]
-  local first = redis.call('GET', KEYS[i])
-  if first and first ~= id then
-    results[#results + 1] = first
-  else
-    -- Our own id means a retry of a batch that had already been written.
-    if not first then
-      redis.call('SET', KEYS[i], id, 'EX', ARGV[1])
-      redis.call('LPUSH', KEYS[1], message)
-      redis.call('ZADD', KEYS[2], ARGV[2], id)
-      redis.call('HSET', KEYS[3], id, KEYS[1] .. '\\n' .. message)
-    end
-    results[#results + 1] = false
-  end
-end
-return results
-"""
 
 
 # A conservative loopback/LAN throughput for the deadline's size allowance.
@@ -61,7 +34,9 @@ class PublishError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """One accepted event: its dedup key, its new id, and the Celery message to queue."""
+    """One accepted event: its dedup key, its new id, and its record
+    (:func:`calhook.messages.event_record`; a spool written by an older calhook holds a Celery
+    message instead, which :meth:`Publisher.publish` converts)."""
 
     dedup_key: str
     event_id: str
@@ -78,15 +53,13 @@ class Publisher:
         self,
         redis: Redis,
         *,
-        queue: str,
+        clock: Clock,
         dedup_ttl_s: int,
         batch_max: int,
         timeout_s: float,
-        watchdog_s: float,
     ) -> None:
         self._redis = redis
-        self._watchdog_ms = int(watchdog_s * 1000)
-        self._queue = queue
+        self._scripts = AsyncScripts(redis, clock)
         self._dedup_ttl_s = dedup_ttl_s
         self._batch_max = batch_max
         self._timeout_s = timeout_s
@@ -94,7 +67,6 @@ class Publisher:
         self._wake = asyncio.Event()
         self._closing = False
         self._sender: asyncio.Task[None] | None = None
-        self._sha: str | None = None
         self.batches = 0
         self.largest_batch = 0
         self.on_batch: Callable[[int], None] | None = None
@@ -116,6 +88,8 @@ class Publisher:
             raise PublishError("the ingress is shutting down")
         if self._sender is None or self._sender.done():
             raise PublishError("the publisher is not running")
+        if event.message.startswith(b"{") and (legacy := record_from_message(event.message)):
+            event = Outgoing(event.dedup_key, event.event_id, legacy)
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._pending.append((event, future))
         self._wake.set()
@@ -155,20 +129,8 @@ class Publisher:
                 future.set_result(result.decode() if isinstance(result, bytes) else None)
 
     async def _write(self, batch: list[_Waiter]) -> list[object]:
-        if self._sha is None:
-            self._sha = await self._redis.script_load(_ENQUEUE_LUA)
-        keys = [self._queue, WATCHDOG_KEY, WATCHDOG_MESSAGES_KEY]
-        keys += [event.dedup_key for event, _ in batch]
-        args: list[str | bytes | int] = [
-            self._dedup_ttl_s,
-            int(time.time() * 1000) + self._watchdog_ms,
-        ]
+        keys = [event.dedup_key for event, _ in batch]
+        args: list[str | bytes | int] = [self._dedup_ttl_s, 0]
         for event, _ in batch:
             args += (event.event_id, event.message)
-        try:
-            results = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
-        except NoScriptError:
-            # Redis restarted or its script cache was flushed; NOSCRIPT means nothing ran.
-            self._sha = await self._redis.script_load(_ENQUEUE_LUA)
-            results = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
-        return list(results)
+        return list(await self._scripts.call("accept", args, keys))

@@ -17,9 +17,9 @@ from typing import Any
 import redis
 from aiohttp import web
 
-from workers.queues import QueueRow, queue_table, render_table
-from workers.stats import outcomes, recent_failures
-from workers.stores import DEAD, PARKED, RecordStore
+from calhook.store.queues import QueueRow, queue_table, render_table
+from calhook.store.records import DEAD, PARKED, RecordStore
+from calhook.store.stats import outcomes, recent_failures
 
 REFRESH_S = 5
 _LATEST = 20
@@ -58,7 +58,17 @@ def _rows(cells: list[list[str]]) -> str:
 def render(data: dict[str, Any]) -> str:
     """The page."""
     queues: list[QueueRow] = data["queues"]
-    head = ["queue", "ready", "unacked", "delayed", "dead", "parked", "oldest", "done/min"]
+    head = [
+        "queue",
+        "ready",
+        "running",
+        "unacked",
+        "delayed",
+        "dead",
+        "parked",
+        "oldest",
+        "done/min",
+    ]
     table = render_table(queues).splitlines()[1:]
     queue_rows = [line.split() for line in table]
     outcome_rows = [[h, o, str(n)] for h, o, n in data["outcomes"]]

@@ -15,6 +15,9 @@ from pytest_aiohttp import AiohttpClient
 
 from calhook.redis_server import RedisServer
 from calhook.settings import Settings, load_settings
+from calhook.store.connect import pair_store
+from calhook.store.keys import QUEUED, RUNNING, pairs_key
+from calhook.store.pairs import PairStore
 from ingest import create_app
 from tests.support.chat_server import ChatServer
 from tests.support.fake_crm import TOKEN as CRM_TOKEN
@@ -114,6 +117,12 @@ Client = TestClient[Any, Any]
 
 
 @pytest.fixture
+def pairs(redis_db: redis.Redis, make_settings: Callable[..., Settings]) -> PairStore:
+    """The pair store on the test database, with default timings."""
+    return pair_store(redis_db, make_settings())
+
+
+@pytest.fixture
 async def client(
     aiohttp_client: AiohttpClient, make_settings: Callable[..., Settings], redis_db: redis.Redis
 ) -> Client:
@@ -197,9 +206,15 @@ def worker_process(
 
 
 def queues_drained(client: redis.Redis) -> bool:
-    """True when no task is waiting or in flight on any queue."""
+    """True when no message waits or is in flight on any queue, and no pair is queued or
+    running (pairs waiting for a retry may remain)."""
     waiting = sum(int(client.llen(q)) for q in ALL_QUEUES)
-    return waiting == 0 and int(client.hlen("unacked")) == 0
+    open_pairs = sum(
+        int(n)
+        for state in (QUEUED, RUNNING)
+        for n in client.hvals(pairs_key(state))
+    )
+    return waiting == 0 and int(client.hlen("unacked")) == 0 and open_pairs == 0
 
 
 @pytest.fixture

@@ -104,7 +104,7 @@ def test_send_posts_a_file_as_calenso_would(ingress_port: int, redis_db: redis.R
     # One event queued: still waiting, or already taken by the session's worker if another
     # test module started it (then it is dispatched: its trail begins).
     raw: list[bytes] = redis_db.lrange("dispatch", 0, -1)  # type: ignore[assignment]
-    queued = [read_task_message(m)[2]["event_id"] for m in raw]
+    queued = [i for m in raw for i in read_task_message(m)[2]["ids"]]
     if queued != [event_id]:
         assert not queued
         wait_for(lambda: bool(redis_db.exists(trail_key(event_id))), what="the event dispatched")

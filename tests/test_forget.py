@@ -1,8 +1,9 @@
 """``calhook forget``: one customer's data leaves every store in Redis; another's stays.
 
-Each test puts two customers in the stores, forgets one through the real command, then reads
-every key and every value of the database (message bodies decoded) looking for the forgotten
-customer's uuid, e-mail, phone and names.
+Each test puts two customers in the stores, reaching each state through the real transitions
+(the ingress, and the store's scripts as dispatch and the workers run them), forgets one through
+the real command, then reads every key and every value of the database (message bodies
+decoded) looking for the forgotten customer's uuid, e-mail, phone and names.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import base64
 import json
 import subprocess
 import time
-import urllib.parse
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,25 +21,36 @@ import redis
 from kombu import Connection
 from pytest_aiohttp import AiohttpClient
 
-from calhook.constants import dispatched_key, pair_id
-from calhook.messages import Delivery
+from calhook.constants import trail_key
+from calhook.messages import read_task_message
 from calhook.settings import Settings
+from calhook.store.connect import pair_store
+from calhook.store.keys import DEAD as DEAD_INDEX
+from calhook.store.keys import (
+    DISPATCH_PAIR,
+    DUE,
+    OPEN_STATES,
+    body_key,
+    event_key,
+    pairs_key,
+    record_key,
+)
+from calhook.store.keys import PARKED as PARKED_INDEX
+from calhook.store.pairs import Ending, PairStore, Route
+from calhook.store.queues import throughput_key
+from calhook.store.records import DEAD, PARKED, RecordStore
 from ingest import create_app
 from tests.conftest import FIXTURES, SECRET, Client
+from tests.ingest.stored import quiet_database
 from tests.support.cli import calhook
 from tests.support.recording import FAILING_TYPE, RETRY_LATER_TYPE
+from tests.support.store import OWNER, accept, dead_letter, end, park, route, start
 from tests.support.waiting import await_for
 from tests.support.worker import WorkerProcess
-from workers.delayed import DelayedStore
-from workers.dispatch import handler_message
-from workers.ledger import Ledger, Outcome
+from workers.forget import forget_customer
 from workers.notify.chat import posted_key
 from workers.notify.mail import SentLog
-from workers.ordering import UPDATE, OrderGuard, Version
-from workers.stats import note_failure
-from workers.stores import DEAD, PARKED, RecordStore
-from workers.trail import Trail
-from workers.watchdog import Watchdog
+from workers.ordering import UPDATE, Version
 
 AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
 APPOINTMENT = "0f6b2d4e-8a1c-4e3f-b5d7-2c9a6e8f1b35"
@@ -78,11 +90,14 @@ def personal_data(person: Person) -> list[str]:
 
 
 def _unwrap(value: Any) -> Any:
-    """JSON with every kombu message body (base64) decoded in place."""
+    """JSON with every kombu message body decoded in place (base64, or JSON in a string)."""
     if isinstance(value, dict):
         props = value.get("properties")
-        if isinstance(props, dict) and props.get("body_encoding") == "base64":
-            value = {**value, "body": json.loads(base64.b64decode(value["body"]))}
+        if isinstance(props, dict) and isinstance(value.get("body"), str):
+            body = value["body"]
+            if props.get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            value = {**value, "body": json.loads(body)}
         return {k: _unwrap(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_unwrap(v) for v in value]
@@ -90,15 +105,19 @@ def _unwrap(value: Any) -> Any:
 
 
 def readable(raw: bytes) -> str:
-    """A stored value as text a person could read: task messages decoded, lower case."""
+    """A stored value as text a person could read: JSON (and task messages) decoded, also
+    after up to three lines of header (as in an event record), in lower case."""
     text = raw.decode("utf-8", "replace")
-    head, sep, rest = text.partition("\n")  # delayed-store and watchdog entries: queue\nmessage
-    for prefix, candidate in (("", text), (head + sep, rest)):
+    cut = 0
+    for _ in range(4):
         try:
-            value = json.loads(candidate)
+            value = json.loads(text[cut:])
         except ValueError:
+            cut = text.find("\n", cut) + 1
+            if not cut:
+                break
             continue
-        return (prefix + json.dumps(_unwrap(value), ensure_ascii=False)).lower()
+        return (text[:cut] + json.dumps(_unwrap(value), ensure_ascii=False)).lower()
     return text.lower()
 
 
@@ -142,19 +161,34 @@ def assert_gone(client: redis.Redis, person: Person) -> None:
         assert holding(client, value) == [], value
 
 
-# Every store, filled by the store classes and the ingress -----------------------------------
+def open_pairs(client: redis.Redis) -> Counter[tuple[str, str]]:
+    """How many pairs are queued, running or waiting, by (state, queue)."""
+    found: Counter[tuple[str, str]] = Counter()
+    for state in OPEN_STATES:
+        raw: dict[bytes, bytes] = client.hgetall(pairs_key(state))  # type: ignore[assignment]
+        found.update({(state, q.decode()): int(n) for q, n in raw.items() if int(n)})
+    return found
+
+
+def named_in_messages(client: redis.Redis, queues: list[str]) -> set[str]:
+    """Every event id the task messages on ``queues`` and in kombu's unacked hash name."""
+    raw: list[bytes] = []
+    for queue in queues:
+        raw += client.lrange(queue, 0, -1)  # type: ignore[arg-type]
+    unacked: list[bytes] = client.hvals("unacked")  # type: ignore[assignment]
+    raw += [json.dumps(json.loads(entry)[0]).encode() for entry in unacked]
+    return {str(i) for m in raw for i in read_task_message(m)[2]["ids"]}
+
+
+# Every store, filled through the real transitions -------------------------------------------
 
 
 @pytest.fixture
 def quiet_url(redis_url: str) -> Iterator[str]:
     """Another database of the test Redis, out of reach of the session's worker: what is
     queued there stays queued."""
-    url = urllib.parse.urlsplit(redis_url)._replace(path="/7").geturl()
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    with quiet_database(redis_url) as url:
+        yield url
 
 
 @pytest.fixture
@@ -165,113 +199,167 @@ def quiet_db(quiet_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
+def quiet_pairs(
+    quiet_db: redis.Redis, quiet_url: str, make_settings: Callable[..., Settings]
+) -> PairStore:
+    return pair_store(quiet_db, make_settings(redis_url=quiet_url))
+
+
+@pytest.fixture
 async def quiet_ingress(
     aiohttp_client: AiohttpClient, make_settings: Callable[..., Settings], quiet_url: str
 ) -> Client:
     return await aiohttp_client(create_app(make_settings(redis_url=quiet_url)))
 
 
-async def fill(client: Client, db: redis.Redis, url: str, person: Person, tag: str) -> None:
-    """Put ``person`` in every store calhook keeps; event ids start with ``tag``."""
-    # Queued for dispatch (with watchdog copies and dedup keys), as the ingress writes them.
-    for fixture in ("customer.created.nested.json", "appointment.booking.created.flat.json"):
-        response = await client.post("/webhooks/calenso", data=payload(fixture, person),
-                                     headers=AUTH)  # fmt: skip
+def done_in_order(pairs: PairStore, person: Person) -> str:
+    """An appointment event handled long ago by two ordered handlers: only the versions they
+    applied (of the customer, of the appointment) still name the customer. Its id."""
+    body = payload("appointment.updated.nested.json", person).encode()
+    event_id = accept(pairs, body, event_type="appointment.updated")
+    handlers = [
+        ("crm.sync_customer", "crm", f"crm:customer:{person['uuid']}"),
+        ("appointment_log", "record", f"appointment_log:appointment:{person['appointment']}"),
+    ]
+    version = Version("", int(time.time()), UPDATE, event_id).encode()
+    assert start(pairs, DISPATCH_PAIR, [event_id], "dispatch") == ["run"]
+    received = json.dumps({"at": time.time(), "what": "received", "type": "appointment.updated"})
+    decision = Route(
+        event_id,
+        "appointment.updated",
+        received.encode(),
+        [(name, queue, entity, version) for name, queue, entity in handlers],
+    )
+    assert pairs.fan_out(throughput_key("dispatch"), 1, [decision]) == ["ok"]
+    for name, queue, _ in handlers:
+        assert end(pairs, name, queue, Ending(event_id, "done", "ok")) == "ok"
+    assert not pairs.client.exists(body_key(event_id))  # handled: the body is gone
+    return event_id
+
+
+async def fill(client: Client, pairs: PairStore, url: str, person: Person) -> dict[str, str]:
+    """Put ``person`` in every store calhook keeps; the ids of the events, by what they are."""
+    db = pairs.client
+    ids: dict[str, str] = {}
+    # Queued for dispatch, with their dedup keys, as the ingress writes them.
+    for name, fixture in (
+        ("created", "customer.created.nested.json"),
+        ("booked", "appointment.booking.created.flat.json"),
+    ):
+        response = await client.post(
+            "/webhooks/calenso", data=payload(fixture, person), headers=AUTH
+        )
         assert response.status == 202, await response.text()
-    watchdog = Watchdog(db, watchdog_s=1800)
-    now = time.time()
+        ids[name] = (await response.json())["event_id"]
 
-    def message(event_id: str, fixture: str, handler: str, queue: str) -> bytes:
-        delivery = Delivery(event_id, payload(fixture, person), "default", now)
-        return handler_message(handler, queue, delivery, fixture.split(".json")[0], 1)
+    def accepted(fixture: str, event_type: str) -> str:
+        return accept(pairs, payload(fixture, person).encode(), event_type=event_type)
 
-    # A handler task waiting on its queue.
-    queued = message(f"{tag}-crm", "customer.updated.nested.json", "crm.sync_customer", "crm")
-    db.lpush("crm", queued)
-    watchdog.arm(pair_id(f"{tag}-crm", "crm.sync_customer"), "crm", queued, now)
+    # A handler's pair queued, its message waiting on its queue.
+    ids["crm"] = accepted("customer.updated.nested.json", "customer.updated")
+    route(pairs, ids["crm"], [("crm.sync_customer", "crm")])
     # A retry due in an hour.
-    retry = message(f"{tag}-retry", "appointment.updated.nested.json", "notify.mail", "notify")
-    DelayedStore(db).schedule(f"{pair_id(f'{tag}-retry', 'notify.mail')}#2", "notify", retry,
-                              now + 3600)  # fmt: skip
-    watchdog.arm(pair_id(f"{tag}-retry", "notify.mail"), "notify", retry, now + 3600)
-    # A task a worker took and has not acked: kombu itself records it as unacked.
-    taken = message(f"{tag}-taken", "appointment.booking.cancelled.flat.json", "notify.chat",
-                    "taken")  # fmt: skip
-    db.lpush("taken", taken)
-    watchdog.arm(pair_id(f"{tag}-taken", "notify.chat"), "taken", taken, now)
+    ids["retry"] = accepted("appointment.updated.nested.json", "appointment.updated")
+    route(pairs, ids["retry"], [("notify.mail", "notify")])
+    retry = Ending(
+        ids["retry"],
+        "retry",
+        "retry_scheduled",
+        {"error": "SmtpUnavailable"},
+        due_s=time.time() + 3600,
+        error="SmtpUnavailable: 451",
+    )
+    assert end(pairs, "notify.mail", "notify", retry) == "ok"
+    # A pair a worker took and is running: kombu holds its message as unacked.
+    ids["taken"] = accepted(
+        "appointment.booking.cancelled.flat.json", "appointment.booking.cancelled"
+    )
+    route(pairs, ids["taken"], [("notify.chat", "taken")])
     with Connection(url) as conn:
         channel: Any = conn.default_channel  # kombu's Redis channel
         assert channel.basic_get("taken", no_ack=False) is not None
         channel.qos._delivered.clear()  # a worker that died holding it: nothing to restore
-    # Parked, and a dead letter, with their trails, ledger entries and a recent failure.
-    trail = Trail(db, ttl_s=86_400)
-    parked_body = payload("customer.updated.flat.json", person).replace(
+    assert start(pairs, "notify.chat", [ids["taken"]], "taken") == ["run"]
+    # Parked (a type nobody knows), and a dead letter, with their trails and a recent failure.
+    merged = payload("customer.updated.flat.json", person).replace(
         "customer.updated", "customer.merged"
     )
-    RecordStore(db, PARKED).put(f"{tag}-parked", {"event_id": f"{tag}-parked",
-        "type": "customer.merged", "endpoint": "default", "received_at": repr(now),
-        "reason": "unknown_type", "errors": [], "body": parked_body})  # fmt: skip
-    trail.received(f"{tag}-parked", now, type="customer.merged")
-    trail.add(f"{tag}-parked", "parked", reason="unknown_type")
-    dead = Delivery(f"{tag}-dead", payload("customer.updated.nested.json", person), "default", now)
-    RecordStore(db, DEAD).put(pair_id(dead.event_id, "crm.sync_customer"), {
-        **{k: str(v) for k, v in dead.task_kwargs().items()}, "handler": "crm.sync_customer",
-        "queue": "crm", "reason": "permanent", "error": "PermanentError: 400"})  # fmt: skip
-    ledger = Ledger(db, ttl_s=86_400)
-    ledger.count_delivery(dead.event_id, "crm.sync_customer", 1)
-    ledger.record(dead.event_id, "crm.sync_customer", Outcome.DEAD)
-    note_failure(db, event_id=dead.event_id, handler="crm.sync_customer", attempt=1,
-                 outcome="dead_permanent", error="PermanentError", at=now)  # fmt: skip
-    trail.received(dead.event_id, now, type="customer.updated")
-    # An event handled long ago: only its order versions still name the customer.
-    guard = OrderGuard(db, ttl_s=86_400, lock_s=10)
-    for scope, entity in (("crm", f"customer:{person['uuid']}"),
-                          ("appointment_log", f"appointment:{person['appointment']}")):  # fmt: skip
-        with guard.hold(scope, Version(entity, int(now), UPDATE, f"{tag}-done")) as fresh:
-            assert fresh
-    trail.received(f"{tag}-done", now, type="customer.updated")
-    ledger.record(f"{tag}-done", "crm.sync_customer", Outcome.DONE)
-    db.set(dispatched_key(f"{tag}-done"), 1)
-    # Notification marks of the taken task and of the retry.
-    SentLog(db, f"{tag}-taken:notify.chat").add("ops@example.com")
-    db.set(posted_key(f"{tag}-retry:notify.mail"), 1)
+    ids["parked"] = accept(pairs, merged.encode(), event_type="customer.merged")
+    park(pairs, ids["parked"], "unknown_type", event_type="customer.merged")
+    ids["dead"] = accepted("customer.updated.nested.json", "customer.updated")
+    dead_letter(pairs, ids["dead"], "crm.sync_customer", "crm", error="PermanentError: 400")
+    # Events handled long ago: only the order versions name the customer, and they name the
+    # last one; a final pair keeps no entity, so the one before holds nothing of hers (its
+    # state and trail carry no personal data, and forget need not find it).
+    ids["done_before"] = done_in_order(pairs, person)
+    ids["done"] = done_in_order(pairs, person)
+    # Notification marks of the taken pair and of the retry.
+    SentLog(db, f"{ids['taken']}:notify.chat").add("ops@example.com")
+    db.set(posted_key(f"{ids['retry']}:notify.mail"), 1)
+    return ids
+
+
+QUEUES = ["dispatch", "crm", "notify", "taken", "record"]
 
 
 async def test_forget_erases_one_customer_from_every_store(
-    quiet_ingress: Client, quiet_db: redis.Redis, quiet_url: str
+    quiet_ingress: Client, quiet_pairs: PairStore, quiet_db: redis.Redis, quiet_url: str
 ) -> None:
-    await fill(quiet_ingress, quiet_db, quiet_url, LUCA, "luca")
-    await fill(quiet_ingress, quiet_db, quiet_url, ANNA, "anna")
+    # Given: two customers in every store.
+    luca = await fill(quiet_ingress, quiet_pairs, quiet_url, LUCA)
+    anna = await fill(quiet_ingress, quiet_pairs, quiet_url, ANNA)
     stores_of_anna = holding(quiet_db, ANNA["uuid"])
     assert holding(quiet_db, LUCA["uuid"]) != []
+    open_before = open_pairs(quiet_db)
 
+    # When one is forgotten.
     report = json.loads(calhook(quiet_url, "forget", LUCA["uuid"].upper(), "--json"))
 
+    # Then: nothing of hers is left anywhere, and all of the other is.
     assert_gone(quiet_db, LUCA)
     for value in personal_data(ANNA):
         assert holding(quiet_db, value) != [], value
     assert holding(quiet_db, ANNA["uuid"]) == stores_of_anna
     assert report["customer_uuid"] == LUCA["uuid"]
+    found = {name: event_id for name, event_id in luca.items() if name != "done_before"}
     assert report["removed"] == {
-        "parked": 1,
-        "dead_letters": 1,
-        "delayed": 1,
-        "watchdog": 5,  # two dispatches, the queued task, the retry, the taken task
-        "queued": 3,  # two dispatches, the crm task
-        "unacked": 1,
+        "events": 8,
+        "open_work": 5,  # two dispatches, the crm pair, the retry, the taken pair
+        "records": 2,  # the parked event, the dead letter
         "ordering": 2,  # the customer and the appointment
-        "trails": 3,
-        "ledger": 3,
-        "dispatch_markers": 1,
-        "dedup": 2,
+        "dedup": 8,
         "notify_marks": 2,
-        "recent_failures": 1,
+        "recent_failures": 2,  # the retry, the dead letter
     }
     assert report["work_dropped"] == 5
-    expected = {"luca-crm", "luca-retry", "luca-taken", "luca-parked", "luca-dead", "luca-done"}
-    assert expected <= set(report["event_ids"])
-    assert len(report["event_ids"]) == len(expected) + 2  # and the two the ingress named
-    assert int(quiet_db.zcard("unacked_index")) == 1  # Anna's taken task is still there
+    assert sorted(report["event_ids"]) == sorted(found.values())
+    for event_id in found.values():
+        assert quiet_db.exists(event_key(event_id), body_key(event_id), trail_key(event_id)) == 0
+        assert quiet_pairs.states(event_id) == {}
+    assert RecordStore(quiet_db, PARKED).ids() == [anna["parked"]]
+    assert RecordStore(quiet_db, DEAD).ids() == [f"{anna['dead']}.crm.sync_customer"]
+    # Her open work is out of the counts and of the sweep, and the other's is all there.
+    assert open_pairs(quiet_db) == Counter({k: n // 2 for k, n in open_before.items()})
+    due: list[bytes] = quiet_db.zrange(DUE, 0, -1)  # type: ignore[assignment]
+    swept = {m.decode().partition("/")[0] for m in due}
+    assert swept == {anna[k] for k in ("created", "booked", "crm", "retry", "taken")}
+
+    # A message that still names her events runs nothing, and no sweep queues them again.
+    assert named_in_messages(quiet_db, QUEUES) >= {luca[k] for k in ("created", "crm", "taken")}
+    for pair, queue, name in (
+        (DISPATCH_PAIR, "dispatch", "created"),
+        ("crm.sync_customer", "crm", "crm"),
+        ("notify.mail", "notify", "retry"),
+        ("notify.chat", "taken", "taken"),
+    ):
+        ran = quiet_pairs.start(
+            pair, [luca[name]], OWNER, max_starts=5, seq=None, queue=queue, defer_s=1.0
+        )
+        assert [s.what for s in ran] == ["gone"], name
+    before_sweep = named_in_messages(quiet_db, QUEUES)
+    later = quiet_pairs.sweep(limit=1000, batch_max=10, now_s=time.time() + 7200)
+    assert not {m.partition("/")[0] for m in later.recovered} & set(luca.values())
+    assert not (named_in_messages(quiet_db, QUEUES) - before_sweep) & set(luca.values())
 
     # A second run finds nothing; the other customer goes with a readable report.
     again = json.loads(calhook(quiet_url, "forget", LUCA["uuid"], "--json"))
@@ -279,8 +367,9 @@ async def test_forget_erases_one_customer_from_every_store(
 
     assert again["total"] == 0
     assert_gone(quiet_db, ANNA)
-    assert f"customer {ANNA['uuid']}: 26 items removed, from 8 events" in text
-    assert "5 queued task(s) or retries were erased" in text
+    assert open_pairs(quiet_db) == Counter()
+    assert f"customer {ANNA['uuid']}: 29 items removed, from 8 events" in text
+    assert "5 open pair(s) were erased" in text
     for value in personal_data(ANNA)[1:]:
         assert value not in text.lower()
 
@@ -290,6 +379,30 @@ def test_forget_refuses_what_is_not_a_uuid(redis_url: str, redis_db: redis.Redis
         with pytest.raises(subprocess.CalledProcessError) as failed:
             calhook(redis_url, "forget", wrong)
         assert "is not a customer uuid" in failed.value.stderr
+
+
+def test_a_dead_letter_whose_error_names_the_customer_goes_too(
+    quiet_pairs: PairStore, quiet_db: redis.Redis
+) -> None:
+    # Given: a dead letter whose body does not name the customer, but whose error text does.
+    event_id = accept(quiet_pairs, b'{"type": "x", "data": {}}')
+    error = f"PermanentError: the CRM refused customer {LUCA['uuid']}"
+    dead_letter(quiet_pairs, event_id, "crm.sync_customer", "crm", error=error)
+    other = accept(quiet_pairs, b'{"type": "x", "data": {}}')
+    dead_letter(
+        quiet_pairs, other, "crm.sync_customer", "crm", error=f"PermanentError: {ANNA['uuid']}"
+    )
+
+    # When the customer is forgotten.
+    report = forget_customer(quiet_pairs, LUCA["uuid"])
+
+    # Then: the dead letter, its event and its body are gone; the other's stays.
+    assert report.event_ids == (event_id,)
+    assert report.removed["records"] == 1
+    assert holding(quiet_db, LUCA["uuid"]) == []
+    assert not quiet_db.exists(record_key(DEAD_INDEX, f"{event_id}.crm.sync_customer"))
+    assert quiet_db.exists(event_key(event_id), body_key(event_id)) == 0
+    assert RecordStore(quiet_db, DEAD).ids() == [f"{other}.crm.sync_customer"]
 
 
 # Through the real pipeline --------------------------------------------------------------------
@@ -305,7 +418,7 @@ async def post(client: Client, event_type: str, person: Person) -> str:
 
 
 async def test_forget_after_the_real_pipeline(
-    client: Client, worker: WorkerProcess, redis_db: redis.Redis, redis_url: str
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis, redis_url: str, pairs: PairStore
 ) -> None:
     ids: dict[str, dict[str, str]] = {}
     for name, person in (("luca", LUCA), ("anna", ANNA)):
@@ -319,12 +432,16 @@ async def test_forget_after_the_real_pipeline(
         )
         ids[name]["done"] = str((await response.json())["event_id"])
 
+    def state(event_id: str, pair: str) -> tuple[str, int] | None:
+        found = pairs.states(event_id).get(pair)
+        return (found.state, found.attempt) if found else None
+
     def settled() -> bool:
         return all(
-            redis_db.exists(f"calhook:dead:{i['dead']}.explode")
-            and redis_db.exists(f"calhook:parked:{i['parked']}")
-            and redis_db.hexists("calhook:delayed:messages", f"{i['retry']}.retry_later#2")
-            and redis_db.hget(f"calhook:ledger:{i['done']}", "fake_crm") == b"done"
+            redis_db.exists(record_key(DEAD_INDEX, f"{i['dead']}.explode"))
+            and redis_db.exists(record_key(PARKED_INDEX, i["parked"]))
+            and state(i["retry"], "retry_later") == ("waiting", 2)
+            and state(i["done"], "fake_crm") == ("done", 1)
             for i in ids.values()
         )
 
@@ -336,9 +453,11 @@ async def test_forget_after_the_real_pipeline(
     for value in personal_data(ANNA):
         assert holding(redis_db, value) != [], value
     removed = report["removed"]
-    assert (removed["parked"], removed["dead_letters"], removed["delayed"]) == (1, 1, 1)
-    assert removed["watchdog"] >= 1  # the retry's
+    assert removed["records"] == 2  # the parked event, the dead letter
+    assert removed["open_work"] >= 1  # the retry
     assert removed["ordering"] >= 1  # fake_crm's version of the customer
     assert set(ids["luca"].values()) <= set(report["event_ids"])
-    assert not redis_db.exists(f"calhook:trail:{ids['luca']['done']}")
-    assert redis_db.exists(f"calhook:trail:{ids['anna']['done']}")
+    assert state(ids["luca"]["retry"], "retry_later") is None
+    assert state(ids["anna"]["retry"], "retry_later") == ("waiting", 2)
+    assert not redis_db.exists(trail_key(ids["luca"]["done"]))
+    assert redis_db.exists(trail_key(ids["anna"]["done"]))

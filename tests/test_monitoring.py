@@ -12,9 +12,9 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from calhook.redis_server import RedisServer
+from calhook.store.stats import count_outcome
 from ingest.metrics import IngressMetrics
 from workers.exporter import FleetCollector
-from workers.stats import count_outcome
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

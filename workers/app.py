@@ -19,15 +19,15 @@ from celery.signals import setup_logging
 
 from calhook import logs
 from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK, HANDLER_TASK
-from calhook.messages import Delivery
 from calhook.settings import Settings, get_settings
+from calhook.store.connect import pair_store
+from calhook.store.pairs import PairStore
+from workers import legacy
 from workers.connections import redis_client
 from workers.dispatch import Dispatcher
-from workers.ledger import Ledger
+from workers.heartbeat import Heartbeat
 from workers.registry import load_modules, registry
 from workers.runner import HandlerRunner
-from workers.stores import PARKED, RecordStore
-from workers.trail import Trail
 
 log = logging.getLogger("calhook.worker")
 
@@ -44,7 +44,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.task_time_limit_s,
         "task_soft_time_limit": max(1, settings.task_time_limit_s * 9 // 10),
         # 1, 2: ack after the handler ran; a killed child, or one past its hard time limit,
-        # puts the message back (our delivery counter stops a message that always does).
+        # puts the message back. If it does not, the pair's lease runs out and the scheduler
+        # queues it again; a pair started too often without finishing ends as poison.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_timeout": False,
@@ -58,7 +59,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # 7: on SIGTERM (remapped to SIGQUIT by `calhook worker`), finish running tasks for a
         # while, then requeue what is left.
         "worker_soft_shutdown_timeout": settings.soft_shutdown_s,
-        # No ETA tasks to requeue (retries live in the delayed store): an idle worker stops now.
+        # No ETA tasks to requeue (retries live in the pair states): an idle worker stops now.
         "worker_enable_soft_shutdown_on_idle": False,
         # 2: a leaking handler gets its child replaced rather than OOM-killed mid-task.
         "worker_max_memory_per_child": settings.worker_max_memory_kb or None,
@@ -76,24 +77,31 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 @functools.cache
+def _pairs() -> PairStore:
+    return pair_store(redis_client(), get_settings())
+
+
+@functools.cache
+def _heartbeat() -> Heartbeat:
+    return Heartbeat(_pairs(), get_settings().lease_s)
+
+
+@functools.cache
 def _dispatcher() -> Dispatcher:
-    client = redis_client()
     settings = get_settings()
     return Dispatcher(
-        client,
+        _pairs(),
         registry,
-        RecordStore(client, PARKED, settings.retention_s),
+        _heartbeat(),
         settings.zone,
-        Ledger(client, settings.ledger_ttl_s),
-        settings.max_deliveries,
-        settings.watchdog_s,
-        Trail(client, settings.trail_keep_s),
+        max_starts=settings.max_deliveries,
+        handler_batch_max=settings.handler_batch_max,
     )
 
 
 @functools.cache
 def _runner() -> HandlerRunner:
-    return HandlerRunner(redis_client(), registry, get_settings())
+    return HandlerRunner(_pairs(), registry, _heartbeat(), get_settings())
 
 
 @contextlib.contextmanager
@@ -114,39 +122,42 @@ def _requeue_on_error() -> Iterator[None]:
 
 
 def _register_tasks(app: Celery) -> None:
-    # ``**_unknown``: a newer ingress or dispatcher may add arguments; an older worker must
-    # still run the task rather than fail before our guard and have Celery ack it away.
-    @app.task(name=DISPATCH_TASK, bind=True)
+    # shared=False: the tasks belong to this app; Celery would otherwise add them to every app
+    # created later in the process (a second app, a test's), as a duplicate name.
+    # Messages name event ids, never bodies (the body is read when the attempt starts).
+    # ``**_unknown``: a newer calhook may add arguments; an older worker must still run the task
+    # rather than fail before our guard and have Celery ack it away.
+    @app.task(name=DISPATCH_TASK, bind=True, shared=False)
     def dispatch(
         self: Task[Any, Any],
         /,
         *,
-        event_id: str,
-        body: str,
-        endpoint: str,
-        received_at: float,
+        ids: list[str] | None = None,
+        seq: int | None = None,
         **_unknown: Any,
     ) -> None:
-        with logs.bind(event_id=event_id), _requeue_on_error():
-            _dispatcher().dispatch(Delivery(event_id, body, endpoint, received_at))
+        with _requeue_on_error():
+            if ids is None and legacy.is_legacy(_unknown):
+                legacy.take_over(_pairs(), _unknown, None, DISPATCH_QUEUE)
+                return
+            _dispatcher().dispatch(ids or [], seq)
 
-    @app.task(name=HANDLER_TASK, bind=True)
+    @app.task(name=HANDLER_TASK, bind=True, shared=False)
     def handle(
         self: Task[Any, Any],
         /,
         *,
-        event_id: str,
-        body: str,
-        endpoint: str,
-        received_at: float,
         handler: str,
-        attempt: int = 1,
+        ids: list[str] | None = None,
+        seq: int | None = None,
         **_unknown: Any,
     ) -> None:
-        with logs.bind(event_id=event_id), _requeue_on_error():
+        with _requeue_on_error():
             queue = (self.request.delivery_info or {}).get("routing_key") or ""
-            delivery = Delivery(event_id, body, endpoint, received_at)
-            _runner().run(handler, delivery, attempt, queue)
+            if ids is None and legacy.is_legacy(_unknown):
+                legacy.take_over(_pairs(), _unknown, handler, queue)
+                return
+            _runner().run(handler, ids or [], seq, queue)
 
 
 def create_celery(settings: Settings | None = None) -> Celery:

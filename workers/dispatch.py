@@ -1,61 +1,35 @@
-"""Dispatch: validate an accepted event fully, then fan it out, one task per (event, handler).
+"""Dispatch: validate accepted events fully, then route each to its handlers, or park it.
 
 Events that cannot be routed are parked with the reason, never dropped (DESIGN.md rule 1):
 a payload that fails its schema, a type nobody knows, a planned type nobody handles yet, a current
 type whose handlers are all switched off. ``calhook parked`` shows them; replay dispatches again.
 
-The fan-out is one Lua script: a marker per event and every handler message, written together.
-A dispatch message redelivered after a crash finds the marker and sends nothing twice.
+A dispatch message names the events of one ingress batch. Starting them is one round trip that
+also returns their bodies; the decisions for all of them are one more (``fan_out.lua``), which
+creates each (event, handler) pair and queues its message. Dispatch is deterministic, so a second
+run of the same event (a redelivery after a crash) decides the same and writes nothing.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import time
+from collections.abc import Sequence
 from datetime import tzinfo
 
 import orjson
-import redis
 
-from calhook.constants import (
-    DISPATCH_QUEUE,
-    DISPATCH_TASK,
-    DISPATCHED_TTL_S,
-    HANDLER_TASK,
-    WATCHDOG_KEY,
-    WATCHDOG_MESSAGES_KEY,
-    dispatched_key,
-    pair_id,
-)
+from calhook.constants import DISPATCH_QUEUE
 from calhook.logs import bind
-from calhook.messages import Delivery, task_message
-from schemas import PLANNED_TYPES, SchemaError, family_of, parse_event
-from workers.ledger import Ledger
-from workers.queues import count_finished
-from workers.registry import Registry
-from workers.stores import RecordStore
-from workers.trail import Trail
-from workers.watchdog import cancel
+from calhook.store.keys import DISPATCH_PAIR
+from calhook.store.pairs import PairStore, Route, Started
+from calhook.store.queues import throughput_key
+from schemas import PLANNED_TYPES, CalensoEvent, SchemaError, family_of, parse_event
+from workers.heartbeat import Heartbeat
+from workers.ordering import version_of
+from workers.registry import Handler, Registry
 
 log = logging.getLogger("calhook.dispatch")
-
-# KEYS[1] the event's marker, KEYS[2] watchdog set, KEYS[3] watchdog messages, KEYS[4..] the
-# handlers' queues; ARGV[1] marker ttl, ARGV[2] watchdog due (ms), ARGV[3] the event id, then
-# per handler its pair id and its message. The dispatch's own watchdog entry ends here; each
-# handler task gets one (workers/watchdog.py).
-_FAN_OUT_LUA = """
-redis.call('ZREM', KEYS[2], ARGV[3])
-redis.call('HDEL', KEYS[3], ARGV[3])
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-for i = 4, #KEYS do
-  local pair, message = ARGV[2 * i - 4], ARGV[2 * i - 3]
-  redis.call('LPUSH', KEYS[i], message)
-  redis.call('ZADD', KEYS[2], ARGV[2], pair)
-  redis.call('HSET', KEYS[3], pair, KEYS[i] .. '\\n' .. message)
-end
-return 1
-"""
 
 
 class ParkReason(enum.StrEnum):
@@ -65,147 +39,103 @@ class ParkReason(enum.StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     PLANNED_TYPE = "planned_type_without_handler"
     NO_HANDLER = "no_handler"
-    POISON = "poison"
 
 
-def handler_message(
-    handler: str, queue: str, delivery: Delivery, event_type: str, attempt: int
-) -> bytes:
-    """The message of one (event, handler) task; every attempt has the same task id."""
-    return task_message(
-        HANDLER_TASK,
-        queue=queue,
-        task_id=pair_id(delivery.event_id, handler),
-        root_id=delivery.event_id,
-        parent_id=delivery.event_id,
-        kwargs={**delivery.task_kwargs(), "handler": handler, "attempt": attempt},
-        kwargsrepr=orjson.dumps(
-            {
-                "event_id": delivery.event_id,
-                "type": event_type[:100],
-                "handler": handler,
-                "attempt": attempt,
-            }
-        ).decode(),
-    )
+def _order(h: Handler, event: CalensoEvent, event_id: str) -> tuple[str, str]:
+    """The pair's order entity and version, or two empty strings for an unordered handler."""
+    if not h.ordered:
+        return "", ""
+    version = (h.order_key or version_of)(event, event_id)
+    if version is None:
+        return "", ""
+    return f"{h.order_scope or h.name}:{version.entity}", version.encode()
 
 
 class Dispatcher:
-    """Routes deliveries to handler tasks, or parks them."""
+    """Routes events to their handlers' queues, or parks them."""
 
     def __init__(
         self,
-        client: redis.Redis,
+        pairs: PairStore,
         registry: Registry,
-        parked: RecordStore,
+        heartbeat: Heartbeat,
         zone: tzinfo,
-        ledger: Ledger,
-        max_deliveries: int,
-        watchdog_s: float,
-        trail: Trail,
+        *,
+        max_starts: int,
+        handler_batch_max: int,
     ) -> None:
-        self._trail = trail
-        self._watchdog_ms = int(watchdog_s * 1000)
-        self._redis = client
+        self._pairs = pairs
         self._registry = registry
-        self._parked = parked
+        self._heartbeat = heartbeat
         self._zone = zone
-        self._ledger = ledger
-        self._max_deliveries = max_deliveries
-        self._fan_out = client.register_script(_FAN_OUT_LUA)
+        self._max_starts = max_starts
+        self._batch_max = handler_batch_max
 
-    def dispatch(self, delivery: Delivery) -> list[str]:
-        """Fan ``delivery`` out; return the handler names it went to (empty when parked)."""
-        deliveries = self._ledger.count_delivery(delivery.event_id, DISPATCH_TASK, 1)
-        if deliveries > self._max_deliveries:
-            # It failed or killed its worker every time so far: park it for people instead.
-            self._park(delivery, None, ParkReason.POISON, [])
-            return []
+    def dispatch(self, event_ids: Sequence[str], seq: int | None = None) -> dict[str, list[str]]:
+        """Route the events; return the handler names of each routed event (for logs, tests)."""
+        started = self._pairs.start(
+            DISPATCH_PAIR,
+            event_ids,
+            self._heartbeat.owner,
+            max_starts=self._max_starts,
+            seq=seq,
+            queue=DISPATCH_QUEUE,
+            defer_s=1.0,
+        )
+        routes = [self._route(s) for s in started if s.run]
+        for s in started:
+            if not s.run:
+                level = logging.ERROR if s.what == "poison" else logging.INFO
+                log.log(level, "not dispatched", extra={"event_id": s.event_id, "why": s.what})
+        results = self._pairs.fan_out(throughput_key(DISPATCH_QUEUE), self._batch_max, routes)
+        routed: dict[str, list[str]] = {}
+        for route, result in zip(routes, results, strict=True):
+            with bind(event_id=route.event_id, type=route.type[:100]):
+                if result != "ok":
+                    log.info("already dispatched")
+                elif route.park_reason:
+                    log.warning(
+                        "parked",
+                        extra={"reason": route.park_reason, "errors": list(route.park_errors)},
+                    )
+                else:
+                    routed[route.event_id] = [h[0] for h in route.handlers]
+                    log.info("dispatched", extra={"handlers": routed[route.event_id]})
+        return routed
+
+    def _route(self, s: Started) -> Route:
+        received = orjson.dumps(
+            {
+                "at": s.received_at,
+                "what": "received",
+                "type": s.type[:100],
+                "endpoint": s.endpoint,
+                "bytes": len(s.body.encode()),
+            }
+        )
         try:
-            event = parse_event(orjson.loads(delivery.body), created_tz=self._zone)
+            event = parse_event(orjson.loads(s.body), created_tz=self._zone)
         except (SchemaError, orjson.JSONDecodeError) as exc:
             errors = getattr(exc, "errors", [{"loc": "", "msg": "body is not JSON", "type": ""}])
-            self._park(delivery, None, ParkReason.SCHEMA_INVALID, errors)
-            return []
-
-        with bind(type=event.type):
-            handlers = self._registry.for_type(event.type)
-            if not handlers:
-                if family_of(event.type) is None:
-                    reason = ParkReason.UNKNOWN_TYPE
-                elif event.type in PLANNED_TYPES:
-                    reason = ParkReason.PLANNED_TYPE
-                else:
-                    reason = ParkReason.NO_HANDLER
-                self._park(delivery, event.type, reason, [])
-                return []
-
-            queues = [h.queue for h in handlers]
-            messages = [handler_message(h.name, h.queue, delivery, event.type, 1) for h in handlers]
-            names = [h.name for h in handlers]
-            pairs_and_messages = [
-                part
-                for h, message in zip(handlers, messages, strict=True)
-                for part in (pair_id(delivery.event_id, h.name), message)
-            ]
-            sent = self._fan_out(
-                keys=[
-                    dispatched_key(delivery.event_id),
-                    WATCHDOG_KEY,
-                    WATCHDOG_MESSAGES_KEY,
-                    *queues,
-                ],
-                args=[
-                    DISPATCHED_TTL_S,
-                    int(time.time() * 1000) + self._watchdog_ms,
-                    delivery.event_id,
-                    *pairs_and_messages,
-                ],
+            return Route(
+                s.event_id,
+                s.type[:100],
+                received,
+                park_reason=ParkReason.SCHEMA_INVALID,
+                park_errors=errors,
             )
-            if sent:
-                with self._redis.pipeline(transaction=False) as pipe:
-                    count_finished(pipe, DISPATCH_QUEUE)
-                    self._received(pipe, delivery, event.type)
-                    self._trail.add_to(pipe, delivery.event_id, "dispatched", handlers=names)
-                    pipe.execute()
-                log.info("dispatched", extra={"handlers": names})
+        handlers = self._registry.for_type(event.type)
+        if not handlers:
+            if family_of(event.type) is None:
+                reason = ParkReason.UNKNOWN_TYPE
+            elif event.type in PLANNED_TYPES:
+                reason = ParkReason.PLANNED_TYPE
             else:
-                log.info("already dispatched", extra={"handlers": names})
-            return names
-
-    def _park(
-        self,
-        delivery: Delivery,
-        event_type: str | None,
-        reason: ParkReason,
-        errors: list[dict[str, str]],
-    ) -> None:
-        self._parked.put(
-            delivery.event_id,
-            {
-                "event_id": delivery.event_id,
-                "type": event_type or "",
-                "endpoint": delivery.endpoint,
-                "received_at": repr(delivery.received_at),
-                "parked_at": repr(time.time()),
-                "reason": reason.value,
-                "errors": errors,
-                "body": delivery.body,
-            },
-        )
-        with self._redis.pipeline(transaction=False) as pipe:
-            cancel(pipe, delivery.event_id)
-            self._received(pipe, delivery, event_type or "")
-            self._trail.add_to(pipe, delivery.event_id, "parked", reason=reason.value)
-            pipe.execute()
-        log.warning("parked", extra={"reason": reason.value, "errors": errors})
-
-    def _received(self, pipe: redis.client.Pipeline, delivery: Delivery, event_type: str) -> None:
-        self._trail.received_to(
-            pipe,
-            delivery.event_id,
-            delivery.received_at,
-            type=event_type[:100],
-            endpoint=delivery.endpoint,
-            bytes=len(delivery.body.encode()),
+                reason = ParkReason.NO_HANDLER
+            return Route(s.event_id, event.type[:100], received, park_reason=reason)
+        return Route(
+            s.event_id,
+            event.type[:100],
+            received,
+            handlers=[(h.name, h.queue, *_order(h, event, s.event_id)) for h in handlers],
         )

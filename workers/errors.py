@@ -43,3 +43,16 @@ class RetryLater(HandlerError):
     def __init__(self, message: str, after_s: float) -> None:
         super().__init__(message)
         self.after_s = after_s
+
+
+class Defer(HandlerError):
+    """Raised by a handler (or what it calls) that cannot start its work yet: a rate limit is
+    used up, a resource is busy.
+
+    Waiting is not failing: the same attempt runs again after ``after_s`` seconds, and no step of
+    the retry schedule is spent.
+    """
+
+    def __init__(self, message: str, after_s: float) -> None:
+        super().__init__(message)
+        self.after_s = after_s

@@ -1,7 +1,7 @@
 """``calhook exporter``: Prometheus metrics of the whole worker side, read from Redis per scrape.
 
-Queue gauges (the ``calhook queues`` table), handler outcomes and durations (counted by every
-worker in Redis), and the sizes of the delayed store and the watchdog.
+Queue gauges (the ``calhook queues`` table, in pairs), handler outcomes and durations (counted by
+every worker in Redis), and how many open pairs the scheduler watches.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from calhook.constants import WATCHDOG_KEY
-from workers.delayed import DUE_KEY
-from workers.queues import queue_table
-from workers.stats import durations, outcomes
+from calhook.store.keys import DUE
+from calhook.store.queues import queue_table
+from calhook.store.stats import durations, outcomes
 
 
 class FleetCollector(Collector):
@@ -33,9 +32,10 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         rows = queue_table(self._redis, self._queues)
         gauges = {
-            "ready": "Messages waiting on the queue.",
+            "ready": "Pairs (an event for one handler) queued and not started yet.",
+            "running": "Pairs being run by a worker (under a live or expiring lease).",
             "unacked": "Messages taken by a worker and not acknowledged yet.",
-            "delayed": "Retries of the queue's handlers due later.",
+            "delayed": "Pairs waiting for a retry, an order lock or a rate limit.",
             "dead": "Dead letters of the queue's handlers.",
             "parked": "Events dispatch could not route.",
         }
@@ -50,9 +50,10 @@ class FleetCollector(Collector):
             labels=["queue"],
         )
         done = GaugeMetricFamily(
-            "calhook_queue_done_last_minute", "Tasks of the queue finished in the last minute.",
+            "calhook_queue_done_last_minute",
+            "Tasks of the queue finished in the last minute.",
             labels=["queue"],
-        )  # fmt: skip
+        )
         for row in rows:
             oldest.add_metric([row.queue], row.oldest_age_s or 0.0)
             done.add_metric([row.queue], row.done_last_min)
@@ -60,26 +61,25 @@ class FleetCollector(Collector):
         yield done
 
         counted = CounterMetricFamily(
-            "calhook_handler_outcomes", "Handler attempts by outcome (ok, retry_scheduled, "
-            "dead_*, skipped_stale, already_*).", labels=["handler", "outcome"],
-        )  # fmt: skip
+            "calhook_handler_outcomes",
+            "Handler attempts by outcome (ok, retry_scheduled, deferred, dead_*, skipped_stale).",
+            labels=["handler", "outcome"],
+        )
         handlers = set()
         for handler, outcome, count in outcomes(self._redis):
             counted.add_metric([handler, outcome], count)
             handlers.add(handler)
         yield counted
         histogram = HistogramMetricFamily(
-            "calhook_handler_duration_seconds", "Time one handler attempt took.",
+            "calhook_handler_duration_seconds",
+            "Time one handler attempt took.",
             labels=["handler"],
-        )  # fmt: skip
+        )
         for d in durations(self._redis, handlers):
             histogram.add_metric([d.handler], [(b, float(c)) for b, c in d.cumulative], d.total_s)
         yield histogram
         yield GaugeMetricFamily(
-            "calhook_delayed_total", "Retries waiting in the delayed store.",
-            value=int(self._redis.zcard(DUE_KEY)),
-        )  # fmt: skip
-        yield GaugeMetricFamily(
-            "calhook_watchdog_watched", "Queued messages whose work has not finished yet.",
-            value=int(self._redis.zcard(WATCHDOG_KEY)),
-        )  # fmt: skip
+            "calhook_pairs_watched",
+            "Open pairs (queued, running or waiting) the scheduler's sweep watches.",
+            value=int(self._redis.zcard(DUE)),
+        )

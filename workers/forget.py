@@ -7,31 +7,27 @@ A uuid names one thing only, so searching the body (decoded first when it hides 
 behind ``\\u`` escapes) finds every shape, and the types Calenso adds later, without a list of
 field names to keep up to date.
 
-What is searched, and what goes with a match:
+Bodies live in one place, ``calhook:body:<event id>``, from the ingress until every pair of the
+event is final (longer only while a dead letter or a parked record needs it); task messages carry
+event ids, never bodies. So forget searches the bodies (and the error texts of dead letters),
+then erases each matching event in one transition (``store/lua/forget.lua``): its state and open
+pairs, body, trail, dead letters and parked record. Then what is keyed by the customer (order
+versions of the customer and of the appointments found in its bodies, with their locks) and by
+its events (dedup keys, notification marks, the status page's recent failures).
 
-- Bodies: parked and dead-letter records, retries in the delayed store, watchdog copies, task
-  messages waiting on any queue (every Redis list, so a queue of a handler module this process
-  does not load is searched too) and kombu's ``unacked`` hash (messages a worker took).
-- Keyed by the customer: the order versions ``calhook:order:<scope>:customer:<uuid>`` (and of
-  the appointments found in the customer's bodies).
-- Keyed by the events found above: trails and their index entries, ledger outcomes and delivery
-  counts, fan-out markers, dedup keys (a digest of the body), notification marks, the status
-  page's recent failures.
-
-Queued work for the customer is erased with the rest, so it is never done: the right to erasure
-wins over delivery. The report counts it; the log says how many messages, never what they held.
-A task a worker is running at that moment cannot be recalled; the body passes are repeated until
-one finds nothing, which catches what such a task queued meanwhile.
+Open work for the customer is erased with the rest, so it is never done: the right to erasure
+wins over delivery. A message that still names an erased event finds nothing and runs nothing.
+The report counts it; the log says how many pairs, never what they held. A handler running at
+that moment cannot be recalled (its outcome is refused); the body pass is repeated until one
+finds nothing, which catches an event accepted meanwhile.
 
 Not reached: the ingress spools (files on the ingress hosts, drained into Redis within seconds
-while Redis is up), events already handled (their bodies are gone; their trails and ledger entries
-carry no personal data and expire with the retention), and the systems handlers wrote to.
+while Redis is up), events already handled (their bodies are gone; their states and trails carry
+no personal data and expire), and the systems handlers wrote to.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import uuid
 from collections.abc import Iterable, Iterator
@@ -39,43 +35,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import redis
 
-from calhook.constants import KEY_PREFIX, WATCHDOG_KEY, WATCHDOG_MESSAGES_KEY
+from calhook.store.keys import BODY, DEDUP, ORDER, PREFIX, RECENT_FAILURES
+from calhook.store.pairs import PairStore
+from calhook.store.records import DEAD, RecordStore
 from schemas import parse_event
-from workers.delayed import DUE_KEY as DELAYED_DUE_KEY
-from workers.delayed import MESSAGES_KEY as DELAYED_MESSAGES_KEY
-from workers.ledger import deliveries_key, ledger_key
-from workers.stats import RECENT_FAILURES_KEY
-from workers.stores import DEAD, PARKED, RecordStore
-from workers.trail import INDEX_KEY as TRAIL_INDEX_KEY
 
 log = logging.getLogger("calhook.forget")
 
-# kombu's default names for messages a worker took and has not acked.
-UNACKED_KEY = "unacked"
-UNACKED_INDEX_KEY = "unacked_index"
 _PAGE = 1000
 _MAX_PASSES = 3
 
 # The stores of the report, in the order it lists them.
-STORES = (
-    "parked",
-    "dead_letters",
-    "delayed",
-    "watchdog",
-    "queued",
-    "unacked",
-    "ordering",
-    "trails",
-    "ledger",
-    "dispatch_markers",
-    "dedup",
-    "notify_marks",
-    "recent_failures",
-)
+STORES = ("events", "open_work", "records", "ordering", "dedup", "notify_marks", "recent_failures")
 # Stores whose removal means work that will not be done.
-WORK_STORES = ("delayed", "queued", "unacked")
+WORK_STORES = ("open_work",)
 
 
 class ForgetError(ValueError):
@@ -93,7 +67,7 @@ class ForgetReport:
 
     @property
     def work_dropped(self) -> int:
-        """Task messages and retries erased: work that will not be done."""
+        """Open pairs erased (queued, running, waiting): work that will not be done."""
         return sum(self.removed[s] for s in WORK_STORES)
 
     @property
@@ -138,51 +112,6 @@ def mentions(body: str | bytes, needle: str) -> bool:
     return needle in plain.lower()
 
 
-@dataclass(frozen=True, slots=True)
-class _Task:
-    """What forget needs of a queued task message: its decoded arguments and event."""
-
-    arguments: str
-    event_id: str | None
-    body: str | None
-
-    def mentions(self, needle: str) -> bool:
-        """Whether the task's arguments mention ``needle``; the body is searched on its own,
-        since escapes inside it stay escaped in the arguments' JSON."""
-        return mentions(self.arguments, needle) or (
-            self.body is not None and mentions(self.body, needle)
-        )
-
-
-def _task(message: Any) -> _Task | None:
-    """Decode a kombu message (as stored in a queue, or the dict in ``unacked``)."""
-    try:
-        if not isinstance(message, dict):
-            message = orjson.loads(message)
-        raw = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            raw = base64.b64decode(raw)
-        arguments = raw.decode() if isinstance(raw, bytes) else str(raw)
-        decoded = orjson.loads(arguments)
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error):
-        return None
-    kwargs = decoded[1] if isinstance(decoded, list) and len(decoded) > 1 else {}
-    if not isinstance(kwargs, dict):
-        kwargs = {}
-    event_id, body = kwargs.get("event_id"), kwargs.get("body")
-    return _Task(
-        arguments,
-        event_id if isinstance(event_id, str) else None,
-        body if isinstance(body, str) else None,
-    )
-
-
-def _entry_task(stored: bytes) -> _Task | None:
-    """Decode a delayed-store or watchdog entry, ``<queue>\\n<message>``."""
-    _, _, message = stored.partition(b"\n")
-    return _task(message)
-
-
 @dataclass(slots=True)
 class _Found:
     removed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STORES, 0))
@@ -193,8 +122,9 @@ class _Found:
 class Forgetter:
     """Erases one customer from one Redis."""
 
-    def __init__(self, client: redis.Redis, customer: str) -> None:
-        self._redis = client
+    def __init__(self, pairs: PairStore, customer: str) -> None:
+        self._pairs = pairs
+        self._redis = pairs.client
         self.customer = customer_uuid(customer)
         self._found = _Found()
 
@@ -203,21 +133,19 @@ class Forgetter:
         passes = 0
         while passes < _MAX_PASSES:
             passes += 1
-            # Sources before destinations: a retry the scheduler moves to its queue meanwhile
-            # was either seen in the delayed store or is on the queue when that is searched;
-            # a message a worker takes meanwhile is in ``unacked`` when that is searched.
-            found = (
-                self._records(PARKED, "parked")
-                + self._records(DEAD, "dead_letters")
-                + self._entries(DELAYED_MESSAGES_KEY, DELAYED_DUE_KEY, "delayed")
-                + self._entries(WATCHDOG_MESSAGES_KEY, WATCHDOG_KEY, "watchdog")
-                + self._queues()
-                + self._unacked()
-            )
+            found = self._bodies() | self._dead_letters()
             if not found:
                 break
-        self._ordering()
-        self._by_event()
+            self._erase(found)
+        # Handled events are found through the entities' order versions: their bodies are gone,
+        # and their states keep no entity once final; their trails are erased with them.
+        if handled := self._ordering() - self._found.event_ids:
+            self._erase(handled)
+        wanted = set(self._found.event_ids)
+        if wanted:
+            self._dedup(wanted)
+            self._notify_marks(wanted)
+            self._recent_failures(wanted)
         report = ForgetReport(
             self.customer,
             dict(self._found.removed),
@@ -225,140 +153,59 @@ class Forgetter:
             passes,
         )
         if report.work_dropped:
-            # Counts only: what the messages held is exactly what must not reach a log.
-            log.warning("forget dropped queued work", extra={"messages": report.work_dropped})
+            # Counts only: what the work held is exactly what must not reach a log.
+            log.warning("forget dropped open work", extra={"pairs": report.work_dropped})
         log.info("forget done", extra={"removed": report.total, "events": len(report.event_ids)})
         return report
 
-    def _matched(self, event_id: str | None, body: str | None) -> None:
-        if event_id:
-            self._found.event_ids.add(event_id)
-        if body:
-            self._found.appointments.update(_appointment_uuids(body))
+    def _bodies(self) -> set[str]:
+        found: set[str] = set()
+        for batch in _batches(self._redis.scan_iter(match=f"{BODY}*", count=_PAGE)):
+            for key, body in zip(batch, self._redis.mget(batch), strict=True):
+                if body is not None and mentions(body, self.customer):
+                    found.add(key.decode().removeprefix(BODY))
+                    self._found.appointments.update(_appointment_uuids(_text(body) or ""))
+        return found
 
-    def _records(self, kind: str, name: str) -> int:
-        store = RecordStore(self._redis, kind)
-        matched: list[str] = []
-        for batch in _batches(m for m, _ in self._redis.zscan_iter(store.index_key, count=_PAGE)):
-            ids = [m.decode() for m in batch]
-            with self._redis.pipeline(transaction=False) as pipe:
-                for record_id in ids:
-                    pipe.hmget(store.key(record_id), ["body", "event_id", "error", "traceback"])
-                rows = pipe.execute()
-            for record_id, (body, event_id, error, tb) in zip(ids, rows, strict=True):
-                texts = [t for t in (body, error, tb) if t]
-                if any(mentions(t, self.customer) for t in texts):
-                    matched.append(record_id)
-                    self._matched(_text(event_id), _text(body))
-        with self._redis.pipeline(transaction=True) as pipe:
-            for record_id in matched:
-                store.remove(record_id, pipe)
-            pipe.execute()
-        self._found.removed[name] += len(matched)
-        return len(matched)
+    def _dead_letters(self) -> set[str]:
+        # The body is searched above; an error text may quote the customer too.
+        found: set[str] = set()
+        for record in RecordStore(self._redis, DEAD).records(with_body=False):
+            texts = (record.get("error", ""), record.get("traceback", ""))
+            if any(t and mentions(t, self.customer) for t in texts):
+                found.add(record["event_id"])
+        return found
 
-    def _entries(self, messages_key: str, due_key: str, name: str) -> int:
-        matched: list[bytes] = []
-        for member, stored in self._redis.hscan_iter(messages_key, count=_PAGE):
-            task = _entry_task(stored)
-            if task is not None and task.mentions(self.customer):
-                matched.append(member)
-                self._matched(task.event_id, task.body)
-        removed = self._remove_indexed(messages_key, due_key, matched)
-        self._found.removed[name] += removed
-        return removed
+    def _erase(self, event_ids: set[str]) -> None:
+        self._found.event_ids |= event_ids
+        for batch in _batches(sorted(event_ids)):
+            erased, dropped, records = self._pairs.forget(batch)
+            self._found.removed["events"] += erased
+            self._found.removed["open_work"] += dropped
+            self._found.removed["records"] += records
 
-    def _queues(self) -> int:
-        removed = 0
-        for key in self._redis.scan_iter(count=_PAGE, _type="list"):
-            if key.startswith(KEY_PREFIX.encode()):
-                continue  # calhook's own lists (trails, recent failures) hold no task messages
-            matched: set[bytes] = set()
-            start = 0
-            # Read the whole list, then remove by value: removals do not shift what is left
-            # to read, and a message a worker took meanwhile is simply not removed here.
-            while True:
-                items: list[bytes] = self._redis.lrange(key, start, start + _PAGE - 1)  # type: ignore[assignment]
-                if not items:
-                    break
-                for raw in items:
-                    task = _task(raw)
-                    if task is not None and task.mentions(self.customer):
-                        matched.add(raw)
-                        self._matched(task.event_id, task.body)
-                start += _PAGE
-            for raw in matched:
-                removed += int(self._redis.lrem(key, 0, raw))  # type: ignore[arg-type]
-        self._found.removed["queued"] += removed
-        return removed
-
-    def _unacked(self) -> int:
-        matched: list[bytes] = []
-        for tag, stored in self._redis.hscan_iter(UNACKED_KEY, count=_PAGE):
-            try:
-                message = orjson.loads(stored)[0]
-            except (orjson.JSONDecodeError, IndexError, TypeError, KeyError):
-                continue
-            task = _task(message)
-            if task is not None and task.mentions(self.customer):
-                matched.append(tag)
-                self._matched(task.event_id, task.body)
-        removed = self._remove_indexed(UNACKED_KEY, UNACKED_INDEX_KEY, matched)
-        self._found.removed["unacked"] += removed
-        return removed
-
-    def _remove_indexed(self, hash_key: str, index_key: str, members: list[bytes]) -> int:
-        """Remove ``members`` from a hash and its sorted-set index; how many the hash had."""
-        removed = 0
-        for batch in _batches(members):
-            with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hdel(hash_key, *batch)
-                pipe.zrem(index_key, *batch)
-                deleted, _ = pipe.execute()
-            removed += int(deleted)
-        return removed
-
-    def _ordering(self) -> None:
-        """Order versions of the customer and of the appointments in the customer's events."""
+    def _ordering(self) -> set[str]:
+        """Erase the order versions of the customer and of the appointments in the customer's
+        events; return the events they name."""
         entities = {f":customer:{self.customer}"}
         entities |= {f":appointment:{a}" for a in self._found.appointments}
         doomed: list[bytes] = []
-        for key in self._redis.scan_iter(match=f"{KEY_PREFIX}order:*", count=_PAGE):
+        named: set[str] = set()
+        for key in self._redis.scan_iter(match=f"{ORDER}*", count=_PAGE):
             name = key.decode().lower().removesuffix(":lock")
             if any(name.endswith(entity) for entity in entities):
                 doomed.append(key)
                 if not key.endswith(b":lock"):
                     event_id = _text(self._redis.hget(key, "event_id"))
                     if event_id:
-                        self._found.event_ids.add(event_id)
+                        named.add(event_id)
         if doomed:
             self._redis.delete(*doomed)
         self._found.removed["ordering"] += sum(1 for k in doomed if not k.endswith(b":lock"))
-
-    def _by_event(self) -> None:
-        """What is keyed by the customer's events: it carries no body, but it is theirs."""
-        ids = sorted(self._found.event_ids)
-        removed = self._found.removed
-        for batch in _batches(ids):
-            with self._redis.pipeline(transaction=False) as pipe:
-                pipe.delete(*(f"{KEY_PREFIX}trail:{i}" for i in batch))
-                pipe.zrem(TRAIL_INDEX_KEY, *batch)
-                pipe.delete(*(ledger_key(i) for i in batch))
-                pipe.delete(*(deliveries_key(i) for i in batch))
-                pipe.delete(*(f"{KEY_PREFIX}dispatched:{i}" for i in batch))
-                trails, indexed, ledgers, counts, markers = pipe.execute()
-            removed["trails"] += max(int(trails), int(indexed))
-            removed["ledger"] += int(ledgers) + int(counts)
-            removed["dispatch_markers"] += int(markers)
-        if not ids:
-            return
-        wanted = set(ids)
-        self._dedup(wanted)
-        self._notify_marks(wanted)
-        self._recent_failures(wanted)
+        return named
 
     def _dedup(self, wanted: set[str]) -> None:
-        keys = self._redis.scan_iter(match=f"{KEY_PREFIX}dedup:*", count=_PAGE)
+        keys = self._redis.scan_iter(match=f"{DEDUP}*", count=_PAGE)
         for batch in _batches(keys):
             values = self._redis.mget(batch)
             doomed = [k for k, v in zip(batch, values, strict=True) if _text(v) in wanted]
@@ -367,26 +214,26 @@ class Forgetter:
 
     def _notify_marks(self, wanted: set[str]) -> None:
         # calhook:notify:<sent|posted>:<event_id>:<handler>
-        keys = self._redis.scan_iter(match=f"{KEY_PREFIX}notify:*", count=_PAGE)
+        keys = self._redis.scan_iter(match=f"{PREFIX}notify:*", count=_PAGE)
         doomed = [k for k in keys if _event_of_mark(k) in wanted]
         if doomed:
             self._found.removed["notify_marks"] += int(self._redis.delete(*doomed))
 
     def _recent_failures(self, wanted: set[str]) -> None:
-        entries: list[bytes] = self._redis.lrange(RECENT_FAILURES_KEY, 0, -1)  # type: ignore[assignment]
+        entries: list[bytes] = self._redis.lrange(RECENT_FAILURES, 0, -1)  # type: ignore[assignment]
         for entry in entries:
             try:
                 event_id = orjson.loads(entry).get("event_id")
             except (orjson.JSONDecodeError, AttributeError):
                 continue
             if event_id in wanted:
-                removed = int(self._redis.lrem(RECENT_FAILURES_KEY, 0, entry))  # type: ignore[arg-type]
+                removed = int(self._redis.lrem(RECENT_FAILURES, 0, entry))  # type: ignore[arg-type]
                 self._found.removed["recent_failures"] += removed
 
 
-def forget_customer(client: redis.Redis, customer: str) -> ForgetReport:
+def forget_customer(pairs: PairStore, customer: str) -> ForgetReport:
     """Erase the customer ``customer`` (a uuid) from every store in Redis; what was removed."""
-    return Forgetter(client, customer).run()
+    return Forgetter(pairs, customer).run()
 
 
 def _event_of_mark(key: bytes) -> str:

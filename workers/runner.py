@@ -1,16 +1,18 @@
-"""Running one (event, handler): once, in order, retried on a schedule, or dead-lettered.
+"""Running one handler over the events a message names: once, in order, retried, or dead.
 
-For each delivery of a handler task:
+For each event the message names, starting the attempt (``start.lua``, one round trip for all of
+them) decides whether it runs here: not if its pair is done or dead, running under a live lease
+elsewhere, waiting for a retry that is not due, or stale for its entity; an attempt started too
+often without finishing is dead-lettered as poison instead. The attempts that start run one after
+another, each under a lease its heartbeat renews, and each ending is recorded as soon as it is
+known (``finish.lua``), so a worker killed halfway re-runs only the events that had not finished:
 
-1. The ledger says the pair already finished → nothing runs (a redelivery after completion).
-2. The message arrived more than ``CALHOOK_MAX_DELIVERIES`` times without finishing → it keeps
-   killing its worker; dead-letter it instead of looping.
-3. An ``ordered`` handler sees only events newer than the entity's last applied one.
-4. The handler runs, with a few quick in-call retries for transient errors (tenacity; seconds,
-   well inside the task time limit).
-5. Success → ledger ``done``. A permanent error → dead letter. Anything else → the next attempt
-   goes into the delayed store at the schedule's next delay (or the handler's ``Retry-After``),
-   and the dead-letter store once the schedule is exhausted.
+- success → ``done``;
+- :class:`~workers.errors.Defer` → the same attempt waits (a rate limit), no step spent;
+- a permanent error → dead letter;
+- anything else, after a few quick in-call retries for transient errors (tenacity; seconds,
+  well inside the task time limit) → the next attempt waits for the schedule's next delay (or
+  the handler's ``Retry-After``), and the dead-letter store once the schedule is exhausted.
 """
 
 from __future__ import annotations
@@ -19,112 +21,167 @@ import logging
 import random
 import time
 import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import orjson
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from calhook import logs
-from calhook.constants import pair_id
-from calhook.messages import Delivery
 from calhook.settings import Settings
+from calhook.store.keys import due_member
+from calhook.store.pairs import Ending, PairStore, Started
+from calhook.store.queues import throughput_key
 from schemas import CalensoEvent, SchemaError, parse_event
-from workers.delayed import DelayedStore
-from workers.dispatch import handler_message
-from workers.errors import PermanentError, RetryLater, TransientError, UnknownHandler
-from workers.ledger import Ledger, Outcome
-from workers.ordering import OrderGuard, version_of
-from workers.queues import count_finished
+from workers.errors import Defer, PermanentError, RetryLater, TransientError, UnknownHandler
+from workers.heartbeat import Heartbeat
 from workers.registry import Handler, HandlerContext, Registry
-from workers.stats import count_outcome, note_failure
-from workers.stores import DEAD, RecordStore
-from workers.trail import Trail
-from workers.watchdog import Watchdog
 
 log = logging.getLogger("calhook.worker")
 
 
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, PermanentError | RetryLater):
+    if isinstance(exc, PermanentError | RetryLater | Defer):
         return False
     return isinstance(exc, TransientError | ConnectionError | TimeoutError)
 
 
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """What the runner does with a failed attempt."""
+
+    do: str
+    outcome: str
+    due_s: float | None = None
+    reason: str = ""
+
+
 class HandlerRunner:
-    """Runs handler tasks against one Redis; one per worker process."""
+    """Runs handler messages against one Redis; one per worker process."""
 
-    def __init__(self, client: redis.Redis, registry: Registry, settings: Settings) -> None:
+    def __init__(
+        self, pairs: PairStore, registry: Registry, heartbeat: Heartbeat, settings: Settings
+    ) -> None:
+        self._pairs = pairs
         self._registry = registry
+        self._heartbeat = heartbeat
         self._settings = settings
-        self._redis = client
-        self.ledger = Ledger(client, settings.ledger_ttl_s)
-        self.dead = RecordStore(client, DEAD, settings.retention_s)
-        self.delayed = DelayedStore(client)
-        self.watchdog = Watchdog(client, settings.watchdog_s)
-        self.trail = Trail(client, settings.trail_keep_s)
-        self.guard = OrderGuard(client, ttl_s=90 * 86_400, lock_s=settings.task_time_limit_s)
 
-    def run(self, handler_name: str, delivery: Delivery, attempt: int, queue: str = "") -> str:
-        """Run one delivery of a handler task; return what came of it (for logs and tests)."""
-        with logs.bind(handler=handler_name, attempt=attempt):
+    def run(
+        self, handler_name: str, event_ids: Sequence[str], seq: int | None = None, queue: str = ""
+    ) -> dict[str, str]:
+        """Run one message of a handler; return each event's outcome (for logs and tests)."""
+        with logs.bind(handler=handler_name):
             try:
-                h = self._registry.get(handler_name)
-            except UnknownHandler as exc:
-                # Kept, not dropped: replay once the module is in CALHOOK_HANDLER_MODULES.
-                unknown = Handler(handler_name, frozenset(), queue, _unknown_handler)
-                self._dead_letter(unknown, delivery, attempt, "unknown_handler", str(exc), None)
-                return self._report(delivery, handler_name, attempt, logging.ERROR,
-                                    "handler failed", "dead_unknown_handler")  # fmt: skip
-            return self._run(h, delivery, attempt)
-
-    def _run(self, h: Handler, delivery: Delivery, attempt: int) -> str:
-        event_id = delivery.event_id
-        # One round trip: a redelivery of finished work is counted too, which is harmless.
-        prior, deliveries = self.ledger.begin(event_id, h.name, attempt)
-        if prior is not None:
-            return self._report(delivery, h.name, attempt, logging.INFO, "already finished",
-                                f"already_{prior.value}")  # fmt: skip
-        if deliveries > self._settings.max_deliveries:
-            self._dead_letter(
-                h,
-                delivery,
-                attempt,
-                "poison",
-                f"delivered {deliveries - 1} times without finishing; it may kill its worker",
-                None,
+                h: Handler | None = self._registry.get(handler_name)
+            except UnknownHandler:
+                h = None
+            started = self._pairs.start(
+                handler_name,
+                event_ids,
+                self._heartbeat.owner,
+                max_starts=self._settings.max_deliveries,
+                seq=seq,
+                queue=queue,
+                defer_s=self._settings.order_wait_s,
             )
-            return self._report(delivery, h.name, attempt, logging.ERROR, "handler failed",
-                                "dead_poison")  # fmt: skip
+            outcomes: dict[str, str] = {}
+            for s in started:
+                if s.run:
+                    outcomes[s.event_id] = self._attempt(h, handler_name, queue, s)
+                else:
+                    outcomes[s.event_id] = _not_run(s)
+            return outcomes
 
-        started = time.perf_counter()
+    def _attempt(self, h: Handler | None, name: str, queue: str, s: Started) -> str:
+        member = due_member(s.event_id, name)
+        self._heartbeat.hold(member)
         try:
-            event = parse_event(orjson.loads(delivery.body), created_tz=self._settings.zone)
-        except SchemaError as exc:
-            self._dead_letter(h, delivery, attempt, "permanent", f"schema: {exc}", exc)
-            return self._report(delivery, h.name, attempt, logging.ERROR, "handler failed",
-                                "dead_permanent", error="SchemaError")  # fmt: skip
-        ctx = HandlerContext(event_id, h.name, delivery.endpoint, delivery.received_at, attempt)
-        version = (h.order_key or version_of)(event, event_id) if h.ordered else None
-        with logs.bind(type=event.type):
-            try:
-                with self.guard.hold(h.order_scope or h.name, version) as fresh:
-                    if not fresh:
-                        self.ledger.record(event_id, h.name, Outcome.SKIPPED_STALE)
-                        return self._report(delivery, h.name, attempt, logging.INFO,
-                                            "skipped stale", "skipped_stale")  # fmt: skip
-                    self._call(h, event, ctx)
-            except Exception as exc:
-                return self._failed(h, delivery, event.type, attempt, exc, started)
-            # The outcome, the watchdog's stop, the counters and the trail: one round trip.
-            fields: dict[str, object] = {"duration_ms": _ms(started)}
-            with self._redis.pipeline(transaction=True) as pipe:
-                self.ledger.record_to(pipe, event_id, h.name, Outcome.DONE)
-                count_finished(pipe, h.queue)
-                self._record_attempt(pipe, delivery, h.name, attempt, "ok", fields)
-                pipe.execute()
-            log.info("handler done", extra={"outcome": "ok", **fields})
-            return "done"
+            with logs.bind(event_id=s.event_id, attempt=s.attempt, type=s.type[:100]):
+                ending = self._run(h, name, s)
+                result = self._record(name, throughput_key(h.queue if h else queue), ending)
+                level = logging.INFO if ending.do in ("done", "defer") else logging.WARNING
+                if ending.do == "dead":
+                    level = logging.ERROR
+                message = "handler done" if ending.do == "done" else "handler failed"
+                if ending.do == "defer":
+                    message = "handler deferred"
+                if result != "ok":
+                    # Another copy finished it first, or took it over after this run stalled
+                    # past its lease: that copy's outcome stands.
+                    level, message = logging.WARNING, f"outcome not recorded ({result})"
+                log.log(level, message, extra={"outcome": ending.outcome, **ending.fields})
+                return ending.outcome
+        finally:
+            self._heartbeat.release(member)
+
+    def _record(self, name: str, throughput: str, ending: Ending) -> str:
+        """Record the ending, through a Redis blip: the effect happened, so losing its outcome
+        would run it again. Tried for half a lease (the heartbeat keeps the pair meanwhile)."""
+        for try_ in Retrying(
+            stop=stop_after_delay(self._settings.lease_s / 2),
+            wait=wait_exponential_jitter(initial=0.1, max=2.0),
+            retry=retry_if_exception_type(redis.RedisError),
+            reraise=True,
+        ):
+            with try_:
+                return self._pairs.finish(name, self._heartbeat.owner, throughput, [ending])[0]
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _run(self, h: Handler | None, name: str, s: Started) -> Ending:
+        started = time.perf_counter()
+        if h is None:
+            # Kept, not dropped: replay once the module is loaded by the workers of this queue.
+            error = f"UnknownHandler: no handler named {name!r} is loaded"
+            return Ending(
+                s.event_id, "dead", "dead_unknown_handler", reason="unknown_handler", error=error
+            )
+        try:
+            event = parse_event(orjson.loads(s.body), created_tz=self._settings.zone)
+        except (SchemaError, orjson.JSONDecodeError) as exc:
+            return Ending(
+                s.event_id,
+                "dead",
+                "dead_permanent",
+                {"error": "SchemaError"},
+                reason="permanent",
+                error=f"schema: {exc}"[:2000],
+                traceback=_trace(exc),
+            )
+        ctx = HandlerContext(s.event_id, h.name, s.endpoint, s.received_at, s.attempt)
+        try:
+            self._call(h, event, ctx)
+        except Exception as exc:
+            duration_s = time.perf_counter() - started
+            failure = self._failure(h, s.attempt, exc)
+            fields: dict[str, object] = {"error": _name(exc), "duration_ms": _ms(duration_s)}
+            if failure.due_s is not None:
+                fields["retry_in_s"] = round(failure.due_s - time.time(), 3)
+                fields["next_attempt_at"] = round(failure.due_s, 3)
+            return Ending(
+                s.event_id,
+                failure.do,
+                failure.outcome,
+                fields,
+                due_s=failure.due_s,
+                duration_s=duration_s if failure.do != "defer" else None,
+                reason=failure.reason,
+                error=f"{type(exc).__name__}: {exc}"[:2000],
+                traceback=_trace(exc) if failure.do == "dead" else "",
+            )
+        duration_s = time.perf_counter() - started
+        return Ending(
+            s.event_id, "done", "ok", {"duration_ms": _ms(duration_s)}, duration_s=duration_s
+        )
 
     def _call(self, h: Handler, event: CalensoEvent, ctx: HandlerContext) -> None:
         quick = h.retry.quick_retries
@@ -138,113 +195,44 @@ class HandlerRunner:
             with try_:
                 h.fn(event, ctx)
 
-    def _failed(
-        self,
-        h: Handler,
-        delivery: Delivery,
-        event_type: str,
-        attempt: int,
-        exc: Exception,
-        started: float,
-    ) -> str:
-        extra = {"error": type(exc).__name__, "duration_ms": _ms(started)}
+    def _failure(self, h: Handler, attempt: int, exc: Exception) -> _Failure:
+        if isinstance(exc, Defer):
+            return _Failure("defer", "deferred", time.time() + max(exc.after_s, 0.05))
         if isinstance(exc, (PermanentError, *h.retry.permanent)):
-            self._dead_letter(h, delivery, attempt, "permanent", _describe(exc), exc, event_type)
-            return self._report(delivery, h.name, attempt, logging.ERROR, "handler failed",
-                                "dead_permanent", **extra)  # fmt: skip
+            return _Failure("dead", "dead_permanent", reason="permanent")
         schedule = h.retry.schedule_s or self._settings.retry_schedule_s
         if attempt > len(schedule):
-            self._dead_letter(h, delivery, attempt, "exhausted", _describe(exc), exc, event_type)
-            return self._report(delivery, h.name, attempt, logging.ERROR, "handler failed",
-                                "dead_exhausted", **extra)  # fmt: skip
+            return _Failure("dead", "dead_exhausted", reason="exhausted")
         if isinstance(exc, RetryLater):
             delay_s = max(exc.after_s, 0.0)
         else:
             jitter = self._settings.retry_jitter
             delay_s = schedule[attempt - 1] * (1 + random.uniform(-jitter, jitter))  # noqa: S311
-        if isinstance(exc, SoftTimeLimitExceeded):
-            extra["error"] = "SoftTimeLimitExceeded"
-        due_s = time.time() + delay_s
-        message = handler_message(h.name, h.queue, delivery, event_type, attempt + 1)
-        self.delayed.schedule(f"{pair_id(delivery.event_id, h.name)}#{attempt + 1}", h.queue,
-                              message, due_s)  # fmt: skip
-        # Watch the next attempt from its due time on, not from now.
-        self.watchdog.arm(pair_id(delivery.event_id, h.name), h.queue, message, due_s)
-        return self._report(delivery, h.name, attempt, logging.WARNING, "handler failed",
-                            "retry_scheduled", **extra, retry_in_s=round(delay_s, 3),
-                            next_attempt_at=round(due_s, 3))  # fmt: skip
-
-    def _report(
-        self,
-        delivery: Delivery,
-        handler: str,
-        attempt: int,
-        level: int,
-        message: str,
-        outcome: str,
-        **fields: object,
-    ) -> str:
-        """Log what came of an attempt and add it to the event's trail; return the outcome."""
-        log.log(level, message, extra={"outcome": outcome, **fields})
-        with self._redis.pipeline(transaction=False) as pipe:
-            self._record_attempt(pipe, delivery, handler, attempt, outcome, fields)
-            pipe.execute()
-        if outcome == "retry_scheduled" or outcome.startswith("dead_"):
-            note_failure(self._redis, event_id=delivery.event_id, handler=handler,
-                         attempt=attempt, outcome=outcome, error=str(fields.get("error", "")),
-                         at=time.time())  # fmt: skip
-        return outcome
-
-    def _record_attempt(
-        self,
-        pipe: redis.client.Pipeline,
-        delivery: Delivery,
-        handler: str,
-        attempt: int,
-        outcome: str,
-        fields: dict[str, object],
-    ) -> None:
-        self.trail.add_to(pipe, delivery.event_id, "handler", handler=handler, attempt=attempt,
-                          outcome=outcome, **fields)  # fmt: skip
-        duration_ms = fields.get("duration_ms")
-        duration_s = float(duration_ms) / 1000 if isinstance(duration_ms, int | float) else None
-        count_outcome(pipe, handler, outcome, duration_s)
-
-    def _dead_letter(
-        self,
-        h: Handler,
-        delivery: Delivery,
-        attempt: int,
-        reason: str,
-        error: str,
-        exc: BaseException | None,
-        event_type: str = "",
-    ) -> None:
-        summary = "".join(traceback.format_exception(exc, limit=-8))[-4000:] if exc else ""
-        self.dead.put(
-            pair_id(delivery.event_id, h.name),
-            {
-                **{k: str(v) for k, v in delivery.task_kwargs().items()},
-                "handler": h.name,
-                "queue": h.queue,
-                "type": event_type,
-                "reason": reason,
-                "error": error[:2000],
-                "traceback": summary,
-                "attempts": str(attempt),
-                "failed_at": repr(time.time()),
-            },
-        )
-        self.ledger.record(delivery.event_id, h.name, Outcome.DEAD)
+        return _Failure("retry", "retry_scheduled", time.time() + delay_s)
 
 
-def _unknown_handler(event: object, ctx: HandlerContext) -> None:
-    raise UnknownHandler(ctx.handler)
+def _not_run(s: Started) -> str:
+    """Log why a named event did not run here; return it as the outcome."""
+    if s.what == "poison":
+        log.error("handler failed", extra={"event_id": s.event_id, "outcome": "dead_poison"})
+        return "dead_poison"
+    if s.what == "stale":
+        log.info("skipped stale", extra={"event_id": s.event_id, "outcome": "skipped_stale"})
+        return "skipped_stale"
+    if s.what == "deferred":
+        log.info("waits for its entity", extra={"event_id": s.event_id, "outcome": "deferred"})
+        return "deferred"
+    log.info("not run", extra={"event_id": s.event_id, "why": s.what})
+    return f"not_run_{s.what}"
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+def _name(exc: BaseException) -> str:
+    return "SoftTimeLimitExceeded" if isinstance(exc, SoftTimeLimitExceeded) else type(exc).__name__
 
 
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 1)
+def _trace(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc, limit=-8))[-4000:]
+
+
+def _ms(duration_s: float) -> float:
+    return round(duration_s * 1000, 1)

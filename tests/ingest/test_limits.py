@@ -19,13 +19,14 @@ import redis
 from calhook.settings import Settings
 from ingest.server import listening
 from tests.conftest import FIXTURES, SECRET
+from tests.ingest.stored import queued_ids
 from tests.ingest.wire import closed_by_server, exchange, head, read_answer
 
 BODY = (FIXTURES / "customer.created.nested.json").read_bytes()
 
 
 def queued(redis_db: redis.Redis) -> int:
-    return int(redis_db.llen("dispatch"))
+    return len(queued_ids(redis_db))
 
 
 async def test_a_body_trickled_slower_than_the_deadline_is_408_and_the_connection_closed(

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
+from calhook.messages import event_record
 from calhook.redis_server import RedisServer
+from calhook.settings import load_settings
+from calhook.store.connect import clock
 from ingest.durable import DurableWriter
 from ingest.publisher import Outgoing, Publisher
 from ingest.spool import Sink, Spool, _Segment
+from tests.ingest.stored import ids_of
 from tests.support.waiting import await_for
 
 
@@ -41,8 +46,12 @@ class HeldSpool(Spool):
         return drained
 
 
+_RECEIVED_AT = time.time()
+
+
 def event(n: int) -> Outgoing:
-    return Outgoing(f"dedup:{n}", f"evt-{n}", f"evt-{n}".encode())
+    record = event_record("default", _RECEIVED_AT, "t", f"body-{n}".encode())
+    return Outgoing(f"dedup:{n}", f"evt-{n}", record)
 
 
 async def test_depth_counts_an_append_until_it_is_written_even_if_its_caller_gives_up(
@@ -89,9 +98,8 @@ async def test_an_event_spooled_while_redis_comes_back_reaches_redis_before_late
     tmp_path: Path, down_redis: RedisServer
 ) -> None:
     redis = Redis.from_url(down_redis.url, socket_timeout=1, socket_connect_timeout=0.5)
-    publisher = Publisher(
-        redis, queue="dispatch", dedup_ttl_s=86_400, batch_max=64, timeout_s=0.5, watchdog_s=60
-    )
+    timings = clock(load_settings(redis_url=down_redis.url, auth_secrets="s"))
+    publisher = Publisher(redis, clock=timings, dedup_ttl_s=86_400, batch_max=64, timeout_s=0.5)
     spool = HeldSpool(tmp_path / "spool")
     writer = DurableWriter(redis, publisher, spool, retry_interval_s=0.05)
     acknowledged: list[str] = []
@@ -116,10 +124,10 @@ async def test_an_event_spooled_while_redis_comes_back_reaches_redis_before_late
         for n in range(3, 6):  # each acknowledged after the spooled ones
             await write(n)
 
-        # Then: the queue holds the events in the order they were acknowledged.
+        # Then: the queue names the events in the order they were acknowledged (a dispatch
+        # message names every event of one batch).
         async def queued() -> list[str]:
-            raw = await redis.lrange("dispatch", 0, -1)
-            return [m.decode() if isinstance(m, bytes) else m for m in reversed(raw)]
+            return ids_of(await redis.lrange("dispatch", 0, -1))
 
         await await_for(lambda: writer.spool_depth() == 0, what="the spool to drain")
         await await_for(lambda: not writer.spooling, what="spooling to end")

@@ -4,7 +4,9 @@ without duplicates, also after a restart."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -12,22 +14,21 @@ import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from calhook.messages import read_task_message
+from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK, dedup_key
+from calhook.messages import task_message
 from calhook.redis_server import free_port
 from calhook.settings import Settings
 from ingest import create_app
 from ingest.app import WRITER
+from ingest.publisher import Outgoing
+from ingest.spool import Spool
 from tests.conftest import FIXTURES, SECRET
+from tests.ingest.stored import queued, queued_ids
 from tests.support.proxy import SlowProxy
 from tests.support.waiting import await_for
 
 AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
 BODY = (FIXTURES / "customer.updated.nested.json").read_bytes()
-
-
-def queued_ids(redis_db: redis.Redis) -> list[str]:
-    raw: list[bytes] = redis_db.lrange("dispatch", 0, -1)  # type: ignore[assignment]
-    return [read_task_message(m)[2]["event_id"] for m in reversed(raw)]
 
 
 async def post_many(client: TestClient[Any, Any], n: int, first: int = 0) -> list[str]:
@@ -85,3 +86,48 @@ async def test_spooled_events_survive_a_restart_and_drain_in_order(
     # Each event's trail says it waited in the spool.
     [entry] = [orjson.loads(e) for e in redis_db.lrange(f"calhook:trail:{ids[0]}", 0, -1)]
     assert entry["what"] == "spooled"
+
+
+def legacy_message(event_id: str, body: bytes, endpoint: str, received_at: float) -> bytes:
+    """What calhook spooled before the store kept bodies: a Celery dispatch message with the
+    event in its arguments."""
+    kwargs = {
+        "event_id": event_id,
+        "body": body.decode(),
+        "endpoint": endpoint,
+        "received_at": received_at,
+    }
+    return task_message(
+        DISPATCH_TASK,
+        queue=DISPATCH_QUEUE,
+        task_id=event_id,
+        kwargs=kwargs,
+        kwargsrepr=orjson.dumps({"event_id": event_id, "type": "customer.updated"}).decode(),
+    )
+
+
+async def test_events_an_older_calhook_spooled_are_drained_into_the_store(
+    make_settings: Callable[..., Settings], redis_db: redis.Redis
+) -> None:
+    # Given: a spool left by an older calhook, holding Celery dispatch messages.
+    settings = make_settings()
+    received_at = time.time() - 60
+    old = Spool(Path(settings.spool_dir))
+    await old.open()
+    for n, endpoint in enumerate(("default", "shop")):
+        message = legacy_message(f"evt-old-{n}", BODY + b" " * n, endpoint, received_at + n)
+        await old.append(Outgoing(dedup_key(f"{n:064x}"), f"evt-old-{n}", message))
+    await old.close()
+
+    # When today's ingress starts on it.
+    app = create_app(settings)
+    async with TestClient(TestServer(app)):
+        await await_for(lambda: app[WRITER].spool_depth() == 0, what="the old spool to drain")
+
+    # Then: each event is stored as today's ingress stores one (its body once, by id), in the
+    # order spooled, and queued for dispatch by id.
+    events = queued(redis_db)
+    assert [(e.event_id, e.endpoint, e.received_at, e.body, e.dispatch) for e in events] == [
+        ("evt-old-0", "default", received_at, BODY, "queued"),
+        ("evt-old-1", "shop", received_at + 1, BODY + b" ", "queued"),
+    ]

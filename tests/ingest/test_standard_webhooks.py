@@ -24,6 +24,7 @@ from ingest import create_app
 from ingest.auth import StandardWebhooks, signature_matches
 from ingest.errors import Unauthorized
 from tests.conftest import FIXTURES
+from tests.ingest.stored import queued_ids
 
 Client = TestClient[Any, Any]
 URL = "/webhooks/calenso/relay"
@@ -161,7 +162,7 @@ async def relay(
 
 
 def queued(redis_db: redis.Redis) -> int:
-    return int(redis_db.llen("dispatch"))
+    return len(queued_ids(redis_db))
 
 
 async def test_signed_by_either_secret_is_accepted_for_rotation(

@@ -3,11 +3,14 @@ Chromium with the queues, outcomes, dead letters and parked events, never a payl
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,15 +18,15 @@ import redis
 from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient
 
-from calhook.messages import Delivery, dispatch_message
 from calhook.settings import Settings
+from calhook.store.pairs import Ending, PairStore
 from ingest import create_app
-from workers.stats import count_outcome, note_failure
-from workers.stores import DEAD, PARKED, RecordStore
+from tests.support.store import accept, dead_letter, end, park, route
 
 ADMIN = "admin-test-token"
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "docs" / "status.png"
+CRM = "crm.sync_customer"
 
 
 def chromium() -> str:
@@ -35,25 +38,56 @@ def chromium() -> str:
     return found
 
 
-def lay_out(client: redis.Redis) -> None:
-    client.lpush(
-        "dispatch", dispatch_message(Delivery("e-1", "{}", "default", time.time() - 42), "x")
+@dataclass(frozen=True)
+class Laid:
+    """The event ids of what :func:`lay_out` put in the store."""
+
+    retried: str
+    dead: str
+    parked: str
+
+
+def lay_out(pairs: PairStore) -> Laid:
+    """A bit of everything the page shows, reached through the real transitions."""
+    # An event waiting for dispatch for 42 s.
+    accept(pairs, b'{"n": 1}', received_at=time.time() - 42)
+    # One CRM call done, another failed and waits for its retry.
+    done, retried = accept(pairs, b'{"n": 2}'), accept(pairs, b'{"n": 3}')
+    for event_id in (done, retried):
+        route(pairs, event_id, [(CRM, "crm")])
+    assert end(pairs, CRM, "crm", Ending(done, "done", "ok", duration_s=0.02)) == "ok"
+    retry = Ending(
+        retried,
+        "retry",
+        "retry_scheduled",
+        {"error": "CrmUnavailable"},
+        due_s=time.time() + 3600,
+        duration_s=1.5,
+        error="CrmUnavailable: CRM answered 503",
     )
-    count_outcome(client, "crm.sync_customer", "ok", 0.02)
-    count_outcome(client, "crm.sync_customer", "retry_scheduled", 1.5)
-    note_failure(client, event_id="01a2-retried", handler="crm.sync_customer", attempt=1,
-                 outcome="retry_scheduled", error="CrmUnavailable", at=time.time())  # fmt: skip
-    RecordStore(client, DEAD).put(
-        "01a2-dead.crm.sync_customer",
-        {"handler": "crm.sync_customer", "queue": "crm", "reason": "permanent",
-         "error": "PermanentError: CRM answered 422: anna.muster@example.org is taken",
-         "attempts": "1", "failed_at": repr(time.time()),
-         "body": '{"email": "anna.muster@example.org"}'},
-    )  # fmt: skip
-    RecordStore(client, PARKED).put(
-        "01a2-parked",
-        {"type": "invoice.paid", "reason": "unknown_type", "parked_at": repr(time.time())},
+    assert end(pairs, CRM, "crm", retry) == "ok"
+    # A dead letter whose body and error text hold personal data.
+    dead = accept(pairs, b'{"email": "anna.muster@example.org"}')
+    dead_letter(
+        pairs,
+        dead,
+        CRM,
+        "crm",
+        error="PermanentError: CRM answered 422: anna.muster@example.org is taken",
     )
+    # A type nobody handles.
+    parked = accept(pairs, b'{"type": "invoice.paid"}', event_type="invoice.paid")
+    park(pairs, parked, "unknown_type", event_type="invoice.paid")
+    return Laid(retried, dead, parked)
+
+
+def tables(page: str) -> dict[str, list[list[str]]]:
+    """Each table of the page by its heading: the header row, then the rows, as cell texts."""
+    found = {}
+    for title, table in re.findall(r"<h2>([^<]+)</h2><table>(.*?)</table>", page, re.S):
+        rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)
+        found[title] = [re.findall(r"<t[hd]>(.*?)</t[hd]>", row, re.S) for row in rows]
+    return found
 
 
 async def test_the_page_is_off_without_a_token_and_refused_without_it(
@@ -70,12 +104,74 @@ async def test_the_page_is_off_without_a_token_and_refused_without_it(
     assert "<h2>Queues</h2>" in await page.text()
 
 
+async def test_the_page_shows_error_classes_never_error_texts_or_payloads(
+    aiohttp_client: AiohttpClient,
+    make_settings: Callable[..., Settings],
+    quiet_pairs: PairStore,
+    quiet_url: str,
+) -> None:
+    # Given: a dead letter whose body and error text name a person.
+    laid = lay_out(quiet_pairs)
+    app = create_app(make_settings(admin_token=ADMIN, redis_url=quiet_url))
+    client = await aiohttp_client(app)
+
+    # When ops open the page.
+    page = await (await client.get("/status", headers={"Authorization": f"Bearer {ADMIN}"})).text()
+
+    # Then: the page names the failures by id, handler, outcome and error class only; the
+    # text stays behind `calhook dlq show` (a browser's view of it is checked below).
+    failures = tables(page)["Latest failures"][1:]
+    assert {(row[0], row[3], row[4]) for row in failures} == {
+        (laid.retried, "retry_scheduled", "CrmUnavailable"),
+        (laid.dead, "dead_permanent", "PermanentError"),
+    }
+    assert "anna.muster" not in page
+
+
+async def test_every_column_of_the_tables_has_its_heading(
+    aiohttp_client: AiohttpClient,
+    make_settings: Callable[..., Settings],
+    quiet_pairs: PairStore,
+    quiet_url: str,
+) -> None:
+    # Given: work in every state the page counts.
+    laid = lay_out(quiet_pairs)
+    app = create_app(make_settings(admin_token=ADMIN, redis_url=quiet_url))
+    client = await aiohttp_client(app)
+
+    # When ops open the page.
+    page = await client.get("/status", headers={"Authorization": f"Bearer {ADMIN}"})
+
+    # Then: each table has a heading for each of its columns, and the queue table counts pairs.
+    shown = tables(await page.text())
+    assert set(shown) >= {
+        "Queues",
+        "Handler outcomes",
+        "Latest failures",
+        "Latest dead letters",
+        "Latest parked events",
+    }
+    for title, (heading, *rows) in shown.items():
+        assert rows, title
+        for row in rows:
+            assert len(row) == len(heading), (title, heading, row)
+    queues = {
+        row[0]: dict(zip(shown["Queues"][0], row, strict=True)) for row in shown["Queues"][1:]
+    }
+    # Counted in pairs: the dispatch waiting, the retry delayed, the dead letter and the parked.
+    assert (queues["dispatch"]["ready"], queues["dispatch"]["parked"]) == ("1", "1")
+    assert (queues["crm"]["delayed"], queues["crm"]["dead"]) == ("1", "1")
+    assert queues["dispatch"]["oldest"] in ("42s", "43s", "44s")
+    assert [row[0] for row in shown["Latest dead letters"][1:]] == [f"{laid.dead}.{CRM}"]
+    assert [row[0] for row in shown["Latest parked events"][1:]] == [laid.parked]
+
+
 async def test_a_real_browser_renders_the_page_without_personal_data(
-    make_settings: Callable[..., Settings], redis_db: redis.Redis, tmp_path: Path
+    make_settings: Callable[..., Settings], quiet_pairs: PairStore, quiet_url: str, tmp_path: Path
 ) -> None:
     browser = chromium()
-    lay_out(redis_db)
-    app = create_app(make_settings(admin_token=ADMIN))
+    laid = lay_out(quiet_pairs)
+    app = create_app(make_settings(admin_token=ADMIN, redis_url=quiet_url))
     async with TestClient(TestServer(app)) as client:
         url = f"http://127.0.0.1:{client.port}/status?token={ADMIN}"
         flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -87,9 +183,9 @@ async def test_a_real_browser_renders_the_page_without_personal_data(
 
     assert "crm.sync_customer" in dom
     assert "retry_scheduled" in dom
-    assert "01a2-dead.crm.sync_customer" in dom
+    assert f"{laid.dead}.crm.sync_customer" in dom
     assert "PermanentError" in dom
-    assert "01a2-retried" in dom
+    assert laid.retried in dom
     assert "CrmUnavailable" in dom
     assert "invoice.paid" in dom
     assert "unknown_type" in dom
@@ -100,8 +196,6 @@ async def test_a_real_browser_renders_the_page_without_personal_data(
 
 
 async def run(command: list[str]) -> str:
-    import asyncio
-
     process = await asyncio.create_subprocess_exec(
         *command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )

@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import http.client
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from calhook.settings import Settings, load_settings
+from calhook.store.connect import pair_store
+from calhook.store.pairs import PairStore
 from ingest.server import listening
+from tests.ingest.stored import quiet_database
 
 # Distinctive secrets, so that any echo of one (or of a good part of one) is unmistakable.
 DEFAULT_HEADER = "Authorization"
@@ -141,3 +145,18 @@ def ingress(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     server = ServedIngress(security_settings(redis_url, spool_dir)).start()
     yield Ingress(server.port, spool_dir)
     server.stop()
+
+
+@pytest.fixture
+def quiet_url(redis_url: str) -> Iterator[str]:
+    """Another database of the test Redis, out of reach of the session's worker."""
+    with quiet_database(redis_url) as url:
+        yield url
+
+
+@pytest.fixture
+def quiet_pairs(quiet_url: str, make_settings: Callable[..., Settings]) -> Iterator[PairStore]:
+    """The pair store on :func:`quiet_url`: states laid out there stay as laid out."""
+    client = redis.Redis.from_url(quiet_url)
+    yield pair_store(client, make_settings(redis_url=quiet_url))
+    client.close()

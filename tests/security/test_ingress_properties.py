@@ -6,7 +6,7 @@ content types, auth header variants with bytes that are not UTF-8, odd paths and
 
 - it never answers 5xx;
 - without a valid secret for the endpoint it addresses, nothing reaches Redis or the spool
-  (the dispatch queue, the key space, the watchdog and the spool are as they were);
+  (the dispatch queue, the key space, the scheduler's due set and the spool are as they were);
 - no answer contains a configured secret (or a long piece of one), nor the auth value presented.
 """
 
@@ -26,7 +26,7 @@ import redis
 from hypothesis import assume, currently_in_test_context, event, example, given
 from hypothesis import strategies as st
 
-from calhook.constants import DISPATCH_QUEUE, WATCHDOG_KEY
+from calhook.store.keys import DISPATCH_QUEUE, DUE
 from tests.security._strategies import (
     FIXTURE_BYTES,
     Draw,
@@ -66,7 +66,8 @@ Snapshot = tuple[int, frozenset[bytes | str], int, frozenset[tuple[str, int]]]
 
 
 def snapshot(db: redis.Redis, spool_dir: Path) -> Snapshot:
-    """Everything an enqueue would change: the dispatch queue, the keys, the watchdog, the spool."""
+    """Everything an enqueue would change: the dispatch queue, the keys (an event's state and
+    body, its dedup key), the scheduler's due set, the spool."""
     spooled = frozenset(
         (str(p.relative_to(spool_dir)), p.stat().st_size)
         for p in spool_dir.rglob("*")
@@ -76,7 +77,7 @@ def snapshot(db: redis.Redis, spool_dir: Path) -> Snapshot:
     return (
         int(db.llen(DISPATCH_QUEUE)),
         frozenset(keys),
-        int(db.zcard(WATCHDOG_KEY)),
+        int(db.zcard(DUE)),
         spooled,
     )
 

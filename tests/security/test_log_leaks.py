@@ -17,6 +17,8 @@ import pytest
 import redis
 
 from calhook.logs import JsonFormatter, RedactMessageBodies
+from calhook.messages import read_task_message
+from calhook.store.pairs import PairStore
 from tests.conftest import OPS_MAILBOX, SECRET, Client, fixture_files, queues_drained
 from tests.security.conftest import DEFAULT_HEADER, DEFAULT_SECRETS, SHOP_SECRETS, Ingress
 from tests.support.chat_server import ChatServer
@@ -24,6 +26,7 @@ from tests.support.fake_crm import TOKEN as CRM_TOKEN
 from tests.support.fake_crm import FakeCrm
 from tests.support.leaks import LeakScan, Needle, personal_data
 from tests.support.smtp_server import SmtpServer
+from tests.support.store import accept, route
 from tests.support.waiting import await_for
 from tests.support.worker import TEST_HANDLER_MODULES, WorkerProcess
 
@@ -179,11 +182,27 @@ def test_celery_task_arguments_are_not_logged() -> None:
     assert EMAIL not in orjson.dumps(line).decode()
 
 
-def test_calhooks_own_task_arguments_stay_in_celerys_lines() -> None:
-    own = orjson.dumps({"event_id": "e-1", "type": "customer.created"}).decode()
-    record = logging.LogRecord("celery.worker.strategy", logging.INFO, __file__, 1, "x", None, None)
-    record.data = {"id": "e-1", "args": "()", "kwargs": own}
+def test_calhooks_own_task_arguments_stay_in_celerys_lines(quiet_pairs: PairStore) -> None:
+    # Given: the arguments calhook's own messages show (event ids, never bodies), as the store's
+    # scripts write them: a dispatch message and a handler's.
+    body = (fixture_files()[0].parent / "customer.created.nested.json").read_bytes()
+    event_id = accept(quiet_pairs, body)
+    route(quiet_pairs, event_id, [("crm.sync_customer", "crm")])
+    for queue in ("dispatch", "crm"):
+        raw = quiet_pairs.client.lindex(queue, 0)
+        assert isinstance(raw, bytes)
+        _, _, kwargs, headers = read_task_message(raw)
+        own = headers["kwargsrepr"]
+        assert orjson.loads(own) == kwargs
+        assert event_id in kwargs["ids"]
+        record = logging.LogRecord(
+            "celery.worker.strategy", logging.INFO, __file__, 1, "x", None, None
+        )
+        record.data = {"id": headers["id"], "args": "()", "kwargs": own}
 
-    RedactMessageBodies().filter(record)
+        # When Celery logs the message's arrival.
+        RedactMessageBodies().filter(record)
 
-    assert record.data == {"id": "e-1", "args": "()", "kwargs": own}  # type: ignore[attr-defined]
+        # Then: the ids stay, for the operator to follow the event.
+        kept = {"id": headers["id"], "args": "()", "kwargs": own}
+        assert record.data == kept, queue  # type: ignore[attr-defined]

@@ -24,6 +24,10 @@ TEST_ENV = {
     "CALHOOK_RETRY_JITTER": "0",
     "CALHOOK_SCHEDULER_INTERVAL_S": "0.05",
     "CALHOOK_MAX_DELIVERIES": "3",
+    # A worker killed mid-run is noticed within seconds, not a minute.
+    "CALHOOK_LEASE_S": "3",
+    "CALHOOK_RECOVERY_S": "2",
+    "CALHOOK_ORDER_WAIT_S": "0.2",
 }
 
 

@@ -12,6 +12,8 @@ import orjson
 import pytest
 import redis
 
+from calhook.store.keys import FINAL_STATES
+from calhook.store.pairs import PairStore
 from schemas import CustomerEvent, LeadEvent, parse_event
 from tests.conftest import FIXTURES, SECRET, Client
 from tests.support.fake_crm import TOKEN, FakeCrm, Fault
@@ -20,7 +22,7 @@ from tests.support.worker import WorkerProcess
 from workers.crm.contact import Contact, contact_from_customer, contact_from_lead, e164
 from workers.crm.http import HttpCrm
 from workers.crm.ratelimit import RateLimiter
-from workers.errors import PermanentError, RetryLater
+from workers.errors import Defer, PermanentError, RetryLater
 
 CUSTOMER_UUID = "c3a9e5d2-41b7-4f0e-8c2d-6e1f0a9b7d34"
 AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
@@ -195,7 +197,8 @@ def test_the_bucket_is_shared_and_refills(redis_db: redis.Redis) -> None:
 
     for limiter in (one, other, one, other, one):  # a burst of one second's worth
         limiter.acquire()
-    with pytest.raises(RetryLater) as raised:
+    # Used up: the attempt waits for the next token without spending a step of the schedule.
+    with pytest.raises(Defer) as raised:
         other.acquire()
 
     assert 0 < raised.value.after_s <= 0.2
@@ -203,7 +206,7 @@ def test_the_bucket_is_shared_and_refills(redis_db: redis.Redis) -> None:
     def refilled() -> bool:
         try:
             one.acquire()
-        except RetryLater:
+        except Defer:
             return False
         return True
 
@@ -219,15 +222,17 @@ async def post(client: Client, body: dict[str, Any]) -> str:
     return str((await response.json())["event_id"])
 
 
-def outcome(redis_db: redis.Redis, event_id: str, handler: str) -> bytes | None:
-    return redis_db.hget(f"calhook:ledger:{event_id}", handler)  # type: ignore[return-value]
+def outcome(pairs: PairStore, event_id: str, handler: str) -> str | None:
+    """The state of the (event, handler) pair: None until dispatch created it."""
+    pair = pairs.states(event_id).get(handler)
+    return pair.state if pair else None
 
 
 async def test_customer_events_upsert_and_delete_the_contact_once(
-    client: Client, worker: WorkerProcess, redis_db: redis.Redis, fake_crm: FakeCrm
+    client: Client, worker: WorkerProcess, pairs: PairStore, fake_crm: FakeCrm
 ) -> None:
     created = await post(client, sample("customer.created.nested.json"))
-    await await_for(lambda: outcome(redis_db, created, "crm.sync_customer") == b"done")
+    await await_for(lambda: outcome(pairs, created, "crm.sync_customer") == "done")
 
     [put] = fake_crm.calls_for(CUSTOMER_UUID)
     assert put.method == "PUT"
@@ -235,25 +240,25 @@ async def test_customer_events_upsert_and_delete_the_contact_once(
     assert fake_crm.contacts[CUSTOMER_UUID]["phone"] == "+41790000142"
 
     deleted = await post(client, sample("customer.deleted.nested.json"))
-    await await_for(lambda: outcome(redis_db, deleted, "crm.sync_customer") == b"done")
+    await await_for(lambda: outcome(pairs, deleted, "crm.sync_customer") == "done")
     assert [c.method for c in fake_crm.calls_for(CUSTOMER_UUID)] == ["PUT", "DELETE"]
     assert CUSTOMER_UUID not in fake_crm.contacts
 
 
 async def test_bookings_and_leads_keep_the_crm_current(
-    client: Client, worker: WorkerProcess, redis_db: redis.Redis, fake_crm: FakeCrm
+    client: Client, worker: WorkerProcess, pairs: PairStore, fake_crm: FakeCrm
 ) -> None:
     booking = await post(client, sample("event.booking.created.flat.json"))
     lead = await post(client, sample("lead.created.nested.json"))
 
-    await await_for(lambda: outcome(redis_db, booking, "crm.sync_booking_customer") == b"done")
-    await await_for(lambda: outcome(redis_db, lead, "crm.sync_lead") == b"done")
+    await await_for(lambda: outcome(pairs, booking, "crm.sync_booking_customer") == "done")
+    await await_for(lambda: outcome(pairs, lead, "crm.sync_lead") == "done")
     assert fake_crm.contacts["e2d4f6a8-1b3c-4d5e-9f70-8a1b2c3d4e5f"]["last_name"] == "Gerber"
     assert fake_crm.contacts["b8c7d6e5-f4a3-4b21-9c0d-1e2f3a4b5c6d"]["lifecycle"] == "lead"
 
 
 async def test_a_late_older_update_does_not_overwrite_the_crm(
-    client: Client, worker: WorkerProcess, redis_db: redis.Redis, fake_crm: FakeCrm
+    client: Client, worker: WorkerProcess, pairs: PairStore, fake_crm: FakeCrm
 ) -> None:
     newer = sample("customer.updated.nested.json")
     newer["created"] = "2025-03-20 10:00:00"
@@ -263,23 +268,27 @@ async def test_a_late_older_update_does_not_overwrite_the_crm(
     older["data"]["customer"]["lastname"] = "Older"
 
     first = await post(client, newer)
-    await await_for(lambda: outcome(redis_db, first, "crm.sync_customer") is not None)
+    await await_for(lambda: outcome(pairs, first, "crm.sync_customer") in FINAL_STATES)
     late = await post(client, older)
-    await await_for(lambda: outcome(redis_db, late, "crm.sync_customer") is not None)
+    await await_for(lambda: outcome(pairs, late, "crm.sync_customer") in FINAL_STATES)
 
-    assert outcome(redis_db, late, "crm.sync_customer") == b"skipped_stale"
+    assert outcome(pairs, late, "crm.sync_customer") == "stale"
     assert fake_crm.contacts[CUSTOMER_UUID]["last_name"] == "Newer"
     assert len(fake_crm.calls_for(CUSTOMER_UUID)) == 1
 
 
 async def test_a_crm_refusal_is_dead_lettered_with_its_answer(
-    client: Client, worker: WorkerProcess, redis_db: redis.Redis, fake_crm: FakeCrm
+    client: Client,
+    worker: WorkerProcess,
+    pairs: PairStore,
+    redis_db: redis.Redis,
+    fake_crm: FakeCrm,
 ) -> None:
     fake_crm.fail_next(Fault(422, '{"error": "lastname too long"}'))
 
     event_id = await post(client, sample("lead.created.nested.json"))
 
-    await await_for(lambda: outcome(redis_db, event_id, "crm.sync_lead") == b"dead")
+    await await_for(lambda: outcome(pairs, event_id, "crm.sync_lead") == "dead")
     record = redis_db.hgetall(f"calhook:dead:{event_id}.crm.sync_lead")
     assert record[b"reason"] == b"permanent"
     assert b"CRM answered 422" in record[b"error"]
@@ -287,13 +296,13 @@ async def test_a_crm_refusal_is_dead_lettered_with_its_answer(
 
 
 async def test_a_crm_rate_limit_is_honoured_then_the_contact_lands_once(
-    client: Client, worker: WorkerProcess, redis_db: redis.Redis, fake_crm: FakeCrm
+    client: Client, worker: WorkerProcess, pairs: PairStore, fake_crm: FakeCrm
 ) -> None:
     fake_crm.fail_next(Fault(429, retry_after="1"), Fault(503))
 
     event_id = await post(client, sample("customer.created.flat.json"))
 
-    await await_for(lambda: outcome(redis_db, event_id, "crm.sync_customer") == b"done")
+    await await_for(lambda: outcome(pairs, event_id, "crm.sync_customer") == "done")
     statuses = [c.status for c in fake_crm.calls_for(CUSTOMER_UUID)]
     assert statuses == [429, 503, 200]
     assert len(fake_crm.contacts) == 1

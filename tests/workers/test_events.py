@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import redis
 
+from calhook.store.pairs import PairStore
 from tests.conftest import SECRET, Client
 from tests.support.cli import calhook
 from tests.support.recording import FLAKY_TYPE
@@ -23,11 +24,16 @@ async def post(client: Client, event_type: str, data: dict[str, Any]) -> str:
     return str((await response.json())["event_id"])
 
 
+def state(pairs: PairStore, event_id: str, handler: str) -> str | None:
+    pair = pairs.states(event_id).get(handler)
+    return pair.state if pair else None
+
+
 async def test_the_story_of_a_retried_event(
-    client: Client, worker: WorkerProcess, redis_db: redis.Redis, redis_url: str
+    client: Client, worker: WorkerProcess, pairs: PairStore, redis_url: str
 ) -> None:
     event_id = await post(client, FLAKY_TYPE, {"fail_times": 1})
-    await await_for(lambda: redis_db.hget(f"calhook:ledger:{event_id}", "flaky") == b"done")
+    await await_for(lambda: state(pairs, event_id, "flaky") == "done")
 
     story = json.loads(calhook(redis_url, "events", "show", event_id, "--json"))
 
@@ -44,10 +50,12 @@ async def test_the_story_of_a_retried_event(
     assert (received["type"], received["endpoint"]) == (FLAKY_TYPE, "default")
     assert retried["error"] == "RuntimeError"
     assert retried["retry_in_s"] == 0.1
-    assert story["outcomes"] == {"flaky": "done"}
+    # Where each pair stands now: the handler done by its second attempt.
+    assert story["states"] == {"dispatch": "done", "flaky": "done"}
+    assert story["pairs"]["flaky"]["attempt"] == 2
     text = calhook(redis_url, "events", "show", event_id)
     assert "retry_scheduled" in text
-    assert "now: flaky=done" in text
+    assert "now: dispatch=done, flaky=done" in text
     listed = calhook(redis_url, "events", "list", "--type", FLAKY_TYPE, "--since", "10m")
     assert event_id in listed
 

@@ -3,8 +3,7 @@ ops mailbox by e-mail and the chat, each exactly once, even when the chat fails 
 
 from __future__ import annotations
 
-import redis
-
+from calhook.store.pairs import PairStore
 from tests.conftest import FIXTURES, OPS_MAILBOX, SECRET, Client
 from tests.support.chat_server import ChatServer
 from tests.support.smtp_server import SmtpServer
@@ -16,8 +15,10 @@ AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
 STAFF = "sandro.meier@example.com"  # the booked resource in the appointment samples
 
 
-def outcome(redis_db: redis.Redis, event_id: str, handler: str) -> bytes | None:
-    return redis_db.hget(f"calhook:ledger:{event_id}", handler)  # type: ignore[return-value]
+def outcome(pairs: PairStore, event_id: str, handler: str) -> str | None:
+    """The state of the (event, handler) pair: None until dispatch created it."""
+    pair = pairs.states(event_id).get(handler)
+    return pair.state if pair else None
 
 
 def mails_of(smtp: SmtpServer, event_id: str) -> dict[str, list[str]]:
@@ -34,7 +35,7 @@ def mails_of(smtp: SmtpServer, event_id: str) -> dict[str, list[str]]:
 async def test_a_cancellation_is_mailed_and_posted_once_despite_a_chat_outage(
     client: Client,
     worker: WorkerProcess,
-    redis_db: redis.Redis,
+    pairs: PairStore,
     smtp_server: SmtpServer,
     chat_server: ChatServer,
 ) -> None:
@@ -45,8 +46,8 @@ async def test_a_cancellation_is_mailed_and_posted_once_despite_a_chat_outage(
     response = await client.post("/webhooks/calenso", data=body, headers=AUTH)
     event_id = str((await response.json())["event_id"])
 
-    await await_for(lambda: outcome(redis_db, event_id, "notify.email") == b"done")
-    await await_for(lambda: outcome(redis_db, event_id, "notify.chat") == b"done")
+    await await_for(lambda: outcome(pairs, event_id, "notify.email") == "done")
+    await await_for(lambda: outcome(pairs, event_id, "notify.chat") == "done")
     mails = mails_of(smtp_server, event_id)
     assert len(mails[STAFF]) == 1
     assert len(mails[OPS_MAILBOX]) == 1

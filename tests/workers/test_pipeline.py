@@ -18,9 +18,13 @@ import redis
 
 from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK
 from calhook.messages import task_message
+from calhook.store.keys import DISPATCH_PAIR, DUE, body_key, event_key
+from calhook.store.pairs import PairStore
+from calhook.store.records import PARKED, RecordStore
 from schemas import CURRENT_TYPES, PLANNED_TYPES
 from tests.conftest import FIXTURES, SECRET, Client, fixture_files, queues_drained
 from tests.support.recording import RUNS_KEY, VIEWS_KEY
+from tests.support.store import accept
 from tests.support.waiting import await_for, wait_for
 from tests.support.worker import WorkerProcess
 
@@ -103,7 +107,7 @@ def handler_lines(worker: WorkerProcess, event_id: str) -> list[dict[str, Any]]:
 
 
 async def test_every_sample_is_dispatched_and_handled_exactly_once(
-    client: Client, worker: WorkerProcess, redis_db: redis.Redis
+    client: Client, worker: WorkerProcess, redis_db: redis.Redis, pairs: PairStore
 ) -> None:
     posted = {path: await post(client, path.read_bytes()) for path in fixture_files()}
     types = {path: json.loads(path.read_text())["type"] for path in posted}
@@ -124,8 +128,14 @@ async def test_every_sample_is_dispatched_and_handled_exactly_once(
     await await_for(finished, what="every sample handled or parked")
 
     assert set(runs(redis_db).values()) == {1}
-    # Every piece of work finished, so nothing is left for the watchdog to resend.
-    await await_for(lambda: redis_db.zcard("calhook:watchdog") == 0, what="no watched message")
+    # Every pair is final, so the scheduler has nothing left to watch or queue again.
+    await await_for(lambda: redis_db.zcard(DUE) == 0, what="no open pair")
+    for path, event_id in handled.items():
+        states = {name: p.state for name, p in pairs.states(event_id).items()}
+        assert states.pop(DISPATCH_PAIR) == "done", path.name
+        assert sorted(states) == expected[event_id], path.name
+        assert set(states.values()) <= {"done", "stale"}, path.name
+        assert not redis_db.exists(body_key(event_id)), f"{path.name}: body kept after the end"
     record_runs = [pair for pair in runs(redis_db) if pair.endswith(":record")]
     assert sorted(record_runs) == sorted(f"{e}:record" for e in current.values())
     for path, event_id in current.items():
@@ -134,11 +144,14 @@ async def test_every_sample_is_dispatched_and_handled_exactly_once(
     for path, event_id in handled.items():
         done = [ln["handler"] for ln in handler_lines(worker, event_id) if ln["msg"] in FINISHED]
         assert sorted(done) == expected[event_id], path.name
+    parked_records = RecordStore(redis_db, PARKED)
     for path, event_id in parked.items():
-        record = redis_db.hgetall(f"calhook:parked:{event_id}")
-        assert record[b"reason"] == b"planned_type_without_handler", path.name
-        assert record[b"type"] in {t.encode() for t in PLANNED_TYPES}
-        assert record[b"body"] == path.read_bytes()
+        assert {n: p.state for n, p in pairs.states(event_id).items()} == {DISPATCH_PAIR: "parked"}
+        record = parked_records.get(event_id)
+        assert record is not None, path.name
+        assert record["reason"] == "planned_type_without_handler", path.name
+        assert record["type"] in PLANNED_TYPES
+        assert record["body"].encode() == path.read_bytes()  # kept once, for replay
 
 
 async def test_audit_line_masks_personal_data(
@@ -188,26 +201,51 @@ async def test_unknown_type_and_invalid_payload_are_parked_with_the_reason(
     errors = orjson.loads(record[b"errors"])
     assert any("uuid" in e["loc"] for e in errors), errors
     assert b"anna.muster" not in record[b"errors"]
-    assert b"anna.muster" in record[b"body"]  # kept for replay, not lost
+    kept = RecordStore(redis_db, PARKED).get(invalid)
+    assert kept is not None
+    assert "anna.muster" in kept["body"]  # kept for replay, not lost
     assert runs(redis_db) == Counter()
 
 
-def test_redelivered_dispatch_fans_out_once(worker: WorkerProcess, redis_db: redis.Redis) -> None:
-    body = (FIXTURES / "customer.created.nested.json").read_text()
-    kwargs = {"event_id": "e-redelivered", "body": body, "endpoint": "default", "received_at": 1.0}
+def test_redelivered_dispatch_fans_out_once(
+    worker: WorkerProcess, redis_db: redis.Redis, pairs: PairStore
+) -> None:
+    # Given an accepted event whose dispatch message is delivered three times (kombu restores
+    # an unacked message after the visibility timeout, even if its run finished)
+    body = (FIXTURES / "customer.created.nested.json").read_bytes()
+    event_id = accept(pairs, body)
+    # (the message's number on its queue and its delivery tag, as the scripts wrote them)
+    fields = (f"{DISPATCH_PAIR}/p", f"{DISPATCH_PAIR}/g")
+    raw: list[bytes] = redis_db.hmget(event_key(event_id), fields)  # type: ignore[assignment]
+    seq, tag = (value.decode() for value in raw)
+    copy = task_message(
+        DISPATCH_TASK,
+        queue=DISPATCH_QUEUE,
+        kwargs={"ids": [event_id], "seq": int(seq)},
+        task_id=tag,
+    )
 
-    for _ in range(2):
-        redis_db.lpush(
-            DISPATCH_QUEUE, task_message(DISPATCH_TASK, queue=DISPATCH_QUEUE, kwargs=kwargs)
-        )
+    # When both copies reach the worker too, while the first runs or after it finished
+    redis_db.lpush(DISPATCH_QUEUE, copy, copy)
 
+    # Then the event is fanned out once and each handler runs once; the copies run nothing
     def messages() -> list[str]:
-        return [ln["msg"] for ln in worker.lines() if ln.get("event_id") == "e-redelivered"]
+        return [ln["msg"] for ln in worker.lines() if ln.get("event_id") == event_id]
 
     handlers = len(handlers_of("customer.created"))
-    wait_for(
-        lambda: "already dispatched" in messages() and messages().count("handler done") == handlers
-    )
+
+    def settled() -> bool:
+        return (
+            messages().count("not dispatched") == 2 and messages().count("handler done") == handlers
+        )
+
+    wait_for(settled, what="the event handled and both copies refused")
     assert messages().count("dispatched") == 1
-    assert messages().count("already dispatched") == 1
-    assert runs(redis_db)["e-redelivered:record"] == 1
+    copies = [
+        ln["why"]
+        for ln in worker.lines()
+        if ln.get("event_id") == event_id and ln.get("msg") == "not dispatched"
+    ]
+    assert set(copies) <= {"busy", "done"}
+    assert runs(redis_db)[f"{event_id}:record"] == 1
+    assert pairs.states(event_id)[DISPATCH_PAIR].state == "done"

@@ -15,7 +15,7 @@ import redis
 from calhook.constants import KEY_PREFIX
 from workers.crm.client import CrmClient
 from workers.crm.contact import Contact
-from workers.errors import RetryLater
+from workers.errors import Defer
 
 # KEYS[1] bucket; ARGV[1] tokens per second, ARGV[2] capacity.
 # Takes a token and returns 0, or returns how many ms until one is there (and takes nothing).
@@ -48,14 +48,15 @@ class RateLimiter:
         self._take = client.register_script(_TAKE_LUA)
 
     def acquire(self) -> None:
-        """Wait for a token; past ``max_wait_s``, hand the call to the retry schedule."""
+        """Wait for a token; past ``max_wait_s``, raise :class:`Defer` (the same attempt waits,
+        no step of the retry schedule is spent)."""
         deadline = time.monotonic() + self._max_wait_s
         while True:
             wait_ms = int(self._take(keys=[self._key], args=[self._rate, self._capacity]))
             if wait_ms == 0:
                 return
             if time.monotonic() + wait_ms / 1000 > deadline:
-                raise RetryLater("the CRM's rate limit is used up", after_s=wait_ms / 1000)
+                raise Defer("the CRM's rate limit is used up", after_s=wait_ms / 1000)
             time.sleep(wait_ms / 1000)
 
 

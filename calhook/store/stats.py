@@ -14,16 +14,16 @@ from typing import Any
 import orjson
 import redis
 
-from calhook.constants import KEY_PREFIX
+from calhook.store.keys import RECENT_FAILURES, STATS_OUTCOMES, duration_key
 
-OUTCOMES_KEY = f"{KEY_PREFIX}stats:outcomes"
-RECENT_FAILURES_KEY = f"{KEY_PREFIX}stats:recent_failures"
+OUTCOMES_KEY = STATS_OUTCOMES
+RECENT_FAILURES_KEY = RECENT_FAILURES
 RECENT_FAILURES_KEPT = 50
 BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 def _durations_key(handler: str) -> str:
-    return f"{KEY_PREFIX}stats:duration:{handler}"
+    return duration_key(handler)
 
 
 def count_outcome(

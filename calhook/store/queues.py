@@ -1,10 +1,11 @@
 """What is in every queue, read from Redis alone (no worker needed).
 
-``LLEN`` sees only the messages waiting; Celery on Redis also holds messages that workers took
-and have not acked (kombu's ``unacked`` hash), calhook holds retries due later (the delayed
-store), and what failed for good (dead letters, parked events). Flower shows none of these
-(RELIABILITY.md item 14). One row per queue: ready, unacked, delayed, dead, parked, the age of
-the oldest waiting event, and how many tasks finished in the last minute.
+``LLEN`` counts messages, and a message may name many events; Celery on Redis also holds messages
+that workers took and have not acked (kombu's ``unacked`` hash), and retries wait in the pair
+states, not in any queue. Flower shows none of these (RELIABILITY.md item 14). So the table
+counts pairs, from the per-queue counts every transition keeps: ready (queued, not yet started),
+running, delayed (waiting for a retry, a lock or a rate limit), dead and parked, with the unacked
+messages, the age of the oldest waiting event and how much finished in the last minute.
 """
 
 from __future__ import annotations
@@ -18,33 +19,29 @@ from typing import Any
 import orjson
 import redis
 
-from calhook.constants import DISPATCH_QUEUE, KEY_PREFIX
+from calhook.constants import DISPATCH_QUEUE
 from calhook.messages import read_task_message
-from workers.delayed import MESSAGES_KEY as DELAYED_MESSAGES_KEY
-from workers.stores import DEAD, PARKED, RecordStore
+from calhook.store.keys import QUEUED, RUNNING, UNACKED, WAITING, event_key, pairs_key
+from calhook.store.keys import throughput_key as _throughput_key
+from calhook.store.records import DEAD, PARKED, RecordStore
 
-UNACKED_KEY = "unacked"  # kombu's default names
+UNACKED_KEY = UNACKED
 _BUCKET_S = 10
 _WINDOW_S = 60
 
 
-def throughput_key(queue: str, bucket: int) -> str:
-    return f"{KEY_PREFIX}throughput:{queue}:{bucket}"
-
-
-def count_finished(client: redis.Redis | redis.client.Pipeline, queue: str) -> None:
-    """Count one task of ``queue`` finished now (for the last-minute throughput)."""
-    key = throughput_key(queue, int(time.time()) // _BUCKET_S)
-    client.incr(key)
-    client.expire(key, _WINDOW_S * 2)
+def throughput_key(queue: str, at_s: float | None = None) -> str:
+    """The key counting work finished on ``queue`` in the 10 s around ``at_s`` (now)."""
+    return _throughput_key(queue, int(time.time() if at_s is None else at_s) // _BUCKET_S)
 
 
 @dataclass(frozen=True, slots=True)
 class QueueRow:
-    """One queue's state."""
+    """One queue's state, in pairs (an event for one handler), not messages."""
 
     queue: str
     ready: int
+    running: int
     unacked: int
     delayed: int
     dead: int
@@ -56,8 +53,9 @@ class QueueRow:
         return asdict(self)
 
 
-def _queue_of_entry(entry: bytes) -> str:
-    return entry.split(b"\n", 1)[0].decode()
+def _counts(client: redis.Redis, state: str) -> Counter[str]:
+    raw: dict[bytes, bytes] = client.hgetall(pairs_key(state))  # type: ignore[assignment]
+    return Counter({k.decode(): max(int(v), 0) for k, v in raw.items()})
 
 
 def _oldest_age_s(client: redis.Redis, queue: str, now: float) -> float | None:
@@ -66,10 +64,13 @@ def _oldest_age_s(client: redis.Redis, queue: str, now: float) -> float | None:
     if raw is None:
         return None
     try:
-        received_at = float(read_task_message(raw)[2].get("received_at", now))
-    except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+        ids = read_task_message(raw)[2].get("ids") or []
+        received_at = client.hget(event_key(str(ids[0])), "at")
+    except (ValueError, KeyError, TypeError, IndexError, orjson.JSONDecodeError):
         return None
-    return max(now - received_at, 0.0)
+    if received_at is None:
+        return None
+    return max(now - float(received_at), 0.0)
 
 
 def queue_table(client: redis.Redis, queues: Iterable[str]) -> list[QueueRow]:
@@ -81,20 +82,21 @@ def queue_table(client: redis.Redis, queues: Iterable[str]) -> list[QueueRow]:
             unacked[str(orjson.loads(raw)[2])] += 1
         except (orjson.JSONDecodeError, IndexError, TypeError):
             continue
-    delayed: Counter[str] = Counter(
-        _queue_of_entry(entry) for _, entry in client.hscan_iter(DELAYED_MESSAGES_KEY, count=1000)
+    ready, running, delayed = (_counts(client, s) for s in (QUEUED, RUNNING, WAITING))
+    dead: Counter[str] = Counter(
+        r.get("queue", "?") for r in RecordStore(client, DEAD).records(with_body=False)
     )
-    dead: Counter[str] = Counter(r.get("queue", "?") for r in RecordStore(client, DEAD).records())
     parked = RecordStore(client, PARKED).count()
-    names = sorted({*queues, DISPATCH_QUEUE, *unacked, *delayed, *dead})
+    names = sorted({*queues, DISPATCH_QUEUE, *unacked, *(+ready), *(+running), *(+delayed), *dead})
     buckets = [int(now) // _BUCKET_S - i for i in range(_WINDOW_S // _BUCKET_S)]
     rows = []
     for name in names:
-        done = client.mget([throughput_key(name, b) for b in buckets])
+        done = client.mget([_throughput_key(name, b) for b in buckets])
         rows.append(
             QueueRow(
                 queue=name,
-                ready=int(client.llen(name)),
+                ready=ready[name],
+                running=running[name],
                 unacked=unacked[name],
                 delayed=delayed[name],
                 dead=dead[name],
@@ -118,11 +120,22 @@ def _age(seconds: float | None) -> str:
 
 def render_table(rows: list[QueueRow]) -> str:
     """The rows as a text table for a terminal."""
-    head = ("queue", "ready", "unacked", "delayed", "dead", "parked", "oldest", "done/min")
+    head = (
+        "queue",
+        "ready",
+        "running",
+        "unacked",
+        "delayed",
+        "dead",
+        "parked",
+        "oldest",
+        "done/min",
+    )
     lines = [
         (
             r.queue,
             r.ready,
+            r.running,
             r.unacked,
             r.delayed,
             r.dead,

@@ -1,0 +1,138 @@
+"""Every Redis key calhook uses, declared once: Python imports these, Lua gets the same names.
+
+The Lua scripts (``lua/*.lua``) receive this layout as a table ``K`` rendered from :data:`LUA_KEYS`
+when they are loaded (:mod:`calhook.store.scripts`), so a key name lives here and nowhere else.
+
+One event, two keys: ``ev:<id>`` is a small hash holding the event's metadata and the state of
+each of its pairs (the dispatch and one per handler), ``body:<id>`` the raw body. The body leaves
+Redis when every pair is final, unless a dead letter or a parked record still needs it.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PREFIX: Final = "calhook:"
+
+# Queues and task names calhook itself uses; handlers name their own queues.
+DISPATCH_QUEUE: Final = "dispatch"
+AUDIT_QUEUE: Final = "audit"
+DISPATCH_TASK: Final = "calhook.dispatch"
+# One task name for every handler (the handler is an argument): a worker that does not know a
+# handler still accepts the message and dead-letters it, where Celery would discard a task name
+# it does not know.
+HANDLER_TASK: Final = "calhook.handle"
+# The pair name of an event's dispatch; '@' cannot start a handler's name.
+DISPATCH_PAIR: Final = "@dispatch"
+
+# Per event.
+EVENT: Final = f"{PREFIX}ev:"
+BODY: Final = f"{PREFIX}body:"
+TRAIL: Final = f"{PREFIX}trail:"
+DEDUP: Final = f"{PREFIX}dedup:"
+# Fleet-wide.
+DUE: Final = f"{PREFIX}due"  # sorted set: "<event id>/<pair>" by when the sweep looks at it
+SEQ: Final = f"{PREFIX}seq"  # hash: queue -> messages calhook pushed onto it
+TAKEN: Final = f"{PREFIX}taken"  # hash: queue -> highest push number a worker has taken
+PAIRS: Final = f"{PREFIX}pairs:"  # hashes pairs:<state>: queue -> pairs in that state
+TRAIL_INDEX: Final = f"{PREFIX}events"
+DEAD: Final = f"{PREFIX}dead"  # index; records are dead:<event id>.<handler>
+PARKED: Final = f"{PREFIX}parked"  # index; records are parked:<event id>
+ORDER: Final = f"{PREFIX}order:"  # order:<scope>:<entity> applied version, its :lock
+STATS_OUTCOMES: Final = f"{PREFIX}stats:outcomes"
+STATS_DURATION: Final = f"{PREFIX}stats:duration:"
+RECENT_FAILURES: Final = f"{PREFIX}stats:recent_failures"
+THROUGHPUT: Final = f"{PREFIX}throughput:"
+RATELIMIT: Final = f"{PREFIX}ratelimit:"
+NOTIFY_SENT: Final = f"{PREFIX}notify:sent:"
+# kombu's Redis transport: messages a worker took and has not acked, keyed by delivery tag.
+UNACKED: Final = "unacked"
+UNACKED_INDEX: Final = "unacked_index"
+
+# Pair states. Final ones never change again, except by an operator's replay.
+QUEUED: Final = "queued"
+RUNNING: Final = "running"
+WAITING: Final = "waiting"
+DONE: Final = "done"
+STALE: Final = "stale"
+DEAD_STATE: Final = "dead"
+PARKED_STATE: Final = "parked"
+FINAL_STATES: Final = frozenset({DONE, STALE, DEAD_STATE, PARKED_STATE})
+OPEN_STATES: Final = (QUEUED, RUNNING, WAITING)
+
+LUA_KEYS: Final = {
+    "ev": EVENT,
+    "body": BODY,
+    "trail": TRAIL,
+    "trail_index": TRAIL_INDEX,
+    "due": DUE,
+    "seq": SEQ,
+    "taken": TAKEN,
+    "pairs": PAIRS,
+    "dead": DEAD,
+    "parked": PARKED,
+    "order": ORDER,
+    "outcomes": STATS_OUTCOMES,
+    "duration": STATS_DURATION,
+    "failures": RECENT_FAILURES,
+    "unacked": UNACKED,
+    "dispatch_pair": DISPATCH_PAIR,
+    "dispatch_queue": DISPATCH_QUEUE,
+    "dispatch_task": DISPATCH_TASK,
+    "handler_task": HANDLER_TASK,
+}
+
+
+def event_key(event_id: str) -> str:
+    """The hash of one event's metadata and pair states."""
+    return f"{EVENT}{event_id}"
+
+
+def body_key(event_id: str) -> str:
+    """The raw body of one event, while some pair or record needs it."""
+    return f"{BODY}{event_id}"
+
+
+def trail_key(event_id: str) -> str:
+    """The list of one event's story (``calhook events show``)."""
+    return f"{TRAIL}{event_id}"
+
+
+def dedup_key(digest_hex: str) -> str:
+    """Remembers the first event_id given to a body."""
+    return f"{DEDUP}{digest_hex}"
+
+
+def pair_id(event_id: str, handler: str) -> str:
+    """The id of one (event, handler): its dead letter's id, and what people type."""
+    return f"{event_id}.{handler}"
+
+
+def due_member(event_id: str, pair: str) -> str:
+    """A pair's member in the sweep's sorted set."""
+    return f"{event_id}/{pair}"
+
+
+def record_key(index: str, record_id: str) -> str:
+    """A dead-letter (``index=DEAD``) or parked (``index=PARKED``) record."""
+    return f"{index}:{record_id}"
+
+
+def order_key(scope: str, entity: str) -> str:
+    """The version last applied to ``entity`` by the handlers of ``scope``."""
+    return f"{ORDER}{scope}:{entity}"
+
+
+def throughput_key(queue: str, bucket: int) -> str:
+    """Work finished on ``queue`` in one 10-second bucket."""
+    return f"{THROUGHPUT}{queue}:{bucket}"
+
+
+def duration_key(handler: str) -> str:
+    """One handler's duration histogram."""
+    return f"{STATS_DURATION}{handler}"
+
+
+def pairs_key(state: str) -> str:
+    """How many pairs are in ``state``, per queue."""
+    return f"{PAIRS}{state}"

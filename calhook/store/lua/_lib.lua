@@ -1,0 +1,236 @@
+-- Shared by every script: loaded in front of each one (calhook/store/scripts.py), after a table
+-- K of key names rendered from calhook/store/keys.py.
+--
+-- Every script's ARGV starts with the same six values; its own arguments follow from ARGV[7]:
+local NOW = tonumber(ARGV[1])        -- ms, the caller's clock
+local RECOVER = tonumber(ARGV[2])    -- ms a queued pair waits before the sweep checks its message
+local LEASE = tonumber(ARGV[3])      -- ms a started pair is owned without a heartbeat
+local DONE_TTL = tonumber(ARGV[4])   -- s an event's states stay once every pair is final
+local KEEP_TTL = tonumber(ARGV[5])   -- s a dead letter or parked record (and its body) stays
+local TRAIL_TTL = tonumber(ARGV[6])  -- s an event's trail stays
+
+local FINAL = {done = true, stale = true, dead = true, parked = true}
+local COUNTED = {queued = true, running = true, waiting = true}
+local ORDER_TTL = 90 * 86400
+local DELETE_KIND = 2
+local CREATE_KIND = 0
+
+local function f(pair, field) return pair .. '/' .. field end
+local function member(id, pair) return id .. '/' .. pair end
+
+local function split_member(m)
+  local i = string.find(m, '/', 1, true)
+  return string.sub(m, 1, i - 1), string.sub(m, i + 1)
+end
+
+-- Every state change goes through here, so the per-queue counts stay right.
+local function set_state(ev, pair, queue, old, new)
+  if old and COUNTED[old] then redis.call('HINCRBY', K.pairs .. old, queue, -1) end
+  if COUNTED[new] then redis.call('HINCRBY', K.pairs .. new, queue, 1) end
+  redis.call('HSET', ev, f(pair, 's'), new)
+end
+
+local function trail(id, entry)
+  redis.call('RPUSH', K.trail .. id, entry)
+  redis.call('EXPIRE', K.trail .. id, TRAIL_TTL)
+end
+
+-- One attempt's outcome in the event's trail and the fleet's counters (workers/stats).
+local function note(id, pair, attempt, outcome, fields)
+  fields = fields or {}
+  fields.at = NOW / 1000
+  fields.what = 'handler'
+  fields.handler = pair
+  fields.attempt = tonumber(attempt)
+  fields.outcome = outcome
+  trail(id, cjson.encode(fields))
+  redis.call('HINCRBY', K.outcomes, pair .. '\t' .. outcome, 1)
+end
+
+-- The status page's latest failures: the error's class only (its text may quote personal data,
+-- and stays in the dead letter).
+local function note_failure(id, pair, attempt, outcome, error)
+  redis.call('LPUSH', K.failures, cjson.encode({
+    at = NOW / 1000, event_id = id, handler = pair, attempt = tonumber(attempt),
+    outcome = outcome, error = string.match(error or '', '^[^:]*')}))
+  redis.call('LTRIM', K.failures, 0, 49)
+end
+
+local EMBED = '{"callbacks":null,"errbacks":null,"chain":null,"chord":null}'
+
+-- One Celery (protocol 2) message naming the events `ids` for `pair`, pushed onto `queue`.
+-- The body is JSON, not base64 (kombu reads a body without body_encoding as it is). Its number
+-- on the queue (seq) lets the sweep tell a message still waiting from one lost in transit.
+local function push(queue, pair, ids)
+  local seq = redis.call('HINCRBY', K.seq, queue, 1)
+  local tag = queue .. '.' .. seq
+  local kwargs = {ids = ids, seq = seq}
+  local task = K.dispatch_task
+  if pair ~= K.dispatch_pair then
+    kwargs.handler = pair
+    task = K.handler_task
+  end
+  local body = '[[],' .. cjson.encode(kwargs) .. ',' .. EMBED .. ']'
+  local message = '{"body":' .. cjson.encode(body)
+    .. ',"content-encoding":"utf-8","content-type":"application/json","headers":{"lang":"py",'
+    .. '"task":"' .. task .. '","id":"' .. tag .. '","shadow":null,"eta":null,"expires":null,'
+    .. '"group":null,"group_index":null,"retries":0,"timelimit":[null,null],'
+    .. '"root_id":"' .. tag .. '","parent_id":null,"argsrepr":"()","kwargsrepr":'
+    .. cjson.encode(cjson.encode(kwargs)) .. ',"origin":"calhook","ignore_result":true,'
+    .. '"replaced_task_nesting":0,"stamped_headers":null,"stamps":{}},"properties":{'
+    .. '"correlation_id":"' .. tag .. '","reply_to":"","delivery_mode":2,"delivery_info":'
+    .. '{"exchange":"","routing_key":"' .. queue .. '"},"priority":0,"body_encoding":"utf-8",'
+    .. '"delivery_tag":"' .. tag .. '"}}'
+  redis.call('LPUSH', queue, message)
+  return seq, tag
+end
+
+-- Queue one message for the queued pairs `ids` and watch them: if no worker has taken them by
+-- NOW + RECOVER, the sweep checks whether their message still exists.
+local function enqueue(queue, pair, ids)
+  local seq, tag = push(queue, pair, ids)
+  for _, id in ipairs(ids) do
+    redis.call('HSET', K.ev .. id, f(pair, 'p'), seq, f(pair, 'g'), tag)
+    redis.call('ZADD', K.due, NOW + RECOVER, member(id, pair))
+  end
+  return tag
+end
+
+-- Pairs to queue, grouped by (pair, queue) in the order first seen; flush() queues one message
+-- per group and at most `batch_max` events each.
+local function new_groups() return {keys = {}, ids = {}} end
+
+local function add_to_group(groups, pair, queue, id)
+  local g = pair .. '\n' .. queue
+  if not groups.ids[g] then
+    groups.ids[g] = {}
+    groups.keys[#groups.keys + 1] = g
+  end
+  table.insert(groups.ids[g], id)
+end
+
+local function flush(groups, batch_max)
+  for _, g in ipairs(groups.keys) do
+    local sep = string.find(g, '\n', 1, true)
+    local pair, queue = string.sub(g, 1, sep - 1), string.sub(g, sep + 1)
+    local ids = groups.ids[g]
+    for j = 1, #ids, batch_max do
+      local chunk = {}
+      for k = j, math.min(j + batch_max - 1, #ids) do chunk[#chunk + 1] = ids[k] end
+      enqueue(queue, pair, chunk)
+    end
+  end
+end
+
+-- Every pair of the event is final: its body goes, unless a record still needs it.
+local function settle(id)
+  local ev = K.ev .. id
+  if tonumber(redis.call('HGET', ev, 'keep') or '0') > 0 then
+    redis.call('EXPIRE', ev, KEEP_TTL)
+    redis.call('EXPIRE', K.body .. id, KEEP_TTL)
+  else
+    redis.call('DEL', K.body .. id)
+    redis.call('EXPIRE', ev, DONE_TTL)
+  end
+end
+
+local function lock_key(base) return K.order .. base .. ':lock' end
+
+local function release_lock(ev, id, pair)
+  local base = redis.call('HGET', ev, f(pair, 'e'))
+  if base and redis.call('GET', lock_key(base)) == member(id, pair) then
+    redis.call('DEL', lock_key(base))
+  end
+end
+
+-- A final pair keeps its state and attempt only: its order entity (a customer's uuid) goes.
+local function close_pair(ev, id, pair, queue, old, new)
+  release_lock(ev, id, pair)
+  set_state(ev, pair, queue, old, new)
+  redis.call('HDEL', ev, f(pair, 'o'), f(pair, 'l'), f(pair, 't'), f(pair, 'e'), f(pair, 'v'))
+  redis.call('ZREM', K.due, member(id, pair))
+  if redis.call('HINCRBY', ev, 'open', -1) <= 0 then settle(id) end
+end
+
+local function to_waiting(ev, id, pair, queue, old, due_ms)
+  release_lock(ev, id, pair)
+  set_state(ev, pair, queue, old, 'waiting')
+  redis.call('HDEL', ev, f(pair, 'o'), f(pair, 'l'))
+  redis.call('HSET', ev, f(pair, 't'), due_ms)
+  redis.call('ZADD', K.due, due_ms, member(id, pair))
+end
+
+local function write_record(index, record_id, fields)
+  local key = index .. ':' .. record_id
+  local flat = {}
+  for k, v in pairs(fields) do
+    flat[#flat + 1] = k
+    flat[#flat + 1] = tostring(v)
+  end
+  flat[#flat + 1] = 'id'
+  flat[#flat + 1] = record_id
+  flat[#flat + 1] = 'stored_at'
+  flat[#flat + 1] = string.format('%.3f', NOW / 1000)
+  redis.call('DEL', key)
+  redis.call('HSET', key, unpack(flat))
+  redis.call('EXPIRE', key, KEEP_TTL)
+  redis.call('ZADD', index, NOW / 1000, record_id)
+  redis.call('HINCRBY', K.ev .. string.match(record_id, '^[^.]+'), 'keep', 1)
+end
+
+-- A pair that will not run again by itself: its dead letter keeps what replay needs.
+local function dead_letter(id, pair, queue, old, reason, error, traceback)
+  local ev = K.ev .. id
+  local meta = redis.call('HMGET', ev, 'type', 'ep', 'at', f(pair, 'a'))
+  write_record(K.dead, id .. '.' .. pair, {
+    event_id = id, handler = pair, queue = queue, type = meta[1] or '',
+    endpoint = meta[2] or '', received_at = meta[3] or '0', reason = reason,
+    error = error, traceback = traceback or '', attempts = meta[4] or '1',
+    failed_at = string.format('%.3f', NOW / 1000)})
+  close_pair(ev, id, pair, queue, old, 'dead')
+  note_failure(id, pair, meta[4] or '1', 'dead_' .. reason, error)
+  return meta[4] or '1'
+end
+
+-- Versions are "<created s>|<kind>|<event id>" (workers/ordering.py).
+local function parse_version(v)
+  local c, k, e = string.match(v, '^(-?%d+)|(%d)|(.*)$')
+  return tonumber(c), tonumber(k), e
+end
+
+local function newer(c1, k1, e1, c0, k0, e0)
+  if c1 ~= c0 then return c1 > c0 end
+  if k1 ~= k0 then return k1 > k0 end
+  return e1 > e0
+end
+
+-- For an ordered pair: 'busy' (another event of the entity holds the lock), 'stale' (an
+-- equal or newer version was applied), or 'ok' with the lock taken for this pair's lease.
+local function order_check(ev, id, pair)
+  local base = redis.call('HGET', ev, f(pair, 'e'))
+  if not base then return 'ok' end
+  local me = member(id, pair)
+  local holder = redis.call('GET', lock_key(base))
+  if holder and holder ~= me then return 'busy' end
+  local c1, k1, e1 = parse_version(redis.call('HGET', ev, f(pair, 'v')))
+  local cur = redis.call('HMGET', K.order .. base, 'created_s', 'kind', 'event_id')
+  if cur[1] then
+    local c0, k0 = tonumber(cur[1]), tonumber(cur[2])
+    if not newer(c1, k1, e1, c0, k0, cur[3]) then return 'stale' end
+    -- Deleted or cancelled stays so, unless the entity is created anew.
+    if k0 == DELETE_KIND and k1 ~= CREATE_KIND then return 'stale' end
+  end
+  redis.call('SET', lock_key(base), me, 'PX', LEASE)
+  return 'ok'
+end
+
+local function order_commit(ev, pair)
+  local base = redis.call('HGET', ev, f(pair, 'e'))
+  if not base then return end
+  local c1, k1, e1 = parse_version(redis.call('HGET', ev, f(pair, 'v')))
+  local key = K.order .. base
+  local cur = redis.call('HMGET', key, 'created_s', 'kind', 'event_id')
+  if cur[1] and not newer(c1, k1, e1, tonumber(cur[1]), tonumber(cur[2]), cur[3]) then return end
+  redis.call('HSET', key, 'created_s', c1, 'kind', k1, 'event_id', e1)
+  redis.call('EXPIRE', key, ORDER_TTL)
+end

@@ -1,0 +1,50 @@
+-- What dispatch decided for the events of one run: route each to its handlers, or park it.
+-- ARGV[7] the dispatch queue's throughput key of this 10 s, ARGV[8] most events per handler
+-- message, ARGV[9..] one JSON object per event: {id, type, received (trail entry), then either
+-- route = {{handler, queue, entity or '', version or ''}, ...} or park = {reason, errors}}.
+-- Dispatch is deterministic, so whichever run of it finishes first decides; a later one is
+-- 'late' and writes nothing. Returns per event 'ok' or 'late'.
+local tput, batch_max = ARGV[7], tonumber(ARGV[8])
+local D = K.dispatch_pair
+local out, groups = {}, new_groups()
+for i = 9, #ARGV do
+  local e = cjson.decode(ARGV[i])
+  local id = e.id
+  local ev = K.ev .. id
+  local s = redis.call('HGET', ev, f(D, 's'))
+  if not s or FINAL[s] then
+    out[#out + 1] = 'late'
+  else
+    redis.call('HSET', ev, 'type', e.type)
+    trail(id, e.received)
+    redis.call('ZADD', K.trail_index, tonumber(redis.call('HGET', ev, 'at')), id)
+    if e.park then
+      local meta = redis.call('HMGET', ev, 'ep', 'at')
+      write_record(K.parked, id, {event_id = id, type = e.type, endpoint = meta[1] or '',
+        received_at = meta[2] or '0', parked_at = string.format('%.3f', NOW / 1000),
+        reason = e.park.reason, errors = e.park.errors})
+      close_pair(ev, id, D, K.dispatch_queue, s, 'parked')
+      trail(id, cjson.encode({at = NOW / 1000, what = 'parked', reason = e.park.reason}))
+    else
+      local names = {}
+      for _, h in ipairs(e.route) do
+        local name, queue = h[1], h[2]
+        if not redis.call('HGET', ev, f(name, 's')) then
+          redis.call('HSET', ev, f(name, 'a'), 1, f(name, 'n'), 0, f(name, 'q'), queue)
+          if h[3] ~= '' then redis.call('HSET', ev, f(name, 'e'), h[3], f(name, 'v'), h[4]) end
+          set_state(ev, name, queue, nil, 'queued')
+          redis.call('HINCRBY', ev, 'open', 1)
+          add_to_group(groups, name, queue, id)
+        end
+        names[#names + 1] = name
+      end
+      close_pair(ev, id, D, K.dispatch_queue, s, 'done')
+      trail(id, cjson.encode({at = NOW / 1000, what = 'dispatched', handlers = names}))
+    end
+    redis.call('INCR', tput)
+    redis.call('EXPIRE', tput, 120)
+    out[#out + 1] = 'ok'
+  end
+end
+flush(groups, batch_max)
+return out

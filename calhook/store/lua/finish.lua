@@ -1,0 +1,46 @@
+-- Record how the attempts of one run ended, with their trail entries and counters.
+-- ARGV[7] pair, ARGV[8] owner, ARGV[9] the throughput key of this 10 s, ARGV[10..] one JSON
+-- object per event: {id, do = done|retry|defer|dead, outcome (the trail's and the counters'
+-- word), due (ms, for retry and defer), fields (more of the trail entry), bucket and dur
+-- (its duration histogram), reason, error, traceback (for a dead letter)}.
+-- 'done' counts from whoever ran it (the effect happened); the other endings only from the
+-- owner of a live run, so a copy that lost its lease cannot undo or re-arm anything.
+-- Returns per event 'ok', 'late' (already final) or 'lost' (not this run's any more).
+local pair, owner, tput = ARGV[7], ARGV[8], ARGV[9]
+local out = {}
+for i = 10, #ARGV do
+  local e = cjson.decode(ARGV[i])
+  local id = e.id
+  local ev = K.ev .. id
+  local got = redis.call('HMGET', ev, f(pair, 's'), f(pair, 'o'), f(pair, 'q'), f(pair, 'a'))
+  local s, o, q, attempt = got[1], got[2], got[3], got[4]
+  local r = 'ok'
+  if not s or FINAL[s] then
+    r = 'late'
+  elseif e['do'] ~= 'done' and (s ~= 'running' or o ~= owner) then
+    r = 'lost'
+  else
+    if e['do'] == 'done' then
+      order_commit(ev, pair)
+      close_pair(ev, id, pair, q, s, 'done')
+      redis.call('INCR', tput)
+      redis.call('EXPIRE', tput, 120)
+    elseif e['do'] == 'retry' then
+      to_waiting(ev, id, pair, q, s, e.due)
+      redis.call('HSET', ev, f(pair, 'a'), tonumber(attempt) + 1, f(pair, 'n'), 0)
+      note_failure(id, pair, attempt, e.outcome, e.error or '')
+    elseif e['do'] == 'defer' then
+      to_waiting(ev, id, pair, q, s, e.due)
+      redis.call('HINCRBY', ev, f(pair, 'n'), -1)
+    else
+      dead_letter(id, pair, q, s, e.reason, e.error or '', e.traceback or '')
+    end
+    note(id, pair, attempt, e.outcome, e.fields)
+    if e.bucket then
+      redis.call('HINCRBY', K.duration .. pair, e.bucket, 1)
+      redis.call('HINCRBYFLOAT', K.duration .. pair, 'sum', e.dur)
+    end
+  end
+  out[#out + 1] = r
+end
+return out

@@ -1,0 +1,86 @@
+"""``calhook scheduler``: the one sweep that queues what is due, expired or lost.
+
+Retries, pairs waiting for a lock or a rate limit, runs whose worker died (their lease ran out)
+and messages lost between Redis and a worker all live in the pair states, each with a time in
+one sorted set. Every ``CALHOOK_SCHEDULER_INTERVAL_S`` the sweep (``store/lua/sweep.lua``) looks
+at those whose time has come and queues one message for each that needs one; a pair whose
+message is still pending gets none, so a backlog or a stopped scheduler never piles up copies.
+Several schedulers may run: each sweep is one atomic script.
+
+Once a minute (and at start) it also enforces the retention (``CALHOOK_RETENTION_DAYS``): dead
+letters, parked records and trails older than it are erased even if nothing is written or read
+any more.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+
+from calhook.settings import Settings
+from calhook.store.pairs import PairStore
+from calhook.store.records import DEAD, PARKED, RecordStore
+from calhook.store.trail import Trail
+from workers.legacy import migrate_stores
+
+log = logging.getLogger("calhook.scheduler")
+
+# Records expire by their own TTL; the sweep only keeps indexes tidy, so once a minute is plenty.
+RETENTION_SWEEP_S = 60.0
+_SWEEP_LIMIT = 1000
+
+
+def sweep_retention(pairs: PairStore, settings: Settings, now_s: float | None = None) -> int:
+    """Erase dead letters, parked records and trails past the retention; return how many."""
+    now = time.time() if now_s is None else now_s
+    client = pairs.client
+    erased = RecordStore(client, PARKED).trim(pairs, settings.retention_s, now)
+    erased += RecordStore(client, DEAD).trim(pairs, settings.retention_s, now)
+    return erased + Trail(client, settings.trail_keep_s).trim(now)
+
+
+def sweep_once(pairs: PairStore, settings: Settings, now_s: float | None = None) -> int:
+    """Sweep until nothing more is due; return how many pairs were queued."""
+    queued = 0
+    while True:
+        swept = pairs.sweep(limit=_SWEEP_LIMIT, batch_max=settings.handler_batch_max, now_s=now_s)
+        queued += swept.queued
+        if swept.due:
+            log.info("due", extra={"queued": swept.due})
+        if swept.expired or swept.lost:
+            log.warning(
+                "recovered",
+                extra={
+                    "expired": swept.expired,
+                    "lost": swept.lost,
+                    "pairs": list(swept.recovered[:50]),
+                },
+            )
+        if swept.looked_at < _SWEEP_LIMIT:
+            return queued
+
+
+def run_scheduler(pairs: PairStore, settings: Settings, stop: threading.Event) -> None:
+    """Sweep every ``CALHOOK_SCHEDULER_INTERVAL_S`` until ``stop`` is set; every minute (and at
+    start), erase what is past the retention. Redis errors are waited out."""
+    log.info("scheduler started", extra={"interval_s": settings.scheduler_interval_s})
+    try:
+        migrate_stores(pairs.client)
+    except redis.RedisError as exc:
+        log.warning("cannot look for calhook 0.1's delayed store", extra={"error": repr(exc)})
+    next_retention = 0.0
+    while not stop.is_set():
+        try:
+            if time.monotonic() >= next_retention:
+                erased = sweep_retention(pairs, settings)
+                next_retention = time.monotonic() + RETENTION_SWEEP_S
+                if erased:
+                    log.info("retention: erased old records", extra={"erased": erased})
+            sweep_once(pairs, settings)
+        except redis.RedisError as exc:
+            log.warning("scheduler cannot reach redis", extra={"error": repr(exc)})
+        stop.wait(settings.scheduler_interval_s)
+    log.info("scheduler stopped")
