@@ -209,11 +209,7 @@ def queues_drained(client: redis.Redis) -> bool:
     """True when no message waits or is in flight on any queue, and no pair is queued or
     running (pairs waiting for a retry may remain)."""
     waiting = sum(int(client.llen(q)) for q in ALL_QUEUES)
-    open_pairs = sum(
-        int(n)
-        for state in (QUEUED, RUNNING)
-        for n in client.hvals(pairs_key(state))
-    )
+    open_pairs = sum(int(n) for state in (QUEUED, RUNNING) for n in client.hvals(pairs_key(state)))
     return waiting == 0 and int(client.hlen("unacked")) == 0 and open_pairs == 0
 
 

@@ -266,7 +266,7 @@ async def fill(client: Client, pairs: PairStore, url: str, person: Person) -> di
         "retry",
         "retry_scheduled",
         {"error": "SmtpUnavailable"},
-        due_s=time.time() + 3600,
+        delay_s=3600,
         error="SmtpUnavailable: 451",
     )
     assert end(pairs, "notify.mail", "notify", retry) == "ok"

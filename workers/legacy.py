@@ -50,17 +50,22 @@ def take_over(pairs: PairStore, kwargs: dict[str, Any], handler: str | None, que
         str(kwargs["body"]).encode(),
     )
     key = dedup_key(f"legacy:{event_id}")
-    pairs.accept([(key, event_id, record)], queue_dispatch=handler is None)
+    [first] = pairs.accept([(key, event_id, record)], queue_dispatch=handler is None)
     log.warning("took over a message of calhook 0.1", extra={"event_id": event_id})
     if handler is None:
         return
     started = pairs.start(
         DISPATCH_PAIR, [event_id], "legacy", max_starts=1000, seq=None, queue="", defer_s=1.0
     )
-    if started[0].run:
+    pair = [(handler, queue, "", "")]
+    if first is None and started[0].run:
+        # Stored just now: its dispatch is closed with this one pair (0.1 dispatched it).
         received = orjson.dumps({"at": started[0].received_at, "what": "received"})
-        route = Route(event_id, "", received, [(handler, queue, "", "")])
-        pairs.fan_out(throughput_key(DISPATCH_QUEUE), 1, [route])
+        route = Route(event_id, "", received, pair)
+    else:
+        # Stored by another message of 0.1 for this event: this pair is added to it.
+        route = Route(event_id, "", b"", pair, add_body=str(kwargs["body"]))
+    pairs.fan_out(throughput_key(DISPATCH_QUEUE), 1, [route])
 
 
 def migrate_stores(client: redis.Redis) -> int:

@@ -1,7 +1,7 @@
 """Running one handler over the events a message names: once, in order, retried, or dead.
 
-For each event the message names, starting the attempt (``start.lua``, one round trip for all of
-them) decides whether it runs here: not if its pair is done or dead, running under a live lease
+For each event the message names, starting the attempt (``start.lua``, just before it would run)
+decides whether it runs here: not if its pair is done or dead, running under a live lease
 elsewhere, waiting for a retry that is not due, or stale for its entity; an attempt started too
 often without finishing is dead-lettered as poison instead. The attempts that start run one after
 another, each under a lease its heartbeat renews, and each ending is recorded as soon as it is
@@ -61,7 +61,7 @@ class _Failure:
 
     do: str
     outcome: str
-    due_s: float | None = None
+    delay_s: float | None = None
     reason: str = ""
 
 
@@ -85,17 +85,21 @@ class HandlerRunner:
                 h: Handler | None = self._registry.get(handler_name)
             except UnknownHandler:
                 h = None
-            started = self._pairs.start(
-                handler_name,
-                event_ids,
-                self._heartbeat.owner,
-                max_starts=self._settings.max_deliveries,
-                seq=seq,
-                queue=queue,
-                defer_s=self._settings.order_wait_s,
-            )
             outcomes: dict[str, str] = {}
-            for s in started:
+            # Each event starts just before it runs, not every event of the message at once: a
+            # pair started early would be running under a lease nobody renews while the others
+            # run, and a crash of an earlier event would count as a start of it (poison without
+            # having run). The message stays unacked meanwhile, so its later pairs are pending.
+            for event_id in event_ids:
+                [s] = self._pairs.start(
+                    handler_name,
+                    [event_id],
+                    self._heartbeat.owner,
+                    max_starts=self._settings.max_deliveries,
+                    seq=seq,
+                    queue=queue,
+                    defer_s=self._settings.order_wait_s,
+                )
                 if s.run:
                     outcomes[s.event_id] = self._attempt(h, handler_name, queue, s)
                 else:
@@ -129,7 +133,7 @@ class HandlerRunner:
         would run it again. Tried for half a lease (the heartbeat keeps the pair meanwhile)."""
         for try_ in Retrying(
             stop=stop_after_delay(self._settings.lease_s / 2),
-            wait=wait_exponential_jitter(initial=0.1, max=2.0),
+            wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
             retry=retry_if_exception_type(redis.RedisError),
             reraise=True,
         ):
@@ -164,15 +168,15 @@ class HandlerRunner:
             duration_s = time.perf_counter() - started
             failure = self._failure(h, s.attempt, exc)
             fields: dict[str, object] = {"error": _name(exc), "duration_ms": _ms(duration_s)}
-            if failure.due_s is not None:
-                fields["retry_in_s"] = round(failure.due_s - time.time(), 3)
-                fields["next_attempt_at"] = round(failure.due_s, 3)
+            if failure.delay_s is not None:
+                fields["retry_in_s"] = round(failure.delay_s, 3)
+                fields["next_attempt_at"] = round(time.time() + failure.delay_s, 3)
             return Ending(
                 s.event_id,
                 failure.do,
                 failure.outcome,
                 fields,
-                due_s=failure.due_s,
+                delay_s=failure.delay_s,
                 duration_s=duration_s if failure.do != "defer" else None,
                 reason=failure.reason,
                 error=f"{type(exc).__name__}: {exc}"[:2000],
@@ -188,7 +192,7 @@ class HandlerRunner:
         quick = self._settings.quick_retries if quick is None else quick
         for try_ in Retrying(
             stop=stop_after_attempt(quick + 1),
-            wait=wait_exponential_jitter(initial=0.2, max=2.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=2.0),
             retry=retry_if_exception(_is_transient),
             reraise=True,
         ):
@@ -197,7 +201,7 @@ class HandlerRunner:
 
     def _failure(self, h: Handler, attempt: int, exc: Exception) -> _Failure:
         if isinstance(exc, Defer):
-            return _Failure("defer", "deferred", time.time() + max(exc.after_s, 0.05))
+            return _Failure("defer", "deferred", max(exc.after_s, 0.05))
         if isinstance(exc, (PermanentError, *h.retry.permanent)):
             return _Failure("dead", "dead_permanent", reason="permanent")
         schedule = h.retry.schedule_s or self._settings.retry_schedule_s
@@ -208,7 +212,7 @@ class HandlerRunner:
         else:
             jitter = self._settings.retry_jitter
             delay_s = schedule[attempt - 1] * (1 + random.uniform(-jitter, jitter))  # noqa: S311
-        return _Failure("retry", "retry_scheduled", time.time() + delay_s)
+        return _Failure("retry", "retry_scheduled", delay_s)
 
 
 def _not_run(s: Started) -> str:

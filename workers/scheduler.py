@@ -46,7 +46,12 @@ def sweep_once(pairs: PairStore, settings: Settings, now_s: float | None = None)
     """Sweep until nothing more is due; return how many pairs were queued."""
     queued = 0
     while True:
-        swept = pairs.sweep(limit=_SWEEP_LIMIT, batch_max=settings.handler_batch_max, now_s=now_s)
+        swept = pairs.sweep(
+            limit=_SWEEP_LIMIT,
+            batch_max=settings.handler_batch_max,
+            hold_s=settings.task_time_limit_s + settings.recovery_s,
+            now_s=now_s,
+        )
         queued += swept.queued
         if swept.due:
             log.info("due", extra={"queued": swept.due})

@@ -76,6 +76,7 @@ LUA_KEYS: Final = {
     "duration": STATS_DURATION,
     "failures": RECENT_FAILURES,
     "unacked": UNACKED,
+    "unacked_index": UNACKED_INDEX,
     "dispatch_pair": DISPATCH_PAIR,
     "dispatch_queue": DISPATCH_QUEUE,
     "dispatch_task": DISPATCH_TASK,

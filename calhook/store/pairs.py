@@ -56,13 +56,14 @@ class Started:
 
 @dataclass(frozen=True, slots=True)
 class Ending:
-    """How one started attempt ended: ``do`` is done, retry, defer or dead."""
+    """How one started attempt ended: ``do`` is done, retry, defer or dead; a retry or a
+    deferral runs again ``delay_s`` from now."""
 
     event_id: str
     do: str
     outcome: str
     fields: dict[str, Any] = field(default_factory=dict)
-    due_s: float | None = None
+    delay_s: float | None = None
     duration_s: float | None = None
     reason: str = ""
     error: str = ""
@@ -72,8 +73,9 @@ class Ending:
         entry: dict[str, Any] = {"id": self.event_id, "do": self.do, "outcome": self.outcome}
         if self.fields:
             entry["fields"] = self.fields
-        if self.due_s is not None:
-            entry["due"] = int(self.due_s * 1000)
+        if self.delay_s is not None:
+            # A delay, not a time: the script adds it to Redis's clock, whatever this host's says.
+            entry["delay"] = max(int(self.delay_s * 1000), 0)
         if self.duration_s is not None:
             entry["bucket"] = _bucket(self.duration_s)
             entry["dur"] = self.duration_s
@@ -96,8 +98,15 @@ class Route:
     handlers: Sequence[tuple[str, str, str, str]] = ()
     park_reason: str = ""
     park_errors: Sequence[dict[str, str]] = ()
+    # Pairs added to an event dispatched elsewhere (calhook 0.1), with the body it carried.
+    add_body: str | None = None
 
     def encode(self) -> bytes:
+        if self.add_body is not None:
+            route = [list(h) for h in self.handlers]
+            return orjson.dumps(
+                {"id": self.event_id, "add": True, "body": self.add_body, "route": route}
+            )
         entry: dict[str, Any] = {
             "id": self.event_id,
             "type": self.type,
@@ -243,9 +252,12 @@ class PairStore:
             return []
         return [_text(m) for m in self.scripts.call("renew", [owner, *members])]
 
-    def sweep(self, *, limit: int, batch_max: int, now_s: float | None = None) -> Swept:
-        """Queue what is due, expired or lost, once each; see ``lua/sweep.lua``."""
-        raw = self.scripts.call("sweep", [limit, batch_max], now_s=now_s)
+    def sweep(
+        self, *, limit: int, batch_max: int, hold_s: float = 360.0, now_s: float | None = None
+    ) -> Swept:
+        """Queue what is due, expired or lost, once each; see ``lua/sweep.lua``. ``hold_s``: how
+        long a live worker may hold a message it took before starting it."""
+        raw = self.scripts.call("sweep", [limit, batch_max, int(hold_s * 1000)], now_s=now_s)
         due, expired, lost, pending, dropped = (int(x) for x in raw[:5])
         recovered = tuple(_text(m) for m in raw[5:])
         return Swept(due, expired, lost, pending, dropped, recovered)
@@ -261,11 +273,15 @@ class PairStore:
             raise ReplayError(f"the body of {record_id} has expired; purge the record")
         return _text(raw[1])
 
-    def purge(self, kind: str, record_ids: Sequence[str]) -> int:
-        """Remove records (the body goes once nothing needs it); return how many existed."""
+    def purge(
+        self, kind: str, record_ids: Sequence[str], stored_before: float | None = None
+    ) -> int:
+        """Remove records (the body goes once nothing needs it); return how many were there.
+        ``stored_before`` (the retention's cutoff) spares a record stored again since."""
         if not record_ids:
             return 0
-        return int(self.scripts.call("purge", [kind, *record_ids]))
+        cutoff = "+inf" if stored_before is None else repr(stored_before)
+        return int(self.scripts.call("purge", [kind, cutoff, *record_ids]))
 
     def forget(self, event_ids: Sequence[str]) -> tuple[int, int, int]:
         """Erase events with their open work and records: (events, open pairs, records)."""

@@ -57,8 +57,8 @@ class RecordStore:
             )
             if not old:
                 return erased
-            pairs.purge(self.kind, [i.decode() for i in old])
-            erased += len(old)
+            # A record stored again since it was read (replayed, failed again) is spared.
+            erased += pairs.purge(self.kind, [i.decode() for i in old], stored_before=cutoff)
 
     def get(self, record_id: str, *, with_body: bool = True) -> dict[str, str] | None:
         """The record with its event's ``body`` (empty if the body is gone), or None."""

@@ -9,7 +9,6 @@ caller's settings, not constants inside Lua.
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -35,7 +34,8 @@ def source(name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Clock:
-    """The six values every script starts its ARGV with."""
+    """The six values every script starts its ARGV with: the time, the recovery interval and the
+    lease (ms), and how long finished states, kept records and trails stay (s)."""
 
     recover_s: float
     lease_s: float
@@ -43,11 +43,11 @@ class Clock:
     keep_ttl_s: int
     trail_ttl_s: int
 
-    def head(self, now_s: float | None = None) -> list[int]:
-        """ARGV[1..6] for a call made now (or at ``now_s``)."""
-        now_ms = int((time.time() if now_s is None else now_s) * 1000)
+    def head(self, now_s: float | None = None) -> list[int | str]:
+        """ARGV[1..6]; the time is Redis's own (``''``) unless ``now_s`` overrides it (tests),
+        so hosts with skewed clocks agree on every lease and due time."""
         return [
-            now_ms,
+            "" if now_s is None else int(now_s * 1000),
             int(self.recover_s * 1000),
             int(self.lease_s * 1000),
             self.done_ttl_s,

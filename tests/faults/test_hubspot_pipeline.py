@@ -29,6 +29,7 @@ async def test_customers_reach_hubspot_once_and_deletes_archive(tmp_path: Path) 
                 CALHOOK_CRM_URL=hubspot.url,
                 CALHOOK_CRM_TOKEN=TOKEN,
             )
+            r.start_scheduler()  # the rate-limited call waits in its pair's state until due
             assert r.client is not None
             hubspot.inject(Fault.rate_limited(retry_after_s=1), times=1)
 
@@ -48,8 +49,10 @@ async def test_customers_reach_hubspot_once_and_deletes_archive(tmp_path: Path) 
                     assert contact["properties"]["firstname"] == "Luca"
                     assert contact["properties"]["phone"] == "+41790000142"
 
-            await await_for(lambda: hubspot.contact("calenso_uuid", CUSTOMER) is None,
-                            what="the contact archived")  # fmt: skip
+            await await_for(
+                lambda: hubspot.contact("calenso_uuid", CUSTOMER) is None,
+                what="the contact archived",
+            )
 
     upserts = hubspot.calls(method="POST", path="/crm/v3/objects/contacts/batch/upsert")
     assert len(upserts) == 2  # the first was answered 429, the second waited out its Retry-After

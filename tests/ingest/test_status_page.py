@@ -61,7 +61,7 @@ def lay_out(pairs: PairStore) -> Laid:
         "retry",
         "retry_scheduled",
         {"error": "CrmUnavailable"},
-        due_s=time.time() + 3600,
+        delay_s=3600,
         duration_s=1.5,
         error="CrmUnavailable: CRM answered 503",
     )

@@ -14,7 +14,7 @@ from tests.support.fake_hubspot import FakeHubSpot, Fault
 from workers.crm.client import CrmUnavailable
 from workers.crm.contact import Contact
 from workers.crm.hubspot import HubSpotCrm, hubspot_properties
-from workers.errors import PermanentError, RetryLater, TransientError
+from workers.errors import Defer, PermanentError, RetryLater, TransientError
 
 TOKEN = "pat-eu1-0000aaaa-1111-bbbb-2222-cccc3333dddd"
 KEY = "evt-1:crm.sync_customer"
@@ -255,12 +255,12 @@ def test_429_with_a_short_retry_after_is_waited_out_in_the_call(
     assert len(hubspot.contacts()) == 1
 
 
-def test_429_with_a_long_retry_after_goes_to_the_schedule(
+def test_429_with_a_long_retry_after_waits_without_spending_an_attempt(
     hubspot: FakeHubSpot, crm: HubSpotCrm
 ) -> None:
     hubspot.inject(Fault.rate_limited(retry_after_s=60), path=UPSERT)
 
-    with pytest.raises(RetryLater) as caught:
+    with pytest.raises(Defer) as caught:
         crm.upsert(FULL, idempotency_key=KEY)
 
     assert caught.value.after_s == pytest.approx(60, abs=1)
@@ -367,7 +367,7 @@ def _messages(exc: BaseException | None) -> list[str]:
             Fault(status=429, body={"echo": TOKEN}, headers={"Retry-After": "30"}),
             1,
             10.0,
-            RetryLater,
+            Defer,
         ),
         (Fault.slow(2.0), 5, 0.2, TransientError),
     ],

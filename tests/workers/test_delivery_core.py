@@ -22,7 +22,7 @@ from calhook.constants import DISPATCH_QUEUE
 from calhook.messages import read_task_message
 from calhook.settings import Settings
 from calhook.store.connect import pair_store
-from calhook.store.keys import DISPATCH_PAIR, DUE, UNACKED, pairs_key
+from calhook.store.keys import DISPATCH_PAIR, DUE, UNACKED, UNACKED_INDEX, pairs_key
 from calhook.store.pairs import Ending, PairStore, Route
 from calhook.store.queues import throughput_key
 from tests.support import store
@@ -30,6 +30,7 @@ from tests.support import store
 CRM = ("crm.sync", "crm")
 LEASE_S = 60.0
 RECOVER_S = 60.0
+HOLD_S = 360.0  # what a live worker may hold a message before starting it
 
 
 @pytest.fixture
@@ -160,13 +161,34 @@ def test_a_message_held_unacked_by_a_worker_is_not_copied(db: redis.Redis, core:
     raw = db.rpop(CRM[1])
     assert isinstance(raw, bytes)
     tag = orjson.loads(raw)["properties"]["delivery_tag"]
-    db.hset(UNACKED, tag, orjson.dumps([orjson.loads(raw), "", CRM[1]]))  # prefetched
+    # prefetched by a worker, as kombu records it (QoS.append)
+    db.zadd(UNACKED_INDEX, {tag: time.time()})
+    db.hset(UNACKED, tag, orjson.dumps([orjson.loads(raw), "", CRM[1]]))
 
-    swept = core.sweep(limit=100, batch_max=1, now_s=later(RECOVER_S + 1))
+    swept = core.sweep(limit=100, batch_max=1, hold_s=HOLD_S, now_s=later(RECOVER_S + 1))
 
     assert (swept.lost, swept.pending) == (0, 1)
     assert db.llen(CRM[1]) == 0
     assert core.states(event_id)[CRM[0]].state == "queued"
+
+
+def test_a_message_held_by_a_dead_worker_is_queued_again_after_the_hold(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """kombu hands it back only after the visibility timeout (and checks every 100 s)."""
+    event_id = routed(core, [CRM])
+    raw = db.rpop(CRM[1])
+    assert isinstance(raw, bytes)
+    tag = orjson.loads(raw)["properties"]["delivery_tag"]
+    db.zadd(UNACKED_INDEX, {tag: time.time()})
+    db.hset(UNACKED, tag, orjson.dumps([orjson.loads(raw), "", CRM[1]]))
+
+    held = core.sweep(limit=100, batch_max=1, hold_s=HOLD_S, now_s=later(HOLD_S - 1))
+    swept = core.sweep(limit=100, batch_max=1, hold_s=HOLD_S, now_s=later(HOLD_S + RECOVER_S))
+    again = core.sweep(limit=100, batch_max=1, hold_s=HOLD_S, now_s=later(HOLD_S + 3 * RECOVER_S))
+
+    assert (held.lost, swept.lost, again.lost) == (0, 1, 0)
+    assert [m["ids"] for m in messages(db, CRM[1])] == [[event_id]]
 
 
 def test_a_scheduler_down_for_long_queues_each_due_retry_once(
@@ -177,7 +199,7 @@ def test_a_scheduler_down_for_long_queues_each_due_retry_once(
     event_id = routed(core, [CRM])
     db.delete(CRM[1])
     assert start(core, CRM[0], [event_id], "w1", CRM[1]) == ["run"]
-    assert finish(core, "w1", Ending(event_id, "retry", "retry_scheduled", due_s=later(10))) == "ok"
+    assert finish(core, "w1", Ending(event_id, "retry", "retry_scheduled", delay_s=10)) == "ok"
 
     # When the scheduler comes back hours after the retry was due, and sweeps twice
     first = core.sweep(limit=100, batch_max=1, now_s=later(4 * 3600))
@@ -202,7 +224,7 @@ def test_a_copy_failing_after_another_succeeded_changes_nothing(
     assert start(core, CRM[0], [event_id], "B", CRM[1]) == ["run"]
 
     assert finish(core, "B", Ending(event_id, "done", "ok")) == "ok"
-    late = Ending(event_id, "retry", "retry_scheduled", due_s=later(10))
+    late = Ending(event_id, "retry", "retry_scheduled", delay_s=10)
 
     assert finish(core, "A", late) == "late"
     assert core.states(event_id)[CRM[0]].state == "done"
@@ -305,7 +327,7 @@ def test_waiting_for_a_rate_limit_spends_no_attempt(db: redis.Redis, core: PairS
     event_id = routed(core, [CRM])
     for n in range(20):
         assert start(core, CRM[0], [event_id], "w1", CRM[1]) == ["run"]
-        defer = Ending(event_id, "defer", "deferred", due_s=later(n))
+        defer = Ending(event_id, "defer", "deferred", delay_s=n)
         assert finish(core, "w1", defer) == "ok"
         core.sweep(limit=100, batch_max=1, now_s=later(n + 1))
 
@@ -342,7 +364,7 @@ def test_the_per_queue_counts_follow_every_transition(db: redis.Redis, core: Pai
     assert counts() == (1, 0, 0)
     start(core, CRM[0], [event_id], "w1", CRM[1])
     assert counts() == (0, 1, 0)
-    finish(core, "w1", Ending(event_id, "retry", "retry_scheduled", due_s=later(5)))
+    finish(core, "w1", Ending(event_id, "retry", "retry_scheduled", delay_s=5))
     assert counts() == (0, 0, 1)
     core.sweep(limit=100, batch_max=1, now_s=later(6))
     assert counts() == (1, 0, 0)

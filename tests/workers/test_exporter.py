@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +43,7 @@ def test_queue_gauges_and_handler_outcomes_are_exported(
         for event_id in (retried, running):
             route(pairs, event_id, [("crm.sync", "crm")])
         # (the retry's outcome and duration counted by its transition, two more directly)
-        retry = Ending(retried, "retry", "retry_scheduled", due_s=time.time() + 60, duration_s=2.0)
+        retry = Ending(retried, "retry", "retry_scheduled", delay_s=60, duration_s=2.0)
         assert end(pairs, "crm.sync", "crm", retry) == "ok"
         assert start(pairs, "crm.sync", [running], "crm") == ["run"]
         count_outcome(client, "crm.sync", "ok", 0.03)

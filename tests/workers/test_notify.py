@@ -21,7 +21,7 @@ from schemas import CalensoEvent, parse_event
 from tests.conftest import FIXTURES
 from tests.support.chat_server import WEBHOOK_PATH, ChatServer
 from tests.support.smtp_server import SmtpServer
-from workers.errors import PermanentError, RetryLater, TransientError
+from workers.errors import Defer, PermanentError, TransientError
 from workers.notify.chat import posted_key
 from workers.notify.errors import SmtpUrlError, TemplateError
 from workers.notify.mail import SentLog, SmtpUrl, message_id
@@ -613,7 +613,7 @@ def test_chat_429_with_retry_after_asks_for_that_delay(
 ) -> None:
     chat.fail_next(429, headers={"Retry-After": "30"})
 
-    with pytest.raises(RetryLater) as raised:
+    with pytest.raises(Defer) as raised:
         post(load_event(CANCELLED), chat_settings, redis_db)
 
     assert raised.value.after_s == 30

@@ -60,7 +60,7 @@ def test_every_kind_of_pending_work_is_counted_with_no_worker_running(
     retried, running, dead, parked = (accept(pairs) for _ in range(4))
     for event_id in (retried, running):
         route(pairs, event_id, [("crm.sync", "crm")])
-    retry = Ending(retried, "retry", "retry_scheduled", due_s=time.time() + 60)
+    retry = Ending(retried, "retry", "retry_scheduled", delay_s=60)
     assert end(pairs, "crm.sync", "crm", retry) == "ok"
     assert start(pairs, "crm.sync", [running], "crm") == ["run"]
     dead_letter(pairs, dead, "crm.sync", "crm")

@@ -2,8 +2,9 @@
 
 Adapters raise the workers' errors, so the runner's policy applies unchanged: a 429 or 5xx, a
 timeout or a dropped connection is retried in the call a few times (honouring ``Retry-After``
-when it is short), then handed to the long schedule (``RetryLater`` with the server's delay, when
-it gave one); any other 4xx is permanent and goes to the dead-letter store with the CRM's answer.
+when it is short), then handed on: a 429 with ``Retry-After`` waits that long without spending an
+attempt (``Defer``), a 5xx with one is the next attempt of the schedule (``RetryLater``), the
+rest the schedule's next delay; any other 4xx is permanent and goes to the dead-letter store.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_base
 
 from workers.crm.contact import Contact
-from workers.errors import PermanentError, RetryLater, TransientError
+from workers.errors import Defer, PermanentError, RetryLater, TransientError
 from workers.http import retry_after_s
 
 T = TypeVar("T")
@@ -42,9 +43,12 @@ class CrmClient(Protocol):
 class CrmUnavailable(TransientError):
     """Raised when the CRM answered 429 or 5xx, timed out, or could not be reached."""
 
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after_s: float | None = None, *, rate_limited: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.rate_limited = rate_limited
 
 
 def check(response: httpx.Response, *, ok_statuses: tuple[int, ...] = ()) -> httpx.Response:
@@ -55,7 +59,9 @@ def check(response: httpx.Response, *, ok_statuses: tuple[int, ...] = ()) -> htt
     answer = response.text[:500]
     if status == 429 or status >= 500:
         raise CrmUnavailable(
-            f"CRM answered {status}: {answer}", retry_after_s(response.headers.get("Retry-After"))
+            f"CRM answered {status}: {answer}",
+            retry_after_s(response.headers.get("Retry-After")),
+            rate_limited=status == 429,
         )
     raise PermanentError(f"CRM answered {status}: {answer}")
 
@@ -97,6 +103,9 @@ def call(fn: Callable[[], T], *, attempts: int = 3) -> T:
             with try_:
                 return attempt()
     except CrmUnavailable as exc:
+        if exc.retry_after_s is not None and exc.rate_limited:
+            # Its rate limit: waiting is not failing, no attempt is spent (DESIGN.md rule 4).
+            raise Defer(str(exc), after_s=exc.retry_after_s) from exc
         if exc.retry_after_s is not None:
             raise RetryLater(str(exc), after_s=exc.retry_after_s) from exc
         raise

@@ -2,8 +2,8 @@
 
 The message is ``{"text": "*<subject>*\\n<body>"}`` (Slack mrkdwn: a bold first line), rendered
 from the same template as the e-mail. Answers map to the worker's errors: 2xx is done; 429 is
-:class:`RetryLater` with the server's ``Retry-After`` (a TransientError without one); 5xx, a
-timeout or a dropped connection is transient; any other answer is permanent.
+:class:`Defer` with the server's ``Retry-After``, spending no attempt (a TransientError without
+one); 5xx, a timeout or a dropped connection is transient; any other answer is permanent.
 
 The webhook URL is a secret (whoever has it can post to the channel): it is never logged, and
 httpx's own "HTTP Request: POST <url>" line shows it as ``[chat webhook]``.
@@ -17,7 +17,7 @@ import httpx
 import redis
 
 from calhook.constants import KEY_PREFIX
-from workers.errors import HandlerError, PermanentError, RetryLater, TransientError
+from workers.errors import Defer, HandlerError, PermanentError, TransientError
 from workers.http import retry_after_s
 from workers.notify.templates import Rendered
 
@@ -87,7 +87,8 @@ def _check(response: httpx.Response) -> None:
     if status == 429:
         after_s = retry_after_s(response.headers.get("Retry-After"))
         if after_s is not None:
-            raise RetryLater(what, after_s=after_s)
+            # Its rate limit: waiting is not failing, no attempt is spent (DESIGN.md rule 4).
+            raise Defer(what, after_s=after_s)
         raise TransientError(what)
     if status >= 500:
         raise TransientError(what)

@@ -2,7 +2,13 @@
 -- K of key names rendered from calhook/store/keys.py.
 --
 -- Every script's ARGV starts with the same six values; its own arguments follow from ARGV[7]:
-local NOW = tonumber(ARGV[1])        -- ms, the caller's clock
+-- ms: Redis's clock, so workers and schedulers with skewed clocks agree on leases and due
+-- times; a caller may pass its own (tests move time forward this way), else ''.
+local NOW = tonumber(ARGV[1])
+if not NOW then
+  local time = redis.call('TIME')
+  NOW = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
 local RECOVER = tonumber(ARGV[2])    -- ms a queued pair waits before the sweep checks its message
 local LEASE = tonumber(ARGV[3])      -- ms a started pair is owned without a heartbeat
 local DONE_TTL = tonumber(ARGV[4])   -- s an event's states stay once every pair is final
@@ -135,25 +141,35 @@ local function settle(id)
 end
 
 local function lock_key(base) return K.order .. base .. ':lock' end
+-- An entity's lock names the pair and the run holding it: only that run renews or releases it,
+-- so a run that lost its lease cannot free the entity under the run that took over.
+local function lock_value(id, pair, owner) return member(id, pair) .. '|' .. owner end
 
-local function release_lock(ev, id, pair)
+-- Release the pair's lock if `owner`'s run holds it; with owner nil (forget), whoever holds it.
+local function release_lock(ev, id, pair, owner)
   local base = redis.call('HGET', ev, f(pair, 'e'))
-  if base and redis.call('GET', lock_key(base)) == member(id, pair) then
+  if not base then return end
+  local holder = redis.call('GET', lock_key(base))
+  if not holder then return end
+  if (owner and holder == lock_value(id, pair, owner))
+      or (not owner and string.sub(holder, 1, #member(id, pair) + 1) == member(id, pair) .. '|') then
     redis.call('DEL', lock_key(base))
   end
 end
 
--- A final pair keeps its state and attempt only: its order entity (a customer's uuid) goes.
-local function close_pair(ev, id, pair, queue, old, new)
-  release_lock(ev, id, pair)
+-- A done or stale pair keeps its state and attempt only: its order entity (a customer's uuid)
+-- goes. A dead one keeps it, for its replay to be ordered too (the body stays as long).
+local function close_pair(ev, id, pair, queue, old, new, owner)
+  release_lock(ev, id, pair, owner)
   set_state(ev, pair, queue, old, new)
-  redis.call('HDEL', ev, f(pair, 'o'), f(pair, 'l'), f(pair, 't'), f(pair, 'e'), f(pair, 'v'))
+  redis.call('HDEL', ev, f(pair, 'o'), f(pair, 'l'), f(pair, 't'))
+  if new == 'done' or new == 'stale' then redis.call('HDEL', ev, f(pair, 'e'), f(pair, 'v')) end
   redis.call('ZREM', K.due, member(id, pair))
   if redis.call('HINCRBY', ev, 'open', -1) <= 0 then settle(id) end
 end
 
-local function to_waiting(ev, id, pair, queue, old, due_ms)
-  release_lock(ev, id, pair)
+local function to_waiting(ev, id, pair, queue, old, due_ms, owner)
+  release_lock(ev, id, pair, owner)
   set_state(ev, pair, queue, old, 'waiting')
   redis.call('HDEL', ev, f(pair, 'o'), f(pair, 'l'))
   redis.call('HSET', ev, f(pair, 't'), due_ms)
@@ -179,7 +195,7 @@ local function write_record(index, record_id, fields)
 end
 
 -- A pair that will not run again by itself: its dead letter keeps what replay needs.
-local function dead_letter(id, pair, queue, old, reason, error, traceback)
+local function dead_letter(id, pair, queue, old, reason, error, traceback, owner)
   local ev = K.ev .. id
   local meta = redis.call('HMGET', ev, 'type', 'ep', 'at', f(pair, 'a'))
   write_record(K.dead, id .. '.' .. pair, {
@@ -187,7 +203,7 @@ local function dead_letter(id, pair, queue, old, reason, error, traceback)
     endpoint = meta[2] or '', received_at = meta[3] or '0', reason = reason,
     error = error, traceback = traceback or '', attempts = meta[4] or '1',
     failed_at = string.format('%.3f', NOW / 1000)})
-  close_pair(ev, id, pair, queue, old, 'dead')
+  close_pair(ev, id, pair, queue, old, 'dead', owner)
   note_failure(id, pair, meta[4] or '1', 'dead_' .. reason, error)
   return meta[4] or '1'
 end
@@ -204,23 +220,34 @@ local function newer(c1, k1, e1, c0, k0, e0)
   return e1 > e0
 end
 
--- For an ordered pair: 'busy' (another event of the entity holds the lock), 'stale' (an
--- equal or newer version was applied), or 'ok' with the lock taken for this pair's lease.
-local function order_check(ev, id, pair)
+-- Whether version 1 applies after version 0 (the entity's applied one):
+-- - a newer version applies, except that deleted or cancelled stays so until a newer create;
+-- - the same event applies again for another handler of the scope (same version);
+-- - a delete applies after a newer update too (it was held up, by a rate limit say): applied
+--   in version order the entity would be deleted now, and an update never revives it.
+local function applies(c1, k1, e1, c0, k0, e0)
+  if newer(c1, k1, e1, c0, k0, e0) then return not (k0 == DELETE_KIND and k1 ~= CREATE_KIND) end
+  if e1 == e0 then return c1 == c0 and k1 == k0 end
+  return k1 == DELETE_KIND and k0 ~= DELETE_KIND and k0 ~= CREATE_KIND
+end
+
+-- For an ordered pair: 'busy' (another run holds the entity's lock), 'stale' (its version does
+-- not apply after the entity's), or 'ok' with the lock taken for this run's lease.
+local function order_check(ev, id, pair, owner)
   local base = redis.call('HGET', ev, f(pair, 'e'))
   if not base then return 'ok' end
-  local me = member(id, pair)
   local holder = redis.call('GET', lock_key(base))
-  if holder and holder ~= me then return 'busy' end
+  -- A lock of this same pair belongs to an earlier run of it, whose lease is over (or this
+  -- start would not run): it is taken over, like the pair.
+  if holder and string.sub(holder, 1, #member(id, pair) + 1) ~= member(id, pair) .. '|' then
+    return 'busy'
+  end
   local c1, k1, e1 = parse_version(redis.call('HGET', ev, f(pair, 'v')))
   local cur = redis.call('HMGET', K.order .. base, 'created_s', 'kind', 'event_id')
-  if cur[1] then
-    local c0, k0 = tonumber(cur[1]), tonumber(cur[2])
-    if not newer(c1, k1, e1, c0, k0, cur[3]) then return 'stale' end
-    -- Deleted or cancelled stays so, unless the entity is created anew.
-    if k0 == DELETE_KIND and k1 ~= CREATE_KIND then return 'stale' end
+  if cur[1] and not applies(c1, k1, e1, tonumber(cur[1]), tonumber(cur[2]), cur[3]) then
+    return 'stale'
   end
-  redis.call('SET', lock_key(base), me, 'PX', LEASE)
+  redis.call('SET', lock_key(base), lock_value(id, pair, owner), 'PX', LEASE)
   return 'ok'
 end
 
@@ -230,7 +257,11 @@ local function order_commit(ev, pair)
   local c1, k1, e1 = parse_version(redis.call('HGET', ev, f(pair, 'v')))
   local key = K.order .. base
   local cur = redis.call('HMGET', key, 'created_s', 'kind', 'event_id')
-  if cur[1] and not newer(c1, k1, e1, tonumber(cur[1]), tonumber(cur[2]), cur[3]) then return end
-  redis.call('HSET', key, 'created_s', c1, 'kind', k1, 'event_id', e1)
+  if not cur[1] or newer(c1, k1, e1, tonumber(cur[1]), tonumber(cur[2]), cur[3]) then
+    redis.call('HSET', key, 'created_s', c1, 'kind', k1, 'event_id', e1)
+  elseif k1 == DELETE_KIND then
+    -- A delete applied after a newer update: the entity is deleted from that version on.
+    redis.call('HSET', key, 'kind', DELETE_KIND)
+  end
   redis.call('EXPIRE', key, ORDER_TTL)
 end

@@ -1,7 +1,8 @@
 -- What dispatch decided for the events of one run: route each to its handlers, or park it.
 -- ARGV[7] the dispatch queue's throughput key of this 10 s, ARGV[8] most events per handler
 -- message, ARGV[9..] one JSON object per event: {id, type, received (trail entry), then either
--- route = {{handler, queue, entity or '', version or ''}, ...} or park = {reason, errors}}.
+-- route = {{handler, queue, entity or '', version or ''}, ...} or park = {reason, errors}}, or
+-- {id, add = true, body, route} to add pairs to an event dispatched by calhook 0.1.
 -- Dispatch is deterministic, so whichever run of it finishes first decides; a later one is
 -- 'late' and writes nothing. Returns per event 'ok' or 'late'.
 local tput, batch_max = ARGV[7], tonumber(ARGV[8])
@@ -12,7 +13,27 @@ for i = 9, #ARGV do
   local id = e.id
   local ev = K.ev .. id
   local s = redis.call('HGET', ev, f(D, 's'))
-  if not s or FINAL[s] then
+  if e.add then
+    -- A handler message of calhook 0.1 (workers/legacy.py): its dispatch happened there, so
+    -- the pair is added to the event as it stands, with the body the message carried.
+    if s then
+      if redis.call('EXISTS', K.body .. id) == 0 then redis.call('SET', K.body .. id, e.body) end
+      redis.call('PERSIST', ev)
+      redis.call('PERSIST', K.body .. id)
+      for _, h in ipairs(e.route) do
+        local name, queue = h[1], h[2]
+        if not redis.call('HGET', ev, f(name, 's')) then
+          redis.call('HSET', ev, f(name, 'a'), 1, f(name, 'n'), 0, f(name, 'q'), queue)
+          set_state(ev, name, queue, nil, 'queued')
+          redis.call('HINCRBY', ev, 'open', 1)
+          add_to_group(groups, name, queue, id)
+        end
+      end
+      out[#out + 1] = 'ok'
+    else
+      out[#out + 1] = 'late'
+    end
+  elseif not s or FINAL[s] then
     out[#out + 1] = 'late'
   else
     redis.call('HSET', ev, 'type', e.type)
@@ -23,7 +44,7 @@ for i = 9, #ARGV do
       write_record(K.parked, id, {event_id = id, type = e.type, endpoint = meta[1] or '',
         received_at = meta[2] or '0', parked_at = string.format('%.3f', NOW / 1000),
         reason = e.park.reason, errors = e.park.errors})
-      close_pair(ev, id, D, K.dispatch_queue, s, 'parked')
+      close_pair(ev, id, D, K.dispatch_queue, s, 'parked', nil)
       trail(id, cjson.encode({at = NOW / 1000, what = 'parked', reason = e.park.reason}))
     else
       local names = {}
@@ -38,7 +59,7 @@ for i = 9, #ARGV do
         end
         names[#names + 1] = name
       end
-      close_pair(ev, id, D, K.dispatch_queue, s, 'done')
+      close_pair(ev, id, D, K.dispatch_queue, s, 'done', nil)
       trail(id, cjson.encode({at = NOW / 1000, what = 'dispatched', handlers = names}))
     end
     redis.call('INCR', tput)

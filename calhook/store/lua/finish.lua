@@ -1,7 +1,7 @@
 -- Record how the attempts of one run ended, with their trail entries and counters.
 -- ARGV[7] pair, ARGV[8] owner, ARGV[9] the throughput key of this 10 s, ARGV[10..] one JSON
 -- object per event: {id, do = done|retry|defer|dead, outcome (the trail's and the counters'
--- word), due (ms, for retry and defer), fields (more of the trail entry), bucket and dur
+-- word), delay (ms from now, for retry and defer), fields (more of the trail entry), bucket and dur
 -- (its duration histogram), reason, error, traceback (for a dead letter)}.
 -- 'done' counts from whoever ran it (the effect happened); the other endings only from the
 -- owner of a live run, so a copy that lost its lease cannot undo or re-arm anything.
@@ -22,18 +22,18 @@ for i = 10, #ARGV do
   else
     if e['do'] == 'done' then
       order_commit(ev, pair)
-      close_pair(ev, id, pair, q, s, 'done')
+      close_pair(ev, id, pair, q, s, 'done', owner)
       redis.call('INCR', tput)
       redis.call('EXPIRE', tput, 120)
     elseif e['do'] == 'retry' then
-      to_waiting(ev, id, pair, q, s, e.due)
+      to_waiting(ev, id, pair, q, s, NOW + e.delay, owner)
       redis.call('HSET', ev, f(pair, 'a'), tonumber(attempt) + 1, f(pair, 'n'), 0)
       note_failure(id, pair, attempt, e.outcome, e.error or '')
     elseif e['do'] == 'defer' then
-      to_waiting(ev, id, pair, q, s, e.due)
+      to_waiting(ev, id, pair, q, s, NOW + e.delay, owner)
       redis.call('HINCRBY', ev, f(pair, 'n'), -1)
     else
-      dead_letter(id, pair, q, s, e.reason, e.error or '', e.traceback or '')
+      dead_letter(id, pair, q, s, e.reason, e.error or '', e.traceback or '', owner)
     end
     note(id, pair, attempt, e.outcome, e.fields)
     if e.bucket then

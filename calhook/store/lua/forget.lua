@@ -11,7 +11,7 @@ for i = 7, #ARGV do
     if string.sub(name, -2) == '/s' then
       local pair = string.sub(name, 1, -3)
       if not FINAL[value] then
-        release_lock(ev, id, pair)
+        release_lock(ev, id, pair, nil)
         set_state(ev, pair, redis.call('HGET', ev, f(pair, 'q')), value, 'forgotten')
         redis.call('ZREM', K.due, member(id, pair))
         dropped = dropped + 1

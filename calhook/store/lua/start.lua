@@ -9,7 +9,10 @@
 -- same attempt waits), 'stale' (an equal or newer version of its entity was applied).
 local pair, owner, max_starts = ARGV[7], ARGV[8], tonumber(ARGV[9])
 local seq, queue, defer_ms = tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
-if seq and queue ~= '' and seq > tonumber(redis.call('HGET', K.taken, queue) or '0') then
+-- A number from before a Redis rollback (AOF lost its last writes) is above what calhook:seq
+-- says was pushed: it would make every message still waiting look taken, so it is ignored.
+if seq and queue ~= '' and seq > tonumber(redis.call('HGET', K.taken, queue) or '0')
+    and seq <= tonumber(redis.call('HGET', K.seq, queue) or '0') then
   redis.call('HSET', K.taken, queue, seq)
 end
 local out = {}
@@ -32,16 +35,16 @@ for i = 13, #ARGV do
     local n = tonumber(redis.call('HGET', ev, f(pair, 'n')) or '0') + 1
     if n > max_starts then
       dead_letter(id, pair, q, s, 'poison',
-        'started ' .. (n - 1) .. ' times without finishing; it may kill its worker', '')
+        'started ' .. (n - 1) .. ' times without finishing; it may kill its worker', '', owner)
       note(id, pair, attempt, 'dead_poison', {error = 'poison'})
       r = {'poison'}
     else
-      local o = order_check(ev, id, pair)
+      local o = order_check(ev, id, pair, owner)
       if o == 'busy' then
-        to_waiting(ev, id, pair, q, s, NOW + defer_ms)
+        to_waiting(ev, id, pair, q, s, NOW + defer_ms, owner)
         r = {'deferred'}
       elseif o == 'stale' then
-        close_pair(ev, id, pair, q, s, 'stale')
+        close_pair(ev, id, pair, q, s, 'stale', owner)
         note(id, pair, attempt, 'skipped_stale')
         r = {'stale'}
       else

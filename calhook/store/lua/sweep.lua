@@ -3,13 +3,15 @@
 -- - waiting, and due: its retry (or its wait for a lock or a rate limit) is over.
 -- - running, with a lease that ran out: its run died (the start is already counted, so a pair
 --   that keeps killing its worker ends as poison). A lease renewed since is looked at again.
--- - queued, and not taken for RECOVER ms: its message is pending if kombu holds it unacked, or
---   if the queue has not yet been taken past it (FIFO); otherwise the message was lost between
---   BRPOP and kombu's bookkeeping, and one new message is queued.
+-- - queued, and not started for RECOVER ms: its message is pending if a worker took it less than
+--   HOLD ms ago (kombu's unacked), or if it was not taken and the queue has not yet been taken
+--   past it (FIFO); otherwise it was lost between BRPOP and kombu's bookkeeping, or is held by
+--   a dead worker, and one new message is queued.
 -- Nothing is queued while an equivalent message is pending, so copies never pile up.
--- ARGV[7] most members to look at, ARGV[8] most events per message.
+-- ARGV[7] most members to look at, ARGV[8] most events per message, ARGV[9] HOLD: ms a live
+-- worker may hold a message it took before it starts it (the task time limit and RECOVER).
 -- Returns {due, expired, lost, pending, dropped, members requeued as lost or expired...}.
-local limit, batch_max = tonumber(ARGV[7]), tonumber(ARGV[8])
+local limit, batch_max, hold_ms = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local due, expired, lost, pending, dropped = 0, 0, 0, 0, 0
 local groups, recovered = new_groups(), {}
 local members = redis.call('ZRANGEBYSCORE', K.due, '-inf', NOW, 'LIMIT', 0, limit)
@@ -36,8 +38,13 @@ for _, m in ipairs(members) do
     end
   else
     local taken = tonumber(redis.call('HGET', K.taken, q) or '0')
-    if redis.call('HEXISTS', K.unacked, got[4] or '') == 1
-        or (taken <= tonumber(got[5] or '0') and redis.call('LLEN', q) > 0) then
+    -- Taken by a worker (kombu's unacked index says when, in s): a live worker starts what it
+    -- took within HOLD ms (its children free up within the task time limit; prefetch 1), so
+    -- one that has not is dead, and kombu would hand the message back only after the
+    -- visibility timeout. If it was alive after all, the copy is a no-op.
+    local held = redis.call('ZSCORE', K.unacked_index, got[4] or '')
+    if (held and tonumber(held) * 1000 > NOW - hold_ms)
+        or (not held and taken <= tonumber(got[5] or '0') and redis.call('LLEN', q) > 0) then
       redis.call('ZADD', K.due, NOW + RECOVER, m)
       pending = pending + 1
     else
