@@ -25,6 +25,7 @@ from tests.support.fake_crm import FakeCrm
 from tests.support.leaks import LeakScan, personal_data
 from tests.support.recording import RECORD_QUEUE
 from tests.support.smtp_server import SmtpServer
+from tests.support.store import quiet_database
 from tests.support.waiting import wait_for
 from tests.support.worker import TEST_HANDLER_MODULES, SchedulerProcess, WorkerProcess
 
@@ -120,6 +121,30 @@ Client = TestClient[Any, Any]
 def pairs(redis_db: redis.Redis, make_settings: Callable[..., Settings]) -> PairStore:
     """The pair store on the test database, with default timings."""
     return pair_store(redis_db, make_settings())
+
+
+@pytest.fixture
+def quiet_url(redis_url: str) -> Iterator[str]:
+    """Another database of the test Redis, out of reach of the session's worker: what the
+    transitions queue there stays queued while a test moves its pairs by hand."""
+    with quiet_database(redis_url) as url:
+        yield url
+
+
+@pytest.fixture
+def quiet_db(quiet_url: str) -> Iterator[redis.Redis]:
+    """A client on :func:`quiet_url`."""
+    client = redis.Redis.from_url(quiet_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def quiet_pairs(
+    quiet_db: redis.Redis, quiet_url: str, make_settings: Callable[..., Settings]
+) -> PairStore:
+    """The pair store on :func:`quiet_url`: states laid out there stay as laid out."""
+    return pair_store(quiet_db, make_settings(redis_url=quiet_url))
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import json
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,7 +24,6 @@ from pytest_aiohttp import AiohttpClient
 from calhook.constants import trail_key
 from calhook.messages import read_task_message
 from calhook.settings import Settings
-from calhook.store.connect import pair_store
 from calhook.store.keys import DEAD as DEAD_INDEX
 from calhook.store.keys import (
     DISPATCH_PAIR,
@@ -41,7 +40,6 @@ from calhook.store.queues import throughput_key
 from calhook.store.records import DEAD, PARKED, RecordStore
 from ingest import create_app
 from tests.conftest import FIXTURES, SECRET, Client
-from tests.ingest.stored import quiet_database
 from tests.support.cli import calhook
 from tests.support.recording import FAILING_TYPE, RETRY_LATER_TYPE
 from tests.support.store import OWNER, accept, dead_letter, end, park, route, start
@@ -181,28 +179,6 @@ def named_in_messages(client: redis.Redis, queues: list[str]) -> set[str]:
 
 
 # Every store, filled through the real transitions -------------------------------------------
-
-
-@pytest.fixture
-def quiet_url(redis_url: str) -> Iterator[str]:
-    """Another database of the test Redis, out of reach of the session's worker: what is
-    queued there stays queued."""
-    with quiet_database(redis_url) as url:
-        yield url
-
-
-@pytest.fixture
-def quiet_db(quiet_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(quiet_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def quiet_pairs(
-    quiet_db: redis.Redis, quiet_url: str, make_settings: Callable[..., Settings]
-) -> PairStore:
-    return pair_store(quiet_db, make_settings(redis_url=quiet_url))
 
 
 @pytest.fixture

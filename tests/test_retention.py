@@ -21,21 +21,12 @@ from calhook.store.keys import BODY, DEDUP, EVENT, PREFIX, body_key, event_key
 from calhook.store.pairs import Ending, PairStore
 from calhook.store.records import DAY_S, DEAD, PARKED, RecordStore
 from calhook.store.trail import INDEX_KEY, Trail
-from tests.ingest.stored import quiet_database
 from tests.support.store import accept, dead_letter, end, park, route
 from tests.support.waiting import wait_for
 from tests.support.worker import SchedulerProcess
 from workers.scheduler import sweep_retention
 
 CRM = "crm.sync_customer"
-
-
-@pytest.fixture
-def quiet_url(redis_url: str) -> Iterator[str]:
-    """Another database of the test Redis: the session's worker must not take the messages
-    the transitions queue while a test moves their pairs by hand."""
-    with quiet_database(redis_url) as url:
-        yield url
 
 
 @pytest.fixture

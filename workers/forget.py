@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from calhook.store.keys import BODY, DEDUP, ORDER, PREFIX, RECENT_FAILURES
+from calhook.store.keys import BODY, DEDUP, NOTIFY, ORDER, RECENT_FAILURES
 from calhook.store.pairs import PairStore
 from calhook.store.records import DEAD, RecordStore
 from schemas import parse_event
@@ -214,7 +214,7 @@ class Forgetter:
 
     def _notify_marks(self, wanted: set[str]) -> None:
         # calhook:notify:<sent|posted>:<event_id>:<handler>
-        keys = self._redis.scan_iter(match=f"{PREFIX}notify:*", count=_PAGE)
+        keys = self._redis.scan_iter(match=f"{NOTIFY}*", count=_PAGE)
         doomed = [k for k in keys if _event_of_mark(k) in wanted]
         if doomed:
             self._found.removed["notify_marks"] += int(self._redis.delete(*doomed))

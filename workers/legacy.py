@@ -18,18 +18,26 @@ from typing import Any
 import orjson
 import redis
 
-from calhook.constants import DISPATCH_QUEUE, KEY_PREFIX
+from calhook.constants import DISPATCH_QUEUE
 from calhook.messages import event_record
-from calhook.store.keys import DISPATCH_PAIR, dedup_key
+from calhook.store.keys import (
+    DISPATCH_PAIR,
+    LEGACY_DELAYED,
+    LEGACY_DELAYED_MESSAGES,
+    LEGACY_LEDGER,
+    LEGACY_WATCHDOG,
+    LEGACY_WATCHDOG_MESSAGES,
+    dedup_key,
+)
 from calhook.store.pairs import PairStore, Route
 from calhook.store.queues import throughput_key
 
 log = logging.getLogger("calhook.worker")
 
-_DELAYED = f"{KEY_PREFIX}delayed"
-_DELAYED_MESSAGES = f"{KEY_PREFIX}delayed:messages"
-_WATCHDOG = f"{KEY_PREFIX}watchdog"
-_WATCHDOG_MESSAGES = f"{KEY_PREFIX}watchdog:messages"
+_DELAYED = LEGACY_DELAYED
+_DELAYED_MESSAGES = LEGACY_DELAYED_MESSAGES
+_WATCHDOG = LEGACY_WATCHDOG
+_WATCHDOG_MESSAGES = LEGACY_WATCHDOG_MESSAGES
 
 
 def is_legacy(kwargs: dict[str, Any]) -> bool:
@@ -41,7 +49,7 @@ def take_over(pairs: PairStore, kwargs: dict[str, Any], handler: str | None, que
     """Store the event of a legacy message and queue its work in the new format: its dispatch,
     or for a handler message that handler alone (unless the old ledger says it finished)."""
     event_id = str(kwargs["event_id"])
-    if handler is not None and pairs.client.hget(f"{KEY_PREFIX}ledger:{event_id}", handler):
+    if handler is not None and pairs.client.hget(f"{LEGACY_LEDGER}{event_id}", handler):
         return
     record = event_record(
         str(kwargs.get("endpoint", "default")),

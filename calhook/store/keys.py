@@ -43,8 +43,14 @@ STATS_OUTCOMES: Final = f"{PREFIX}stats:outcomes"
 STATS_DURATION: Final = f"{PREFIX}stats:duration:"
 RECENT_FAILURES: Final = f"{PREFIX}stats:recent_failures"
 THROUGHPUT: Final = f"{PREFIX}throughput:"
-RATELIMIT: Final = f"{PREFIX}ratelimit:"
-NOTIFY_SENT: Final = f"{PREFIX}notify:sent:"
+RATELIMIT: Final = f"{PREFIX}ratelimit:"  # ratelimit:<destination> token bucket
+NOTIFY: Final = f"{PREFIX}notify:"  # notify:sent:<pair key> e-mail marks, notify:posted:<pair key>
+# What calhook 0.1 kept, read once on upgrade (workers/legacy.py).
+LEGACY_DELAYED: Final = f"{PREFIX}delayed"
+LEGACY_DELAYED_MESSAGES: Final = f"{PREFIX}delayed:messages"
+LEGACY_WATCHDOG: Final = f"{PREFIX}watchdog"
+LEGACY_WATCHDOG_MESSAGES: Final = f"{PREFIX}watchdog:messages"
+LEGACY_LEDGER: Final = f"{PREFIX}ledger:"
 # kombu's Redis transport: messages a worker took and has not acked, keyed by delivery tag.
 UNACKED: Final = "unacked"
 UNACKED_INDEX: Final = "unacked_index"

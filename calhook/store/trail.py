@@ -18,9 +18,9 @@ from typing import Any
 import orjson
 import redis
 
-from calhook.constants import KEY_PREFIX, trail_key
+from calhook.store.keys import TRAIL_INDEX, trail_key
 
-INDEX_KEY = f"{KEY_PREFIX}events"
+INDEX_KEY = TRAIL_INDEX
 _TRIM_BATCH = 500
 
 

@@ -8,9 +8,7 @@ the events by id (``kwargs["ids"]``), never carries a body. Each event's body is
 
 from __future__ import annotations
 
-import urllib.parse
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,25 +77,3 @@ def queued(client: redis.Redis) -> list[Stored]:
     found = [stored(client, i) for i in queued_ids(client)]
     assert None not in found, "a dispatch message names an event Redis does not hold"
     return [s for s in found if s is not None]
-
-
-# A database of the test Redis that no worker of the session reads.
-QUIET_DB = 7
-
-
-@contextmanager
-def quiet_database(redis_url: str) -> Iterator[str]:
-    """The URL of another database of the test Redis, empty, and emptied again afterwards.
-
-    The session's worker consumes the queues of the test database: a message a test queues
-    there through the transitions (``tests/support/store.py``) may be taken, and its pair
-    started, while the test still moves it by hand. Here what is queued stays queued.
-    """
-    url = urllib.parse.urlsplit(redis_url)._replace(path=f"/{QUIET_DB}").geturl()
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    try:
-        yield url
-    finally:
-        client.flushdb()
-        client.close()

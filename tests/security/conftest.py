@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +20,7 @@ import pytest
 import redis
 
 from calhook.settings import Settings, load_settings
-from calhook.store.connect import pair_store
-from calhook.store.pairs import PairStore
 from ingest.server import listening
-from tests.ingest.stored import quiet_database
 
 # Distinctive secrets, so that any echo of one (or of a good part of one) is unmistakable.
 DEFAULT_HEADER = "Authorization"
@@ -138,25 +135,29 @@ def security_settings(redis_url: str, spool_dir: Path) -> Settings:
     )
 
 
+# The database of the served ingress: no worker of the session reads it, so what the oracle
+# sees change there is the ingress's doing alone.
+INGRESS_DB = 8
+
+
+def ingress_url(redis_url: str) -> str:
+    return redis_url.rsplit("/", 1)[0] + f"/{INGRESS_DB}"
+
+
+@pytest.fixture
+def ingress_db(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on the served ingress's database, emptied before the test."""
+    client = redis.Redis.from_url(ingress_url(redis_url))
+    client.flushdb()
+    yield client
+    client.close()
+
+
 @pytest.fixture(scope="module")
 def ingress(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingress]:
-    """The real ingress, as ``calhook serve`` runs it, on the test Redis, on a free port."""
+    """The real ingress, as ``calhook serve`` runs it, on its own database of the test Redis
+    (:func:`ingress_db`), on a free port."""
     spool_dir = tmp_path_factory.mktemp("security") / "spool"
-    server = ServedIngress(security_settings(redis_url, spool_dir)).start()
+    server = ServedIngress(security_settings(ingress_url(redis_url), spool_dir)).start()
     yield Ingress(server.port, spool_dir)
     server.stop()
-
-
-@pytest.fixture
-def quiet_url(redis_url: str) -> Iterator[str]:
-    """Another database of the test Redis, out of reach of the session's worker."""
-    with quiet_database(redis_url) as url:
-        yield url
-
-
-@pytest.fixture
-def quiet_pairs(quiet_url: str, make_settings: Callable[..., Settings]) -> Iterator[PairStore]:
-    """The pair store on :func:`quiet_url`: states laid out there stay as laid out."""
-    client = redis.Redis.from_url(quiet_url)
-    yield pair_store(client, make_settings(redis_url=quiet_url))
-    client.close()

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import orjson
+import redis
 
 from calhook.constants import DISPATCH_QUEUE
 from calhook.ids import new_event_id
@@ -79,3 +82,25 @@ def dead_letter(
     route(pairs, event_id, [(handler, queue)])
     ending = Ending(event_id, "dead", "dead_permanent", reason="permanent", error=error)
     assert end(pairs, handler, queue, ending) == "ok"
+
+
+# A database of the test Redis that no worker of the session reads.
+QUIET_DB = 7
+
+
+@contextmanager
+def quiet_database(redis_url: str) -> Iterator[str]:
+    """The URL of another database of the test Redis, empty, and emptied again afterwards.
+
+    The session's worker consumes the queues of the test database: a message a test queues
+    there through the transitions (``tests/support/store.py``) may be taken, and its pair
+    started, while the test still moves it by hand. Here what is queued stays queued.
+    """
+    url = urllib.parse.urlsplit(redis_url)._replace(path=f"/{QUIET_DB}").geturl()
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import redis
 
-from calhook.constants import KEY_PREFIX
+from calhook.store.keys import RATELIMIT
 from workers.crm.client import CrmClient
 from workers.crm.contact import Contact
 from workers.errors import Defer
@@ -41,7 +41,7 @@ class RateLimiter:
     def __init__(
         self, client: redis.Redis, name: str, rate_per_s: float, max_wait_s: float = 10.0
     ) -> None:
-        self._key = f"{KEY_PREFIX}ratelimit:{name}"
+        self._key = f"{RATELIMIT}{name}"
         self._rate = rate_per_s
         self._capacity = max(1.0, rate_per_s)
         self._max_wait_s = max_wait_s

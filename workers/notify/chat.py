@@ -16,7 +16,7 @@ import logging
 import httpx
 import redis
 
-from calhook.constants import KEY_PREFIX
+from calhook.store.keys import NOTIFY
 from workers.errors import Defer, HandlerError, PermanentError, TransientError
 from workers.http import retry_after_s
 from workers.notify.templates import Rendered
@@ -40,7 +40,7 @@ def _escape(text: str) -> str:
 
 def posted_key(idempotency_key: str) -> str:
     """Redis key marking that the chat notice of an (event, handler) was posted."""
-    return f"{KEY_PREFIX}notify:posted:{idempotency_key}"
+    return f"{NOTIFY}posted:{idempotency_key}"
 
 
 def post_chat(

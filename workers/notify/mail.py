@@ -29,8 +29,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 
-from calhook.constants import KEY_PREFIX
 from calhook.privacy import mask_email
+from calhook.store.keys import NOTIFY
 from workers.errors import HandlerError, PermanentError, TransientError
 from workers.notify.errors import SmtpUrlError
 from workers.notify.templates import Rendered
@@ -144,7 +144,7 @@ class SentLog:
     def __init__(self, client: redis.Redis, idempotency_key: str, ttl_s: int = SENT_TTL_S) -> None:
         self._client = client
         self._event_key = idempotency_key
-        self.key = f"{KEY_PREFIX}notify:sent:{idempotency_key}"
+        self.key = f"{NOTIFY}sent:{idempotency_key}"
         self._ttl_s = ttl_s
 
     def has(self, recipient: str) -> bool:

@@ -1,0 +1,1221 @@
+"""Attacks on the delivery core (docs/delivery.md): each test drives the real scripts, and where
+it matters the real runner, dispatcher and scheduler sweep, step by step against a real Redis,
+trying to break one of its guarantees. A test that found a break asserts the right behaviour.
+
+Time is an argument: each "process" of a test (a worker, the scheduler, an operator) gets a
+:class:`PairStore` whose clock reads a shared :class:`Timeline` (plus its own skew), so "a lease
+later" or "a scheduler 45 s ahead" is a number, not a sleep. A database of its own (14): the
+session's worker never takes these messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from kombu import Connection
+
+from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK
+from calhook.ids import new_event_id
+from calhook.messages import event_record, read_task_message
+from calhook.settings import Settings
+from calhook.store.connect import clock, pair_store
+from calhook.store.keys import (
+    DEAD,
+    DISPATCH_PAIR,
+    DUE,
+    OPEN_STATES,
+    PARKED,
+    SEQ,
+    UNACKED,
+    body_key,
+    dedup_key,
+    due_member,
+    event_key,
+    order_key,
+    pairs_key,
+)
+from calhook.store.pairs import Ending, PairStore, ReplayError, Route
+from calhook.store.queues import throughput_key
+from calhook.store.records import DEAD as DEAD_KIND
+from calhook.store.records import RecordStore
+from calhook.store.scripts import Clock, Scripts
+from schemas import UnknownEvent
+from tests.support import store
+from workers import legacy
+from workers.dispatch import Dispatcher
+from workers.heartbeat import Heartbeat
+from workers.ordering import UPDATE, Version
+from workers.registry import Handler, HandlerContext, Registry
+from workers.runner import HandlerRunner
+from workers.scheduler import sweep_once, sweep_retention
+
+LEASE_S = 60.0
+RECOVER_S = 60.0
+CRM = ("crm.sync", "crm")
+NOTIFY = ("notify.email", "notify")
+ATTACK_TYPE = "test.attack"
+DB = 14
+
+# tenacity 9.2 deprecates wait_exponential_jitter(initial=...), which the runner passes; with
+# warnings as errors the runner would fail between a handler's effect and its finish.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The 'initial' parameter is deprecated:DeprecationWarning"
+)
+
+
+# --- the clock of each process -------------------------------------------------------------
+
+
+class Timeline:
+    """The one real time of a test, in epoch seconds; each process reads it with its skew."""
+
+    def __init__(self, t: float | None = None) -> None:
+        self.t = time.time() if t is None else t
+
+
+@dataclass(frozen=True, slots=True)
+class _TimelineClock(Clock):
+    timeline: Timeline
+    skew_s: float = 0.0
+
+    def head(self, now_s: float | None = None) -> list[int | str]:
+        return Clock.head(self, self.timeline.t + self.skew_s if now_s is None else now_s)
+
+
+def process(
+    db: redis.Redis, settings: Settings, timeline: Timeline, skew_s: float = 0.0
+) -> PairStore:
+    """The store as one process sees it: its clock is ``timeline`` + ``skew_s``."""
+    c = clock(settings)
+    timed = _TimelineClock(
+        c.recover_s, c.lease_s, c.done_ttl_s, c.keep_ttl_s, c.trail_ttl_s, timeline, skew_s
+    )
+    return PairStore(Scripts(db, timed))
+
+
+# --- fixtures and helpers ------------------------------------------------------------------
+
+
+@pytest.fixture
+def url(redis_url: str) -> str:
+    return redis_url.rsplit("/", 1)[0] + f"/{DB}"
+
+
+@pytest.fixture
+def db(url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings(lease_s=LEASE_S, recovery_s=RECOVER_S)
+
+
+@pytest.fixture
+def core(db: redis.Redis, settings: Settings) -> PairStore:
+    return pair_store(db, settings)
+
+
+def start(
+    core: PairStore, pair: str, ids: list[str], owner: str, queue: str, **kw: Any
+) -> list[str]:
+    started = core.start(
+        pair,
+        ids,
+        owner,
+        max_starts=kw.get("max_starts", 5),
+        seq=kw.get("seq"),
+        queue=queue,
+        defer_s=kw.get("defer_s", 1.0),
+    )
+    return [s.what for s in started]
+
+
+def finish(core: PairStore, owner: str, ending: Ending, handler: tuple[str, str] = CRM) -> str:
+    return core.finish(handler[0], owner, throughput_key(handler[1]), [ending])[0]
+
+
+def routed(
+    core: PairStore,
+    handlers: list[tuple[str, str]],
+    entity: str = "",
+    version: str = "",
+    event_id: str | None = None,
+) -> str:
+    """An accepted event dispatched to ``handlers``; its handler messages are on their queues."""
+    event_id = event_id or store.accept(core)
+    assert start(core, DISPATCH_PAIR, [event_id], "dispatcher", DISPATCH_QUEUE) == ["run"]
+    received = orjson.dumps({"at": time.time(), "what": "received"})
+    route = Route(event_id, "x", received, [(h, q, entity, version) for h, q in handlers])
+    assert core.fan_out(throughput_key(DISPATCH_QUEUE), 1, [route]) == ["ok"]
+    return event_id
+
+
+def accept_batch(core: PairStore, bodies: list[bytes], event_type: str = ATTACK_TYPE) -> list[str]:
+    """Events accepted in one ingress batch: one dispatch message names them all."""
+    ids = [new_event_id() for _ in bodies]
+    events = []
+    for event_id, body in zip(ids, bodies, strict=True):
+        digest = hashlib.sha256(body + event_id.encode()).hexdigest()
+        events.append(
+            (dedup_key(digest), event_id, event_record("default", time.time(), event_type, body))
+        )
+    assert core.accept(events) == [None] * len(ids)
+    return ids
+
+
+def attack_body(**data: Any) -> bytes:
+    return orjson.dumps({"type": ATTACK_TYPE, "created": "2025-05-01 10:00:00", "data": data})
+
+
+def messages(db: redis.Redis, queue: str) -> list[dict[str, Any]]:
+    """The kwargs of each message waiting on ``queue``, oldest (next taken) last."""
+    return [read_task_message(m)[2] for m in db.lrange(queue, 0, -1)]
+
+
+def copies(db: redis.Redis, queue: str, event_id: str) -> int:
+    """How many messages waiting on ``queue`` name ``event_id``."""
+    return sum(event_id in m["ids"] for m in messages(db, queue))
+
+
+def take(db: redis.Redis, queue: str) -> dict[str, Any]:
+    """What a worker gets from ``queue`` (BRPOP): the message's kwargs."""
+    raw = db.rpop(queue)
+    assert isinstance(raw, bytes), f"no message on {queue}"
+    return read_task_message(raw)[2]
+
+
+def state(core: PairStore, event_id: str, pair: str) -> str:
+    found = core.states(event_id).get(pair)
+    return found.state if found else ""
+
+
+def later(s: float) -> float:
+    return time.time() + s
+
+
+def audit(db: redis.Redis) -> list[str]:
+    """Every invariant of the store that can be read at rest, as a list of what is wrong."""
+    problems: list[str] = []
+    keys = sorted(db.scan_iter(f"{event_key('')}*", count=1000))
+    ids = [k.decode().removeprefix(event_key("")) for k in keys]
+    pipe = db.pipeline(transaction=True)
+    for event_id in ids:
+        pipe.hgetall(event_key(event_id))
+        pipe.exists(body_key(event_id))
+    pipe.zrange(DUE, 0, -1)
+    pipe.zrange(DEAD, 0, -1)
+    pipe.zrange(PARKED, 0, -1)
+    for s in OPEN_STATES:
+        pipe.hgetall(pairs_key(s))
+    got = pipe.execute()
+    counts = got[-len(OPEN_STATES) :]
+    due, dead, parked = ({m.decode() for m in x} for x in got[2 * len(ids) : 2 * len(ids) + 3])
+    records: Counter[str] = Counter(m.split(".", 1)[0] for m in dead)
+    records.update(parked)
+    actual: Counter[tuple[str, str]] = Counter()
+    for n, event_id in enumerate(ids):
+        fields = {k.decode(): v.decode() for k, v in got[2 * n].items()}
+        opened = 0
+        for name, value in fields.items():
+            pair, sep, what = name.rpartition("/")
+            if not sep or what != "s":
+                continue
+            if value in OPEN_STATES:
+                opened += 1
+                actual[(value, fields.get(f"{pair}/q", ""))] += 1
+                if due_member(event_id, pair) not in due:
+                    problems.append(f"{event_id}/{pair} is {value} without an entry in {DUE}")
+        if int(fields.get("open", "0")) != opened:
+            problems.append(f"{event_id}: open={fields.get('open')} but {opened} pairs are open")
+        keep = int(fields.get("keep", "0"))
+        if keep != records[event_id]:
+            problems.append(f"{event_id}: keep={keep} but {records[event_id]} records")
+        has_body = bool(got[2 * n + 1])
+        if has_body != (opened > 0 or records[event_id] > 0):
+            problems.append(
+                f"{event_id}: body {has_body} with {opened} open pairs, {records[event_id]} records"
+            )
+    for s, raw in zip(OPEN_STATES, counts, strict=True):
+        stored = {q.decode(): int(v) for q, v in raw.items()}
+        for queue in set(stored) | {q for st, q in actual if st == s}:
+            if stored.get(queue, 0) < 0:
+                problems.append(f"pairs:{s} {queue} = {stored[queue]} < 0")
+            if stored.get(queue, 0) != actual[(s, queue)]:
+                problems.append(
+                    f"pairs:{s} {queue} = {stored.get(queue)}, really {actual[(s, queue)]}"
+                )
+    return problems
+
+
+class Worker:
+    """One worker process: its store (on the test's timeline), heartbeat, runner, dispatcher.
+    Its heartbeat thread never beats inside a test (a third of a minute); :meth:`beat` is it."""
+
+    def __init__(
+        self, db: redis.Redis, pairs: PairStore, registry: Registry, settings: Settings
+    ) -> None:
+        self.db = db
+        self.pairs = pairs
+        self.heartbeat = Heartbeat(pairs, settings.lease_s)
+        self.runner = HandlerRunner(pairs, registry, self.heartbeat, settings)
+        self.dispatcher = Dispatcher(
+            pairs,
+            registry,
+            self.heartbeat,
+            settings.zone,
+            max_starts=settings.max_deliveries,
+            handler_batch_max=settings.handler_batch_max,
+        )
+
+    def beat(self) -> list[str]:
+        """One beat of the heartbeat: renew what this process holds right now."""
+        held = sorted(self.heartbeat._held)
+        return self.pairs.renew(self.heartbeat.owner, held)
+
+    def take(self, queue: str) -> dict[str, str]:
+        """Take the next message of ``queue`` and run it as the Celery task would."""
+        kwargs = take(self.db, queue)
+        if queue == DISPATCH_QUEUE:
+            routed_ = self.dispatcher.dispatch(kwargs["ids"], kwargs["seq"])
+            return {e: ",".join(h) for e, h in routed_.items()}
+        return self.runner.run(kwargs["handler"], kwargs["ids"], kwargs["seq"], queue)
+
+    def stop(self) -> None:
+        self.heartbeat.stop()
+
+
+def attack_registry(*handlers: Handler) -> Registry:
+    registry = Registry()
+    for h in handlers:
+        registry.register(h)
+    return registry
+
+
+def attack_handler(name: str, fn: Callable[[Any, HandlerContext], None], **kw: Any) -> Handler:
+    return Handler(name, frozenset({ATTACK_TYPE}), kw.pop("queue", "attack"), fn, **kw)
+
+
+# --- records: purge, replay and retention at once --------------------------------------------
+
+
+def two_dead_letters(core: PairStore) -> tuple[str, str, str]:
+    """An event whose two handlers both ended dead: two records need its body."""
+    event_id = store.accept(core)
+    store.route(core, event_id, [CRM, NOTIFY])
+    for h, q in (CRM, NOTIFY):
+        dead = Ending(event_id, "dead", "dead_permanent", reason="permanent", error="no")
+        assert store.end(core, h, q, dead) == "ok"
+    return event_id, f"{event_id}.{CRM[0]}", f"{event_id}.{NOTIFY[0]}"
+
+
+def test_a_record_purged_by_two_operators_leaves_the_body_the_other_record_needs(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """Two operators purge the same dead letter (each listed it before the other purged, as
+    `calhook dlq purge --all` does). The second purge finds no record but still takes one off
+    the event's `keep` count, so the body goes while the event's other dead letter needs it: that
+    one can no longer be replayed."""
+    event_id, crm_record, notify_record = two_dead_letters(core)
+
+    assert core.purge("dead", [crm_record]) == 1
+    assert core.purge("dead", [crm_record]) == 0  # the second operator's purge
+
+    assert db.exists(body_key(event_id)), "the body went while a dead letter needs it"
+    assert core.replay("dead", notify_record) == NOTIFY[1]
+    assert audit(db) == []
+
+
+def test_a_purge_of_a_record_just_replayed_leaves_the_body_the_other_record_needs(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """Purge of a dead letter while its pair is being replayed: operator A replays the crm
+    record, operator B purges it from the list he read a moment before. B's purge finds no
+    record and still lowers `keep`; once the replayed pair is done, the event settles with
+    keep 0 and its body is deleted, though the notify dead letter still needs it."""
+    event_id, crm_record, notify_record = two_dead_letters(core)
+
+    assert core.replay("dead", crm_record) == CRM[1]
+    assert core.purge("dead", [crm_record]) == 0
+    assert store.end(core, CRM[0], CRM[1], Ending(event_id, "done", "ok")) == "ok"
+
+    assert db.exists(body_key(event_id)), "the body went while a dead letter needs it"
+    assert core.replay("dead", notify_record) == NOTIFY[1]
+    assert audit(db) == []
+
+
+def test_retention_does_not_erase_a_dead_letter_written_again_after_a_replay(
+    db: redis.Redis, settings: Settings
+) -> None:
+    """Retention trimming a record whose pair was replayed: the scheduler's retention reads
+    the index entries past the retention, then purges them. In between, an operator replays
+    one and its pair fails for good again at once: a fresh dead letter with the same id. The
+    purge erases the fresh record (and its body), which is nowhere near the retention."""
+    timeline = Timeline()
+    core = process(db, settings, timeline)
+    event_id = store.accept(core)
+    store.dead_letter(core, event_id, *CRM)
+    record_id = f"{event_id}.{CRM[0]}"
+    timeline.t += settings.retention_s + 10  # the record is past the retention now
+    purge = core.purge
+
+    def operator_acts_first(
+        kind: str, record_ids: Sequence[str], stored_before: float | None = None
+    ) -> int:
+        if record_id in record_ids and core.purge is not purge:
+            core.purge = purge  # type: ignore[method-assign]
+            assert core.replay("dead", record_id) == CRM[1]
+            dead = Ending(event_id, "dead", "dead_permanent", reason="permanent", error="again")
+            assert store.end(core, CRM[0], CRM[1], dead) == "ok"
+        return purge(kind, record_ids, stored_before)
+
+    core.purge = operator_acts_first  # type: ignore[method-assign]
+    sweep_retention(core, settings, now_s=timeline.t)
+
+    fresh = RecordStore(db, DEAD_KIND).get(record_id)
+    assert fresh is not None, "a fresh dead letter was erased"
+    assert fresh["error"] == "again"
+    assert db.exists(body_key(event_id))
+
+
+# --- order per entity ------------------------------------------------------------------------
+
+
+def test_a_delete_deferred_by_a_rate_limit_is_not_skipped_by_a_newer_update(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """A deleted entity revived by an update: customer.deleted (created 200) starts, and the
+    CRM's rate limit defers it (waiting releases the entity's lock, rightly). A booking with
+    the customer's snapshot (an update, created 300) takes the free lock, upserts the customer
+    and commits 300. When the delete comes back it is older than 300: skipped as stale. The
+    CRM keeps a customer Calenso deleted, and every later update applies too. Applying the
+    events in version order would have left it deleted (only a newer create revives it)."""
+    entity = "crm:customer:c1"
+    delete = routed(core, [CRM], entity, "200|2|d")
+    update = routed(core, [CRM], entity, "300|1|u")
+    assert start(core, CRM[0], [delete], "w1", CRM[1]) == ["run"]
+    assert finish(core, "w1", Ending(delete, "defer", "deferred", delay_s=1)) == "ok"
+    assert start(core, CRM[0], [update], "w2", CRM[1]) == ["run"]
+    assert finish(core, "w2", Ending(update, "done", "ok")) == "ok"
+
+    core.sweep(limit=100, batch_max=1, now_s=later(2))
+    outcome = start(core, CRM[0], [delete], "w3", CRM[1])
+    if outcome == ["run"]:
+        assert finish(core, "w3", Ending(delete, "done", "ok")) == "ok"
+    newest = routed(core, [CRM], entity, "400|1|n")
+
+    assert outcome == ["run"], "the delete was never applied"
+    assert start(core, CRM[0], [newest], "w4", CRM[1]) == ["stale"], "an update revived it"
+
+
+def test_two_ordered_handlers_sharing_a_scope_both_apply_the_same_event(
+    db: redis.Redis, settings: Settings
+) -> None:
+    """An event routed to two ordered handlers of one `order_scope` (the registry's way to
+    make them share versions): the first applies it and commits its version; the second then
+    finds the same version applied and ends stale, so its effect never happens."""
+    applied: list[str] = []
+
+    def version(event: UnknownEvent, event_id: str) -> Version:
+        return Version("thing:1", int(event.created.timestamp()), UPDATE, event_id)
+
+    def effect(name: str) -> Callable[[Any, HandlerContext], None]:
+        return lambda event, ctx: applied.append(name)
+
+    registry = attack_registry(
+        attack_handler(
+            "a.first", effect("a.first"), order_key=version, order_scope="s", ordered=True
+        ),
+        attack_handler(
+            "a.second", effect("a.second"), order_key=version, order_scope="s", ordered=True
+        ),
+    )
+    worker = Worker(db, process(db, settings, Timeline()), registry, settings)
+    try:
+        (_event_id,) = accept_batch(worker.pairs, [attack_body()])
+        worker.take(DISPATCH_QUEUE)
+        worker.take("attack")
+        worker.take("attack")
+    finally:
+        worker.stop()
+
+    assert sorted(applied) == ["a.first", "a.second"]
+
+
+def test_a_late_done_of_a_run_that_lost_its_lease_does_not_free_the_entity_for_a_newer_event(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """Worker A runs the older event of an entity and stalls past its lease; B takes the pair
+    over (and the entity's lock, whose value is the pair, not the run). A's late `done` is
+    accepted (the effect happened) and releases the lock B is holding, so the newer event of
+    the entity starts while B is still applying the older one: B's older version lands after
+    the newer one. (The documented stall allows both effects, not a broken order.)"""
+    entity = "crm:customer:c1"
+    older = routed(core, [CRM], entity, "100|1|a")
+    newer = routed(core, [CRM], entity, "200|1|b")
+    assert start(core, CRM[0], [older], "A", CRM[1]) == ["run"]
+    core.sweep(limit=100, batch_max=1, now_s=later(LEASE_S + 1))  # A stalled
+    assert start(core, CRM[0], [older], "B", CRM[1]) == ["run"]
+
+    assert finish(core, "A", Ending(older, "done", "ok")) == "ok"
+
+    assert start(core, CRM[0], [newer], "C", CRM[1]) == ["deferred"], "B still applies v100"
+
+
+def test_a_replayed_dead_letter_of_an_ordered_handler_is_still_ordered(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """An older customer.updated ends dead (a permanent error); a newer one is applied. The
+    operator fixes the cause and replays the dead letter: the pair runs again, but closing it
+    had dropped its order entity and version (close_pair), so it now runs unordered and
+    writes the older customer over the newer one."""
+    entity = "crm:customer:c1"
+    older = routed(core, [CRM], entity, "100|1|a")
+    newer = routed(core, [CRM], entity, "200|1|b")
+    assert start(core, CRM[0], [older], "w1", CRM[1]) == ["run"]
+    dead = Ending(older, "dead", "dead_permanent", reason="permanent", error="400")
+    assert finish(core, "w1", dead) == "ok"
+    assert start(core, CRM[0], [newer], "w2", CRM[1]) == ["run"]
+    assert finish(core, "w2", Ending(newer, "done", "ok")) == "ok"
+
+    assert core.replay("dead", f"{older}.{CRM[0]}") == CRM[1]
+
+    assert start(core, CRM[0], [older], "w3", CRM[1]) == ["stale"]
+
+
+# --- clocks ----------------------------------------------------------------------------------
+
+
+def test_a_scheduler_clock_ahead_of_the_workers_does_not_run_a_live_pair_twice(
+    db: redis.Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clock skew: a scheduler host whose clock runs 45 s ahead (less than the 60 s lease) must
+    not see a healthy worker's lease as over. The scripts take the time from Redis, never from
+    the host, so the host's clock does not enter into it."""
+    store = pair_store(db, settings)
+    event_id = routed(store, [CRM])
+    db.delete(CRM[1])
+    assert start(store, CRM[0], [event_id], "w1", CRM[1]) == ["run"]
+    assert store.renew("w1", [due_member(event_id, CRM[0])]) == []  # the heartbeat beats
+    skewed = time.time() + 45
+    monkeypatch.setattr(time, "time", lambda: skewed)  # the scheduler's host
+
+    swept = sweep_once(store, settings)
+
+    assert swept == 0, "a live run was queued again"
+    assert db.llen(CRM[1]) == 0
+    assert start(store, CRM[0], [event_id], "w2", CRM[1]) == ["busy"]
+
+
+# --- batches of events in one message ---------------------------------------------------------
+
+
+@pytest.fixture
+def batch_settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings(lease_s=LEASE_S, recovery_s=RECOVER_S, handler_batch_max=3)
+
+
+def test_a_handler_message_of_several_events_does_not_run_a_later_one_twice(
+    db: redis.Redis, batch_settings: Settings
+) -> None:
+    """With CALHOOK_HANDLER_BATCH_MAX > 1 one message names two events. The first takes
+    longer than the lease (a slow CRM, its quick retries) while the heartbeat renews what the
+    worker holds, and the scheduler sweeps all along; another worker takes whatever the sweep
+    queues. The second event must still run once: no pair of the message may sit started
+    under a lease nobody renews (the runner used to start every event of a message at once).
+    """
+    timeline = Timeline()
+    effects: Counter[str] = Counter()
+    registry = Registry()
+    worker = Worker(db, process(db, batch_settings, timeline), registry, batch_settings)
+    other = Worker(db, process(db, batch_settings, timeline), registry, batch_settings)
+    scheduler = process(db, batch_settings, timeline)
+    slow: list[str] = []
+
+    def apply(event: UnknownEvent, ctx: HandlerContext) -> None:
+        effects[ctx.event_id] += 1
+        if ctx.event_id == slow[0] and effects[ctx.event_id] == 1:
+            for _ in range(4):  # 80 s of work, the heartbeat beating every 20 s
+                timeline.t += LEASE_S / 3
+                assert worker.beat() == []
+                sweep_once(scheduler, batch_settings)
+            if db.llen("attack"):
+                other.take("attack")
+
+    registry.register(attack_handler("a.apply", apply))
+    try:
+        first, second = accept_batch(worker.pairs, [attack_body(), attack_body()])
+        slow.append(first)
+        worker.take(DISPATCH_QUEUE)
+        assert copies(db, "attack", first) == copies(db, "attack", second) == 1
+        worker.take("attack")
+    finally:
+        worker.stop()
+        other.stop()
+
+    assert effects == {first: 1, second: 1}
+
+
+def test_events_of_a_batch_whose_handler_never_started_are_not_poisoned_by_their_neighbour(
+    db: redis.Redis, batch_settings: Settings
+) -> None:
+    """Poison must count only runs that started the handler and never finished. With
+    CALHOOK_HANDLER_BATCH_MAX > 1 one message names three events, and the first kills its
+    worker every time. The two others must end done, each run once, not dead as poison
+    (when start.lua started the whole message at once, each crash counted for all three).
+    """
+
+    class Killed(BaseException):
+        """The worker process dies here: no finish, no ack."""
+
+    timeline = Timeline()
+    runs: Counter[str] = Counter()
+    killer: list[str] = []
+
+    def apply(event: UnknownEvent, ctx: HandlerContext) -> None:
+        runs[ctx.event_id] += 1
+        if ctx.event_id == killer[0]:
+            raise Killed
+
+    registry = attack_registry(attack_handler("a.apply", apply))
+    scheduler = process(db, batch_settings, timeline)
+    workers: list[Worker] = []
+    try:
+        ids = accept_batch(scheduler, [attack_body() for _ in range(3)])
+        killer.append(ids[0])
+        boot = Worker(db, process(db, batch_settings, timeline), registry, batch_settings)
+        workers.append(boot)
+        boot.take(DISPATCH_QUEUE)
+        for _ in range(20):
+            if not db.llen("attack"):
+                timeline.t += LEASE_S + 1
+                sweep_once(scheduler, batch_settings)
+                continue
+            worker = Worker(db, process(db, batch_settings, timeline), registry, batch_settings)
+            workers.append(worker)
+            with contextlib.suppress(Killed):
+                worker.take("attack")
+    finally:
+        for w in workers:
+            w.stop()
+
+    def story(event_id: str) -> tuple[str, int, str]:
+        record = RecordStore(db, DEAD_KIND).get(f"{event_id}.a.apply", with_body=False) or {}
+        return state(scheduler, event_id, "a.apply"), runs[event_id], record.get("reason", "")
+
+    assert story(ids[0]) == ("dead", batch_settings.max_deliveries, "poison")
+    # (state, handler runs, dead-letter reason) of the two innocent events
+    assert [story(e) for e in ids[1:]] == [("done", 1, "")] * 2
+
+
+# --- the upgrade from calhook 0.1 -------------------------------------------------------------
+
+
+def test_legacy_messages_of_two_handlers_for_one_event_both_run(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """calhook 0.1 fanned each event out as one message per handler, each carrying the event.
+    At the upgrade both messages of an event are taken over: the first stores the event and
+    routes it to its handler (through the event's dispatch); the second finds the event stored
+    and its dispatch done, and routes nothing: that handler's work is lost."""
+    kwargs = {"event_id": "old-1", "body": "{}", "endpoint": "default", "received_at": 1.0}
+
+    legacy.take_over(core, kwargs, CRM[0], CRM[1])
+    legacy.take_over(core, kwargs, NOTIFY[0], NOTIFY[1])
+
+    assert state(core, "old-1", CRM[0]) == "queued"
+    assert state(core, "old-1", NOTIFY[0]) == "queued"
+    assert copies(db, NOTIFY[1], "old-1") == 1
+
+
+# --- what held ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("do", ["done", "retry", "defer", "dead"])
+def test_a_finish_retried_after_its_reply_was_lost_changes_nothing_the_second_time(
+    db: redis.Redis, core: PairStore, do: str
+) -> None:
+    """The runner retries finish on a Redis error; the first call may have run, its reply lost."""
+    event_id = routed(core, [CRM], "crm:customer:c1", "100|1|a")
+    assert start(core, CRM[0], [event_id], "w1", CRM[1]) == ["run"]
+    ending = Ending(event_id, do, "x", delay_s=30, reason="permanent", error="no")
+    assert finish(core, "w1", ending) == "ok"
+    before = (core.states(event_id), db.hgetall(event_key(event_id)), audit(db))
+    stored = {k: db.type(k) for k in db.scan_iter("calhook:*")}
+
+    assert finish(core, "w1", ending) == ("late" if do in ("done", "dead") else "lost")
+
+    after_fields = db.hgetall(event_key(event_id))
+    assert (core.states(event_id), after_fields, audit(db)) == before
+    assert {k: db.type(k) for k in db.scan_iter("calhook:*")} == stored
+    assert db.zcard(DEAD) == (1 if do == "dead" else 0)
+    assert not db.exists(f"{order_key('crm', 'customer:c1')}:lock")
+
+
+def test_a_dispatch_whose_worker_died_between_start_and_fan_out_routes_each_event_once(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """A dispatch batch where the worker (A) dies after start and before fan_out, or stalls
+    and fans out late while B dispatches the same events again."""
+    events = accept_batch(core, [b"{}", b"{}", b"{}"])
+    kwargs = take(db, DISPATCH_QUEUE)
+    assert (
+        start(core, DISPATCH_PAIR, kwargs["ids"], "A", DISPATCH_QUEUE, seq=kwargs["seq"])
+        == ["run"] * 3
+    )
+
+    swept = core.sweep(limit=100, batch_max=1, now_s=later(LEASE_S + 1))
+    assert swept.expired == 3
+    assert db.llen(DISPATCH_QUEUE) == 3
+    kwargs = take(db, DISPATCH_QUEUE)
+    assert start(core, DISPATCH_PAIR, kwargs["ids"], "B", DISPATCH_QUEUE, seq=kwargs["seq"]) == [
+        "run"
+    ]
+
+    received = orjson.dumps({"at": time.time(), "what": "received"})
+
+    def route(e: str) -> Route:
+        return Route(e, "x", received, [(CRM[0], CRM[1], "", ""), (NOTIFY[0], NOTIFY[1], "", "")])
+
+    assert core.fan_out(throughput_key(DISPATCH_QUEUE), 1, [route(e) for e in events]) == ["ok"] * 3
+    assert core.fan_out(throughput_key(DISPATCH_QUEUE), 1, [route(kwargs["ids"][0])]) == ["late"]
+    while db.llen(DISPATCH_QUEUE):
+        kwargs = take(db, DISPATCH_QUEUE)
+        assert start(core, DISPATCH_PAIR, kwargs["ids"], "C", DISPATCH_QUEUE) == ["done"]
+
+    for e in events:
+        assert copies(db, CRM[1], e) == copies(db, NOTIFY[1], e) == 1
+        assert core.states(e)[DISPATCH_PAIR].starts in (1, 2)
+    assert audit(db) == []
+
+
+def test_a_poisoned_dispatch_replayed_is_dispatched_once(db: redis.Redis, core: PairStore) -> None:
+    """Replay of the dead letter of the dispatch pair ("@dispatch", poison)."""
+    event_id = store.accept(core)
+    for n in range(6):
+        db.delete(DISPATCH_QUEUE)
+        what = start(core, DISPATCH_PAIR, [event_id], f"w{n}", DISPATCH_QUEUE)
+        core.sweep(limit=100, batch_max=1, now_s=later((n + 1) * (LEASE_S + 1)))
+    assert what == ["poison"]
+    record_id = f"{event_id}.{DISPATCH_PAIR}"
+    assert RecordStore(db, DEAD_KIND).get(record_id) is not None
+    assert db.exists(body_key(event_id))
+
+    assert core.replay("dead", record_id) == DISPATCH_QUEUE
+    with pytest.raises(ReplayError):
+        core.replay("dead", record_id)
+
+    (raw,) = db.lrange(DISPATCH_QUEUE, 0, -1)
+    task, _, kwargs, _ = read_task_message(raw)
+    assert (task, kwargs["ids"]) == (DISPATCH_TASK, [event_id])
+    assert core.states(event_id)[DISPATCH_PAIR].attempt == 1
+    assert core.states(event_id)[DISPATCH_PAIR].starts == 0
+    assert audit(db) == []
+    store.route(core, event_id, [CRM])
+    assert store.end(core, *CRM, Ending(event_id, "done", "ok")) == "ok"
+    assert not db.exists(body_key(event_id))
+    assert db.zcard(DEAD) == 0
+    assert audit(db) == []
+
+
+def test_forget_while_an_ordered_handler_runs_refuses_its_outcome_and_leaves_nothing(
+    db: redis.Redis, core: PairStore
+) -> None:
+    event_id = routed(core, [CRM, NOTIFY], "crm:customer:c1", "100|1|a")
+    assert start(core, CRM[0], [event_id], "w1", CRM[1]) == ["run"]
+    lock = f"{order_key('crm', 'customer:c1')}:lock"
+    assert db.exists(lock)
+
+    assert core.forget([event_id]) == (1, 2, 0)
+
+    assert core.renew("w1", [due_member(event_id, CRM[0])]) == [due_member(event_id, CRM[0])]
+    assert finish(core, "w1", Ending(event_id, "done", "ok")) == "late"
+    assert finish(core, "w1", Ending(event_id, "dead", "x", reason="permanent")) == "late"
+    assert start(core, NOTIFY[0], [event_id], "w2", NOTIFY[1]) == ["gone"]
+    assert not db.exists(
+        lock, order_key("crm", "customer:c1"), event_key(event_id), body_key(event_id)
+    )
+    assert db.zcard(DUE) == db.zcard(DEAD) == 0
+    assert core.sweep(limit=100, batch_max=1, now_s=later(3600)).queued == 0
+    assert audit(db) == []
+    assert all(int(v) == 0 for s in OPEN_STATES for v in db.hvals(pairs_key(s)))
+
+
+def test_forget_while_its_dispatch_runs_creates_no_pair(db: redis.Redis, core: PairStore) -> None:
+    event_id = store.accept(core)
+    assert start(core, DISPATCH_PAIR, [event_id], "w1", DISPATCH_QUEUE) == ["run"]
+    assert core.forget([event_id]) == (1, 1, 0)
+
+    received = orjson.dumps({"at": time.time(), "what": "received"})
+    route = Route(event_id, "x", received, [(CRM[0], CRM[1], "", "")])
+    assert core.fan_out(throughput_key(DISPATCH_QUEUE), 1, [route]) == ["late"]
+    parked = Route(event_id, "x", received, park_reason="unknown_type")
+    assert core.fan_out(throughput_key(DISPATCH_QUEUE), 1, [parked]) == ["late"]
+
+    assert not db.exists(event_key(event_id), CRM[1])
+    assert db.zcard(PARKED) == 0
+    assert audit(db) == []
+
+
+@pytest.mark.parametrize("ending", ["defer", "retry", "dead", "expired"])
+def test_a_newer_event_waiting_for_the_lock_runs_once_the_holder_lets_go_and_the_holder_is_stale(
+    db: redis.Redis, core: PairStore, ending: str
+) -> None:
+    """Ordered pairs whose lock holder is deferred, retried, dead, or whose worker died."""
+    entity = "crm:customer:c1"
+    older = routed(core, [CRM], entity, "100|1|a")
+    newer = routed(core, [CRM], entity, "200|1|b")
+    assert start(core, CRM[0], [older], "w1", CRM[1]) == ["run"]
+    for n in range(3):
+        assert start(core, CRM[0], [newer], "w2", CRM[1]) in (["deferred"], ["early"])
+        core.sweep(limit=100, batch_max=1, now_s=later(1.5 * (n + 1)))
+
+    if ending == "expired":
+        core.sweep(limit=100, batch_max=1, now_s=later(LEASE_S + 1))
+        db.delete(f"{order_key('crm', 'customer:c1')}:lock")  # its PX ran out with the lease
+    elif ending == "dead":
+        assert (
+            finish(core, "w1", Ending(older, "dead", "dead_permanent", reason="permanent")) == "ok"
+        )
+    else:
+        assert finish(core, "w1", Ending(older, ending, ending, delay_s=30)) == "ok"
+    core.sweep(limit=100, batch_max=1, now_s=later(10))
+    assert start(core, CRM[0], [newer], "w3", CRM[1]) == ["run"]
+    assert finish(core, "w3", Ending(newer, "done", "ok")) == "ok"
+    core.sweep(limit=100, batch_max=1, now_s=later(2 * LEASE_S))
+
+    assert core.states(newer)[CRM[0]].attempt == 1
+    if ending != "dead":
+        assert start(core, CRM[0], [older], "w4", CRM[1]) == ["stale"]
+    assert db.hget(order_key("crm", "customer:c1"), "event_id") == b"b"
+    assert audit(db) == []
+
+
+def test_an_event_routed_to_one_handler_twice_and_named_twice_in_a_message_runs_once(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """An event routed to a handler with the same name twice (and a message naming it twice)."""
+    event_id = store.accept(core)
+    assert start(core, DISPATCH_PAIR, [event_id, event_id], "w1", DISPATCH_QUEUE) == ["run", "busy"]
+    received = orjson.dumps({"at": time.time(), "what": "received"})
+    twice = [(CRM[0], CRM[1], "", ""), (CRM[0], "elsewhere", "", ""), (CRM[0], CRM[1], "", "")]
+    assert core.fan_out(
+        throughput_key(DISPATCH_QUEUE), 5, [Route(event_id, "x", received, twice)]
+    ) == ["ok"]
+    assert copies(db, CRM[1], event_id) == 1
+    assert not db.exists("elsewhere")
+    assert db.hget(event_key(event_id), "open") == b"1"
+
+    assert start(core, CRM[0], [event_id, event_id], "w2", CRM[1]) == ["run", "busy"]
+    assert core.states(event_id)[CRM[0]].starts == 1
+    assert finish(core, "w2", Ending(event_id, "done", "ok")) == "ok"
+    assert audit(db) == []
+    assert not db.exists(body_key(event_id))
+
+
+def test_a_message_kombu_requeues_behind_newer_ones_gets_at_most_one_copy_and_runs_once(
+    db: redis.Redis, url: str, core: PairStore
+) -> None:
+    """kombu's reject(requeue=True) (calhook's task failed before start: a Redis blip) puts
+    the message back at the far end, with a modified payload, behind newer messages. Workers
+    take those, so calhook:taken passes its number and the sweep calls it lost: one copy.
+    More sweeps add none, and the two copies run the pair once."""
+    first = routed(core, [CRM])
+    others = [routed(core, [CRM]) for _ in range(3)]
+    with Connection(url) as conn:
+        channel: Any = conn.default_channel
+        message = channel.basic_get(CRM[1])
+        assert message is not None
+        assert message.delivery_tag == f"{CRM[1]}.1"
+        assert db.hexists(UNACKED, message.delivery_tag)
+        message.reject(requeue=True)
+    assert not db.hexists(UNACKED, f"{CRM[1]}.1")
+    back: Any = db.lindex(CRM[1], 0)
+    assert orjson.loads(back)["headers"]["redelivered"] is True
+    for e in others:
+        kwargs = take(db, CRM[1])
+        assert kwargs["ids"] == [e]
+        assert start(core, CRM[0], [e], "w1", CRM[1], seq=kwargs["seq"]) == ["run"]
+        assert finish(core, "w1", Ending(e, "done", "ok")) == "ok"
+
+    for hours in range(1, 6):
+        core.sweep(limit=100, batch_max=1, now_s=later(hours * 3600))
+    assert copies(db, CRM[1], first) == 2
+
+    outcomes: list[str] = []
+    while db.llen(CRM[1]):
+        kwargs = take(db, CRM[1])
+        outcomes += start(core, CRM[0], kwargs["ids"], "w2", CRM[1], seq=kwargs["seq"])
+        if outcomes[-1] == "run":
+            assert finish(core, "w2", Ending(first, "done", "ok")) == "ok"
+    assert sorted(outcomes) == ["done", "run"]
+    assert audit(db) == []
+    assert db.zcard(DUE) == 0
+
+
+def test_a_message_held_by_a_dead_worker_gets_one_copy_and_kombus_restore_runs_nothing_twice(
+    db: redis.Redis, url: str, core: PairStore, settings: Settings
+) -> None:
+    """A worker takes a message into kombu's unacked hash and dies before starting it. While a
+    live worker could still be holding it, the sweep sees it pending; then it queues one copy
+    and no more, however long; kombu's restore_visible later puts the original back (with a
+    modified payload) at the head of the queue, and the pair runs once."""
+    event_id = routed(core, [CRM])
+    hold_s = settings.task_time_limit_s + settings.recovery_s
+    with Connection(url, transport_options={"visibility_timeout": 0}) as conn:
+        channel: Any = conn.default_channel
+        channel.do_restore = False  # the worker is killed: nothing restored at its end
+        assert channel.basic_get(CRM[1]) is not None
+        swept = core.sweep(limit=100, batch_max=1, hold_s=hold_s, now_s=later(hold_s - 5))
+        assert (swept.lost, swept.pending) == (0, 1)
+        for minutes in range(7, 120, 7):
+            core.sweep(limit=100, batch_max=1, hold_s=hold_s, now_s=later(minutes * 60))
+        assert copies(db, CRM[1], event_id) == 1
+        channel.qos.restore_visible(num=10, interval=1)
+    assert db.hlen(UNACKED) == 0
+    assert copies(db, CRM[1], event_id) == 2
+    back: Any = db.lindex(CRM[1], -1)
+    assert orjson.loads(back)["properties"]["delivery_info"]["redelivered"]
+
+    outcomes: list[str] = []
+    while db.llen(CRM[1]):
+        kwargs = take(db, CRM[1])
+        outcomes += start(core, CRM[0], kwargs["ids"], "w2", CRM[1], seq=kwargs["seq"])
+        if outcomes[-1] == "run":
+            assert finish(core, "w2", Ending(event_id, "done", "ok")) == "ok"
+    assert sorted(outcomes) == ["done", "run"]
+    assert audit(db) == []
+    assert db.zcard(DUE) == 0
+
+
+def test_after_redis_lost_its_last_writes_a_queue_nobody_consumes_gets_no_pile_of_copies(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """Redis restarts from an AOF that lost its last second (appendfsync everysec): calhook:seq
+    of the queue goes back with it, while a worker still holds a message numbered past it
+    (taken before the crash, started after the restart: redis-py retries the call). Its start
+    raises calhook:taken above every number the queue will use for a while, so the sweep's
+    FIFO test ("taken <= its number") takes every pending message for lost. A queue nobody
+    consumes then gets one more copy of its pair every recovery interval, until the copies'
+    numbers pass the rolled-back ones: here 30 messages for one pair in half an hour."""
+    event_id = routed(core, [CRM])
+    assert db.hget(SEQ, CRM[1]) == b"1"
+    # a worker starts crm.30, pushed before the crash and rolled back with it
+    assert start(core, CRM[0], [new_event_id()], "old", CRM[1], seq=30) == ["gone"]
+
+    for n in range(1, 31):
+        core.sweep(limit=100, batch_max=1, now_s=later(n * (RECOVER_S + 1)))
+
+    assert copies(db, CRM[1], event_id) <= 2
+
+
+def test_an_old_ack_of_a_reused_delivery_tag_does_not_lose_the_new_message(
+    db: redis.Redis, url: str, core: PairStore
+) -> None:
+    """After that rollback a new message gets the tag of one a worker still holds. That worker
+    acks its message, which deletes the new message's unacked entry while another worker holds
+    it; that worker dies before starting it. The sweep still queues the pair once."""
+    db.hset(SEQ, CRM[1], 6)  # seq rolled back to 6; a worker still holds crm.7
+    event_id = routed(core, [CRM])
+    with Connection(url) as conn:
+        channel: Any = conn.default_channel
+        channel.do_restore = False  # this worker is killed: nothing restored at its end
+        held = channel.basic_get(CRM[1])
+        assert held is not None
+        assert held.delivery_tag == f"{CRM[1]}.7"
+    with Connection(url) as conn:
+        old: Any = conn.default_channel
+        old.basic_ack(f"{CRM[1]}.7")  # the old worker's ack
+    assert not db.hexists(UNACKED, f"{CRM[1]}.7")
+
+    swept = core.sweep(limit=100, batch_max=1, now_s=later(RECOVER_S + 1))
+    assert swept.lost == 1
+    assert copies(db, CRM[1], event_id) == 1
+    assert core.sweep(limit=100, batch_max=1, now_s=later(3 * RECOVER_S)).queued == 0
+
+
+def test_a_scheduler_down_longer_than_the_lease_leaves_a_renewed_run_alone(
+    db: redis.Redis, settings: Settings
+) -> None:
+    """The scheduler down for longer than the lease: its due entry is long past, but the lease
+    was renewed all along."""
+    timeline = Timeline()
+    worker = process(db, settings, timeline)
+    event_id = routed(worker, [CRM])
+    db.delete(CRM[1])
+    assert start(worker, CRM[0], [event_id], "w1", CRM[1]) == ["run"]
+    for _ in range(30):  # ten minutes
+        timeline.t += LEASE_S / 3
+        assert worker.renew("w1", [due_member(event_id, CRM[0])]) == []
+
+    assert sweep_once(process(db, settings, timeline), settings) == 0
+    assert state(worker, event_id, CRM[0]) == "running"
+    assert db.llen(CRM[1]) == 0
+    assert db.zscore(DUE, due_member(event_id, CRM[0])) == pytest.approx(
+        (timeline.t + LEASE_S) * 1000, abs=1
+    )
+
+
+def test_replay_and_forget_of_the_same_events_in_either_order_leave_nothing_behind(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """One operator replays dead letters while another forgets their events: either order."""
+    events = []
+    for _ in range(6):
+        event_id = store.accept(core)
+        store.dead_letter(core, event_id, *CRM)
+        events.append(event_id)
+    db.delete(CRM[1], DISPATCH_QUEUE)
+    for n, event_id in enumerate(events):
+        if n % 2:
+            core.replay("dead", f"{event_id}.{CRM[0]}")
+            assert core.forget([event_id]) == (1, 1, 0)
+        else:
+            assert core.forget([event_id]) == (1, 0, 1)
+            with pytest.raises(ReplayError):
+                core.replay("dead", f"{event_id}.{CRM[0]}")
+        assert core.purge("dead", [f"{event_id}.{CRM[0]}"]) == 0
+
+    while db.llen(CRM[1]):
+        kwargs = take(db, CRM[1])
+        assert start(core, CRM[0], kwargs["ids"], "w", CRM[1], seq=kwargs["seq"]) == ["gone"]
+    left = [k for k in db.scan_iter("calhook:*") if any(e.encode() in k for e in events)]
+    assert left == []
+    members = [m for z in (DUE, DEAD, PARKED, "calhook:events") for m in db.zrange(z, 0, -1)]
+    assert members == []
+    assert audit(db) == []
+    assert db.zcard(DUE) == db.zcard(DEAD) == 0
+
+
+# --- a random walk through every transition ---------------------------------------------------
+
+FUZZ_HANDLERS = (("h.a", "qa"), ("h.b", "qb"), ("h.o", "qo"))
+
+
+@dataclass
+class _Run:
+    owner: str
+    event_id: str
+    pair: str
+
+
+class _Walk:
+    """A fleet doing everything at random: workers take messages and run them to every ending
+    (or die, or hold them across steps with a beating heartbeat), messages get lost or copied,
+    the scheduler sweeps, operators replay, purge (records that exist) and forget. After every
+    step the store must pass :func:`audit`, no live run may be run twice, and no open pair may
+    have more messages than the faults that touched it allow."""
+
+    def __init__(self, db: redis.Redis, settings: Settings, seed: int) -> None:
+        self.db = db
+        self.rng = random.Random(seed)
+        self.timeline = Timeline(1_800_000_000.0)
+        self.store = process(db, settings, self.timeline)
+        self.settings = settings
+        self.live: list[_Run] = []
+        self.done: set[tuple[str, str]] = set()
+        self.allowance: Counter[tuple[str, str]] = Counter()
+        self.events: list[str] = []
+        self.owners = 0
+        self.versions = 0
+
+    def owner(self) -> str:
+        self.owners += 1
+        return f"w{self.owners}"
+
+    def queues(self) -> list[str]:
+        return [DISPATCH_QUEUE] + [q for _, q in FUZZ_HANDLERS]
+
+    def accept(self) -> None:
+        bodies = [b"{}"] * self.rng.randint(1, 3)
+        self.events += accept_batch(self.store, bodies, "x")
+
+    def take(self) -> None:
+        queue = self.rng.choice([q for q in self.queues() if self.db.llen(q)] or [DISPATCH_QUEUE])
+        raw: Any = self.db.rpop(queue)
+        if raw is None:
+            return
+        task, _, kwargs, _ = read_task_message(raw)
+        pair = DISPATCH_PAIR if task == DISPATCH_TASK else kwargs["handler"]
+        owner = self.owner()
+        started = self.store.start(
+            pair, kwargs["ids"], owner, max_starts=5, seq=kwargs["seq"], queue=queue, defer_s=1.0
+        )
+        for s in started:
+            if not s.run:
+                continue
+            live = [r for r in self.live if (r.event_id, r.pair) == (s.event_id, pair)]
+            assert not live, f"{s.event_id}/{pair} started while {live[0].owner} runs it"
+            assert (s.event_id, pair) not in self.done, f"{s.event_id}/{pair} ran after done"
+            run = _Run(owner, s.event_id, pair)
+            roll = self.rng.random()
+            if roll < 0.08:  # the worker dies: kombu puts the message back, or not
+                self.allowance[(s.event_id, pair)] += 2
+                if self.rng.random() < 0.5:
+                    self.db.lpush(queue, raw)
+                    for event_id in kwargs["ids"]:
+                        self.allowance[(event_id, pair)] += 1
+            elif roll < 0.25:
+                self.live.append(run)
+            else:
+                self.end(run)
+
+    def end(self, run: _Run) -> None:
+        if run in self.live:
+            self.live.remove(run)
+        if run.pair == DISPATCH_PAIR:
+            received = orjson.dumps({"at": self.timeline.t, "what": "received"})
+            if self.rng.random() < 0.15:
+                route = Route(run.event_id, "x", received, park_reason="unknown_type")
+            else:
+                chosen = self.rng.sample(FUZZ_HANDLERS, self.rng.randint(1, 3))
+                handlers = []
+                for h, q in chosen:
+                    entity, version = "", ""
+                    if h == "h.o":
+                        self.versions += 1
+                        entity = f"s:e{self.rng.randint(0, 2)}"
+                        version = (
+                            f"{self.rng.randint(0, 50)}|{self.rng.randint(0, 2)}|{run.event_id}"
+                        )
+                    handlers.append((h, q, entity, version))
+                route = Route(run.event_id, "x", received, handlers)
+            self.store.fan_out(throughput_key(DISPATCH_QUEUE), 2, [route])
+            return
+        do = self.rng.choices(["done", "retry", "defer", "dead"], [5, 2, 2, 3])[0]
+        delay = self.rng.uniform(0, 120)
+        ending = Ending(run.event_id, do, do, delay_s=delay, reason="permanent", error="e")
+        result = self.store.finish(run.pair, run.owner, "calhook:throughput:fuzz", [ending])[0]
+        assert result == "ok" or (result == "late" and run.event_id not in self.events), result
+        if do == "done":
+            self.done.add((run.event_id, run.pair))
+
+    def lose(self) -> None:
+        queue = self.rng.choice(self.queues())
+        self.db.rpop(queue)
+
+    def copy(self) -> None:
+        queue = self.rng.choice(self.queues())
+        raw: Any = self.db.lindex(queue, self.rng.randint(0, max(self.db.llen(queue) - 1, 0)))
+        if raw is None:
+            return
+        self.db.lpush(queue, raw)
+        for event_id in read_task_message(raw)[2]["ids"]:
+            task = read_task_message(raw)[0]
+            pair = DISPATCH_PAIR if task == DISPATCH_TASK else read_task_message(raw)[2]["handler"]
+            self.allowance[(event_id, pair)] += 1
+
+    def tick(self) -> None:
+        self.timeline.t += self.rng.uniform(0.5, LEASE_S / 3)
+        for run in self.live:
+            assert self.store.renew(run.owner, [due_member(run.event_id, run.pair)]) == []
+        sweep_once(self.store, self.settings)
+
+    def operator(self) -> None:
+        dead: list[bytes] = self.db.zrange(DEAD, 0, -1)  # type: ignore[assignment]
+        parked: list[bytes] = self.db.zrange(PARKED, 0, -1)  # type: ignore[assignment]
+        records = [("dead", m.decode()) for m in dead] + [("parked", m.decode()) for m in parked]
+        roll = self.rng.random()
+        if roll < 0.15 and self.events:
+            gone = self.rng.choice(self.events)
+            self.store.forget([gone])
+            self.events.remove(gone)
+            self.live = [r for r in self.live if r.event_id != gone]
+        elif records:
+            kind, record_id = self.rng.choice(records)
+            if roll < 0.7:
+                self.store.replay(kind, record_id)
+                event_id = record_id.split(".", 1)[0]
+                pair = record_id.split(".", 1)[1] if kind == "dead" else DISPATCH_PAIR
+                self.done.discard((event_id, pair))
+            else:
+                assert self.store.purge(kind, [record_id]) == 1
+
+    def check(self) -> None:
+        assert audit(self.db) == []
+        named: Counter[tuple[str, str]] = Counter()
+        pipe = self.db.pipeline(transaction=True)
+        for queue in self.queues():
+            pipe.lrange(queue, 0, -1)
+        for raws in pipe.execute():
+            for raw in raws:
+                task, _, kwargs, _ = read_task_message(raw)
+                pair = DISPATCH_PAIR if task == DISPATCH_TASK else kwargs["handler"]
+                for event_id in kwargs["ids"]:
+                    named[(event_id, pair)] += 1
+        crowded = [key for key, n in named.items() if n > 1 + self.allowance[key]]
+        for key in crowded:
+            found: Any = self.db.hget(event_key(key[0]), f"{key[1]}/s")
+            assert found is None or found.decode() not in OPEN_STATES, (
+                f"{key}: {named[key]} messages"
+            )
+
+    def step(self) -> None:
+        action = self.rng.choices(
+            [
+                self.accept,
+                self.take,
+                self.finish_live,
+                self.lose,
+                self.copy,
+                self.tick,
+                self.operator,
+            ],
+            [3, 8, 2, 1, 1, 4, 1],
+        )[0]
+        action()
+        self.check()
+
+    def finish_live(self) -> None:
+        if self.live:
+            self.end(self.rng.choice(self.live))
+
+    def drain(self) -> None:
+        """No more faults: run everything to a final state, replaying what ends dead or parked."""
+        for n in range(2000):
+            if any(self.db.llen(q) for q in self.queues()):
+                self.take()
+            elif self.live:
+                self.end(self.live[0])
+            elif self.db.zcard(DUE):
+                self.timeline.t += LEASE_S + 1
+                sweep_once(self.store, self.settings)
+            else:
+                break
+            if n % 20 == 0:
+                self.check()
+        self.check()
+        assert self.db.zcard(DUE) == 0
+        assert not self.live
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_a_random_walk_through_every_transition_keeps_every_invariant(
+    db: redis.Redis, settings: Settings, seed: int
+) -> None:
+    walk = _Walk(db, settings, seed)
+    for _ in range(400):
+        walk.step()
+    walk.drain()
+
+    for s in OPEN_STATES:
+        assert all(int(v) == 0 for v in db.hvals(pairs_key(s))), s
+    for event_id in walk.events:
+        states = walk.store.states(event_id)
+        assert all(p.final for p in states.values())
+        keep = int(db.hget(event_key(event_id), "keep") or 0)
+        assert bool(db.exists(body_key(event_id))) == (keep > 0)
