@@ -208,7 +208,13 @@ class Forgetter:
         keys = self._redis.scan_iter(match=f"{DEDUP}*", count=_PAGE)
         for batch in _batches(keys):
             values = self._redis.mget(batch)
-            doomed = [k for k, v in zip(batch, values, strict=True) if _text(v) in wanted]
+            # A calhook 0.1 message's key (dedup:legacy:<event id>) stays: it holds only the id,
+            # and it keeps a copy of that message still queued from storing the event again.
+            doomed = [
+                k
+                for k, v in zip(batch, values, strict=True)
+                if _text(v) in wanted and not k.startswith(f"{DEDUP}legacy:".encode())
+            ]
             if doomed:
                 self._found.removed["dedup"] += int(self._redis.delete(*doomed))
 

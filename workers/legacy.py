@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import redis
 
-from calhook.constants import DISPATCH_QUEUE
+from calhook.constants import DEDUP_TTL_S_DEFAULT, DISPATCH_QUEUE
 from calhook.messages import event_record
 from calhook.store.keys import (
     DISPATCH_PAIR,
@@ -58,7 +58,10 @@ def take_over(pairs: PairStore, kwargs: dict[str, Any], handler: str | None, que
         str(kwargs["body"]).encode(),
     )
     key = dedup_key(f"legacy:{event_id}")
-    [first] = pairs.accept([(key, event_id, record)], queue_dispatch=handler is None)
+    # The dedup key must not outlive the event's states (CALHOOK_LEDGER_TTL_S may be a day): a
+    # later message of the event would be taken for a duplicate of an event that is gone.
+    ttl_s = min(DEDUP_TTL_S_DEFAULT, pairs.scripts.clock.done_ttl_s)
+    [first] = pairs.accept([(key, event_id, record)], ttl_s, queue_dispatch=handler is None)
     log.warning("took over a message of calhook 0.1", extra={"event_id": event_id})
     if handler is None:
         return

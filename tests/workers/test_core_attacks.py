@@ -48,11 +48,12 @@ from calhook.store.pairs import Ending, PairStore, ReplayError, Route
 from calhook.store.queues import throughput_key
 from calhook.store.records import DEAD as DEAD_KIND
 from calhook.store.records import RecordStore
-from calhook.store.scripts import Clock, Scripts
+from calhook.store.scripts import Clock, Scripts, source
 from schemas import UnknownEvent
 from tests.support import store
 from workers import legacy
 from workers.dispatch import Dispatcher
+from workers.forget import forget_customer
 from workers.heartbeat import Heartbeat
 from workers.ordering import UPDATE, Version
 from workers.registry import Handler, HandlerContext, Registry
@@ -1219,3 +1220,550 @@ def test_a_random_walk_through_every_transition_keeps_every_invariant(
         assert all(p.final for p in states.values())
         keep = int(db.hget(event_key(event_id), "keep") or 0)
         assert bool(db.exists(body_key(event_id))) == (keep > 0)
+
+
+# === second round ==============================================================================
+#
+# Attacks on the fixes of the first round: locks owned by a run, sticky deletes, the order rules,
+# purge with a cutoff, the HOLD rule, Redis's clock, the legacy `add` path. Where a key's TTL
+# matters (an entity's lock is a PX lease), time passes through :func:`age`, which runs every
+# TTL in the database down by the same amount as the timeline, as real time would.
+
+ENTITY = "crm:customer:c1"
+LOCK = f"{order_key('crm', 'customer:c1')}:lock"
+
+
+def age(db: redis.Redis, timeline: Timeline, s: float) -> None:
+    """``s`` seconds pass: the timeline moves on, and every key's TTL runs down with it (a key
+    whose TTL runs out is gone)."""
+    timeline.t += s
+    keys = list(db.scan_iter(count=1000))
+    pipe = db.pipeline(transaction=False)
+    for key in keys:
+        pipe.pttl(key)
+    ttls = pipe.execute()
+    pipe = db.pipeline(transaction=False)
+    for key, ttl in zip(keys, ttls, strict=True):
+        if ttl > s * 1000:
+            pipe.pexpire(key, ttl - int(s * 1000))
+        elif ttl >= 0:
+            pipe.delete(key)
+    pipe.execute()
+
+
+def run_done(core: PairStore, event_id: str, owner: str, handler: tuple[str, str] = CRM) -> str:
+    """Start the pair and, if it runs, end it done; what the start came to."""
+    [what] = start(core, handler[0], [event_id], owner, handler[1])
+    if what == "run":
+        assert finish(core, owner, Ending(event_id, "done", "ok"), handler) == "ok"
+    return what
+
+
+# --- locks owned by a run ----------------------------------------------------------------------
+
+
+def test_the_run_that_took_over_a_stalled_pair_keeps_its_entity_after_the_stalled_run_is_done(
+    db: redis.Redis, settings: Settings
+) -> None:
+    """Worker A runs the older event of an entity and stalls past its lease (its lock runs out
+    with it); the sweep queues the pair and worker B runs it, taking the entity's lock. A wakes
+    up and reports `done` (accepted: the effect happened), which closes the pair and drops its
+    order entity, while B is still applying the same older version with its heartbeat beating.
+    B's heartbeat can no longer find the lock (renew looks it up through the pair's entity,
+    gone; and it only renews running pairs), so the lock runs out a lease later and the newer
+    event of the entity starts while B still applies the older one: B's older write can land
+    after the newer one. Expected: as long as B's run is alive, the entity stays locked."""
+    timeline = Timeline()
+    core = process(db, settings, timeline)
+    older = routed(core, [CRM], ENTITY, "100|1|a")
+    newer = routed(core, [CRM], ENTITY, "200|1|b")
+    db.delete(CRM[1])
+    assert start(core, CRM[0], [older], "A", CRM[1]) == ["run"]
+    age(db, timeline, LEASE_S + 1)  # A stalls: no beat; its lease and its lock run out
+    assert core.sweep(limit=100, batch_max=1).expired == 1
+    assert start(core, CRM[0], [older], "B", CRM[1]) == ["run"]
+    assert db.get(LOCK) == f"{older}/{CRM[0]}|B".encode()
+
+    assert finish(core, "A", Ending(older, "done", "ok")) == "ok"  # A wakes up, done
+    for _ in range(6):  # two more minutes of B's work, its heartbeat beating every 20 s
+        age(db, timeline, LEASE_S / 3)
+        core.renew("B", [due_member(older, CRM[0])])
+        sweep_once(core, settings)
+
+    assert start(core, CRM[0], [newer], "C", CRM[1]) == ["deferred"], "B still applies v100"
+
+
+def test_a_heartbeat_that_renews_a_lapsed_lease_takes_the_entity_lock_back_too(
+    db: redis.Redis, settings: Settings
+) -> None:
+    """A Redis failover (or a pause) keeps the heartbeat from beating for longer than the lease;
+    the pair's lease and its entity's lock run out together. The heartbeat gets through before
+    the scheduler's next sweep (it was cut off by the same failover, or is being redeployed):
+    renew.lua finds the pair still running under this owner and extends its lease, but the lock
+    is gone and renew only PEXPIREs a lock that exists. The run goes on with a live lease and
+    no lock, and the newer event of the entity runs beside it. Expected: a renewed lease comes
+    with the lock (taken again if it is free; else the pair is reported lost)."""
+    timeline = Timeline()
+    core = process(db, settings, timeline)
+    older = routed(core, [CRM], ENTITY, "100|1|a")
+    newer = routed(core, [CRM], ENTITY, "200|1|b")
+    db.delete(CRM[1])
+    assert start(core, CRM[0], [older], "A", CRM[1]) == ["run"]
+    age(db, timeline, LEASE_S + 5)  # no beat got through for a lease and 5 s
+
+    lost = core.renew("A", [due_member(older, CRM[0])])
+
+    pair = core.states(older)[CRM[0]]
+    if not lost and pair.state == "running" and (pair.lease_until_s or 0) > timeline.t:
+        assert db.get(LOCK) == f"{older}/{CRM[0]}|A".encode(), "a live lease without its lock"
+        assert start(core, CRM[0], [newer], "C", CRM[1]) == ["deferred"]
+
+
+def test_a_lock_taken_over_from_an_earlier_run_of_the_pair_is_the_new_runs_alone(
+    db: redis.Redis, settings: Settings
+) -> None:
+    """The same-pair takeover at start: the earlier run's lock is still there when its lease is
+    over (here the store's clock runs ahead of the lock's PX). B takes it over; A, still alive,
+    cannot renew it, and its late `retry` (refused) or `defer` (refused) leaves it alone; B's
+    done commits and frees the entity for the newer event."""
+    timeline = Timeline()
+    core = process(db, settings, timeline)
+    older = routed(core, [CRM], ENTITY, "100|1|a")
+    newer = routed(core, [CRM], ENTITY, "200|1|b")
+    db.delete(CRM[1])
+    assert start(core, CRM[0], [older], "A", CRM[1]) == ["run"]
+    timeline.t += LEASE_S + 1  # the lease is over by the store's clock; the lock is still there
+    assert core.sweep(limit=100, batch_max=1).expired == 1
+    assert db.get(LOCK) == f"{older}/{CRM[0]}|A".encode()
+    assert start(core, CRM[0], [older], "B", CRM[1]) == ["run"]
+    assert db.get(LOCK) == f"{older}/{CRM[0]}|B".encode()
+
+    assert core.renew("A", [due_member(older, CRM[0])]) == [due_member(older, CRM[0])]
+    for do in ("retry", "defer", "dead"):
+        late = Ending(older, do, do, delay_s=1, reason="permanent", error="late")
+        assert finish(core, "A", late) == "lost"
+    assert db.get(LOCK) == f"{older}/{CRM[0]}|B".encode()
+    assert start(core, CRM[0], [newer], "C", CRM[1]) == ["deferred"]
+    assert finish(core, "B", Ending(older, "done", "ok")) == "ok"
+    assert not db.exists(LOCK)
+    core.sweep(limit=100, batch_max=1, now_s=timeline.t + 5)
+    assert run_done(core, newer, "C") == "run"
+    assert db.hget(order_key("crm", "customer:c1"), "event_id") == b"b"
+    assert audit(db) == []
+
+
+# --- the order rules ---------------------------------------------------------------------------
+
+
+def test_the_second_handler_of_a_scope_applies_a_delete_the_first_applied_after_a_newer_update(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """Two ordered handlers share a scope (order_scope): the same event applies for each.
+    customer.updated (created 300) is applied by the first; the customer.deleted (created 200)
+    it overtook applies after it (the sticky-delete rule) and its commit turns the entity's
+    version into (300, deleted, <the update's id>). The second handler then starts the delete:
+    it is not the entity's event (that is the update's id), not newer, and the entity is already
+    deleted, so it ends stale; the update is stale for it too (a different kind). The second
+    handler never deletes the customer. Expected: the delete runs for the second handler (the
+    sticky commit should record the delete's event, and the same event compare by kind)."""
+    update = routed(core, [CRM, NOTIFY], ENTITY, "300|1|u")
+    delete = routed(core, [CRM, NOTIFY], ENTITY, "200|2|d")
+    assert run_done(core, update, "w1") == "run"
+    assert run_done(core, delete, "w1") == "run"
+
+    assert run_done(core, update, "w2", NOTIFY) == "stale"  # deleted: no update applies
+    assert run_done(core, delete, "w2", NOTIFY) == "run", "the second handler never deletes it"
+
+
+def test_a_held_up_delete_does_not_delete_an_entity_created_again_after_it(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """Sticky delete vs a create between it and the update it overtook: created (100), deleted
+    (200), created again (250), updated (300). The delete is held up by a rate limit; the
+    other three apply in order. The delete then applies after the newer update (the sticky
+    rule) and the entity ends deleted, though in version order the create at 250 revived it and
+    the update at 300 stands. Expected: the delete is stale once a newer create was applied
+    (the entity's version would need to remember its last create)."""
+    delete = routed(core, [CRM], ENTITY, "200|2|d")
+    assert start(core, CRM[0], [delete], "w0", CRM[1]) == ["run"]
+    assert finish(core, "w0", Ending(delete, "defer", "deferred", delay_s=1)) == "ok"
+    for version in ("100|0|c", "250|0|r", "300|1|u"):
+        assert run_done(core, routed(core, [CRM], ENTITY, version), "w1") == "run"
+
+    core.sweep(limit=100, batch_max=1, now_s=later(5))
+    assert run_done(core, delete, "w2") == "stale", "a re-created entity deleted again"
+
+
+@pytest.mark.parametrize(
+    ("applied", "candidate", "expected"),
+    [
+        ("100|1|a", "100|1|b", "run"),  # two updates in one second: the later event applies
+        ("100|1|b", "100|1|a", "stale"),  # ... the earlier one does not
+        ("100|0|a", "100|1|b", "run"),  # an update stamped with its create's second
+        ("100|1|b", "100|0|a", "stale"),  # a create after an update of the same second
+        ("100|1|a", "100|2|b", "run"),  # a delete stamped with the update's second
+        ("100|2|a", "100|2|b", "stale"),  # a second delete of the same second
+        ("100|2|b", "100|2|a", "stale"),
+        ("100|2|a", "100|1|b", "stale"),  # an update after a delete of the same second
+        ("100|2|a", "100|0|b", "stale"),  # a create of the same second as a delete
+        ("100|2|a", "101|0|b", "run"),  # a newer create revives it
+        ("100|2|a", "101|1|b", "stale"),  # a newer update does not
+        ("200|1|a", "100|2|b", "run"),  # a delete that was held up applies after an update
+        ("200|0|a", "100|2|b", "stale"),  # ... not after a newer create
+        ("200|2|a", "100|2|b", "stale"),  # ... nor after a newer delete
+        ("200|1|a", "100|1|b", "stale"),  # an older update never
+    ],
+)
+def test_two_versions_of_one_entity_from_different_events_apply_in_version_order(
+    db: redis.Redis, core: PairStore, applied: str, candidate: str, expected: str
+) -> None:
+    """`applies` for two different events: same second, same or different kinds."""
+    assert run_done(core, routed(core, [CRM], ENTITY, applied), "w1") == "run"
+    assert run_done(core, routed(core, [CRM], ENTITY, candidate), "w2") == expected
+
+
+def test_after_a_sticky_delete_only_a_newer_create_applies_not_one_of_the_same_second(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """After a held-up delete applied over a newer update (the entity's version is the update's
+    second, kind deleted), events stamped with that second do not revive it: an update or a
+    second delete is stale; a create of the next second applies and the entity lives again."""
+    assert run_done(core, routed(core, [CRM], ENTITY, "300|1|u"), "w1") == "run"
+    assert run_done(core, routed(core, [CRM], ENTITY, "200|2|d"), "w1") == "run"
+    for version in ("300|1|v", "300|2|w", "250|1|x", "299|0|y"):
+        assert run_done(core, routed(core, [CRM], ENTITY, version), "w2") == "stale", version
+    assert run_done(core, routed(core, [CRM], ENTITY, "301|0|c"), "w3") == "run"
+    assert run_done(core, routed(core, [CRM], ENTITY, "302|1|n"), "w3") == "run"
+    assert db.hget(order_key("crm", "customer:c1"), "kind") == b"1"
+    assert audit(db) == []
+
+
+@pytest.mark.parametrize("dead_kind", ["1", "2"])
+def test_a_dead_letter_replayed_after_its_entity_was_deleted_and_created_again_is_stale(
+    db: redis.Redis, core: PairStore, dead_kind: str
+) -> None:
+    """An update (or a delete) of an entity ends dead; the entity is then deleted and created
+    again (newer events, applied). The replayed dead letter keeps its order version and ends
+    stale: it neither overwrites nor deletes the new entity."""
+    old = routed(core, [CRM], ENTITY, f"100|{dead_kind}|a")
+    assert start(core, CRM[0], [old], "w1", CRM[1]) == ["run"]
+    dead = Ending(old, "dead", "dead_permanent", reason="permanent", error="400")
+    assert finish(core, "w1", dead) == "ok"
+    assert run_done(core, routed(core, [CRM], ENTITY, "200|2|d"), "w2") == "run"
+    assert run_done(core, routed(core, [CRM], ENTITY, "300|0|c"), "w2") == "run"
+
+    assert core.replay("dead", f"{old}.{CRM[0]}") == CRM[1]
+    assert run_done(core, old, "w3") == "stale"
+    assert db.hget(order_key("crm", "customer:c1"), "event_id") == b"c"
+    assert audit(db) == []
+    assert not db.exists(body_key(old))
+
+
+# --- records: purge with a cutoff --------------------------------------------------------------
+
+
+def test_retention_racing_a_replay_that_is_done_then_dead_again_keeps_the_body_count_right(
+    db: redis.Redis, settings: Settings
+) -> None:
+    """Retention reads two old dead letters of one event; before it purges them, an operator
+    replays one, which is done, and the other's pair... stays dead. The purge finds one record
+    still indexed and old (purged, keep 0: the body goes) and skips the replayed one. Then the
+    replayed pair ends dead again by a second replay: a fresh record, which keeps the body it
+    needs, and the later retention leaves it alone."""
+    timeline = Timeline()
+    core = process(db, settings, timeline)
+    event_id, crm_record, notify_record = two_dead_letters(core)
+    timeline.t += settings.retention_s + 10
+    purge = core.purge
+
+    def operator_acts_first(
+        kind: str, record_ids: Sequence[str], stored_before: float | None = None
+    ) -> int:
+        core.purge = purge  # type: ignore[method-assign]
+        assert core.replay("dead", crm_record) == CRM[1]
+        purged.append(purge(kind, record_ids, stored_before))
+        return purged[-1]
+
+    purged: list[int] = []
+    core.purge = operator_acts_first  # type: ignore[method-assign]
+    sweep_retention(core, settings, now_s=timeline.t)
+    assert purged == [1]
+    assert db.exists(body_key(event_id)), "the replayed pair still needs the body"
+    dead = Ending(event_id, "dead", "dead_permanent", reason="permanent", error="again")
+    assert store.end(core, CRM[0], CRM[1], dead) == "ok"
+    assert db.exists(body_key(event_id))
+    sweep_retention(core, settings, now_s=timeline.t)
+    assert RecordStore(db, DEAD_KIND).get(crm_record) is not None
+    assert core.replay("dead", crm_record) == CRM[1]
+    assert store.end(core, CRM[0], CRM[1], Ending(event_id, "done", "ok")) == "ok"
+    assert not db.exists(body_key(event_id))
+    assert RecordStore(db, DEAD_KIND).get(notify_record) is None
+    assert audit(db) == []
+
+
+# --- the upgrade from calhook 0.1: the `add` path ----------------------------------------------
+
+
+def legacy_kwargs(event_id: str, customer: str = "") -> dict[str, Any]:
+    """A handler message of calhook 0.1: it carries the event itself."""
+    body = orjson.dumps({"type": "customer.updated", "customer": {"uuid": customer}}).decode()
+    return {"event_id": event_id, "body": body, "endpoint": "default", "received_at": 1.0}
+
+
+def run_queue(core: PairStore, db: redis.Redis, queue: str, owner: str) -> list[str]:
+    """Take every message of ``queue`` and end each pair it runs done; what each start was."""
+    outcomes: list[str] = []
+    while db.llen(queue):
+        kwargs = take(db, queue)
+        for event_id in kwargs["ids"]:
+            [what] = start(core, kwargs["handler"], [event_id], owner, queue, seq=kwargs["seq"])
+            outcomes.append(what)
+            if what == "run":
+                ending = Ending(event_id, "done", "ok")
+                assert core.finish(kwargs["handler"], owner, "calhook:tput", [ending]) == ["ok"]
+    return outcomes
+
+
+def test_a_second_copy_of_a_legacy_message_after_its_event_settled_leaves_no_body_for_ever(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """A 0.1 handler message is taken over, and its pair is done: the event settles (body
+    deleted, states expire with the ledger TTL). A second copy of the same 0.1 message (0.1's
+    watchdog queued copies; a redelivery) is taken over: the dispatch is done, so it goes the
+    `add` way, which stores the body again and PERSISTs the event and the body before finding
+    that the pair exists already. Nothing is opened, so nothing will ever delete them: a
+    customer's data kept for ever, past the retention. Expected: a copy that adds no pair
+    writes nothing (the event and the body stay as settled)."""
+    kwargs = legacy_kwargs("old-settled")
+    legacy.take_over(core, kwargs, CRM[0], CRM[1])
+    assert run_queue(core, db, CRM[1], "w1") == ["run"]
+    assert not db.exists(body_key("old-settled"))
+    assert db.ttl(event_key("old-settled")) > 0
+
+    legacy.take_over(core, kwargs, CRM[0], CRM[1])
+
+    assert run_queue(core, db, CRM[1], "w2") == []
+    assert not db.exists(body_key("old-settled")), "a body nothing needs, without a TTL"
+    assert db.ttl(event_key("old-settled")) > 0, "the event's states never expire"
+    assert audit(db) == []
+
+
+def test_a_legacy_message_for_another_handler_after_the_event_settled_runs_and_settles_again(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """The `add` path on a settled event: the second handler's 0.1 message adds its pair, with
+    the body it carries; once that pair is done the event settles again (body gone, TTL back)."""
+    kwargs = legacy_kwargs("old-other")
+    legacy.take_over(core, kwargs, CRM[0], CRM[1])
+    assert run_queue(core, db, CRM[1], "w1") == ["run"]
+
+    legacy.take_over(core, kwargs, NOTIFY[0], NOTIFY[1])
+    assert state(core, "old-other", NOTIFY[0]) == "queued"
+    assert db.get(body_key("old-other")) == kwargs["body"].encode()
+    assert run_queue(core, db, NOTIFY[1], "w2") == ["run"]
+
+    assert not db.exists(body_key("old-other"))
+    assert db.ttl(event_key("old-other")) > 0
+    assert state(core, "old-other", CRM[0]) == state(core, "old-other", NOTIFY[0]) == "done"
+    assert audit(db) == []
+
+
+def test_a_legacy_message_after_the_events_states_expired_is_not_lost(
+    db: redis.Redis, make_settings: Callable[..., Settings]
+) -> None:
+    """With CALHOOK_LEDGER_TTL_S at its allowed minimum (a day) the states of a settled event
+    expire before the take-over's dedup key (48 h). A 0.1 message of the event for another
+    handler arriving in between (an upgrade with a backlog) is deduplicated by accept (our own
+    id: nothing is written), finds no dispatch to start, and its `add` comes back 'late':
+    that handler's work is dropped without a trace. Expected: its pair is queued (the dedup
+    key of a take-over should not outlive the states, or the `add` should store the event)."""
+    settings = make_settings(lease_s=LEASE_S, recovery_s=RECOVER_S, ledger_ttl_s=86_400)
+    timeline = Timeline()
+    core = process(db, settings, timeline)
+    kwargs = legacy_kwargs("old-expired")
+    legacy.take_over(core, kwargs, CRM[0], CRM[1])
+    assert run_queue(core, db, CRM[1], "w1") == ["run"]
+    age(db, timeline, 86_400 + 60)
+    assert not db.exists(event_key("old-expired"))
+
+    legacy.take_over(core, kwargs, NOTIFY[0], NOTIFY[1])
+
+    assert state(core, "old-expired", NOTIFY[0]) == "queued", "the handler's work was dropped"
+    assert copies(db, NOTIFY[1], "old-expired") == 1
+
+
+def test_a_forgotten_customer_is_not_stored_again_by_a_legacy_message_still_queued(
+    db: redis.Redis, core: PairStore
+) -> None:
+    """Right to erasure during the upgrade: a customer's event came from calhook 0.1 as one
+    message per handler. The first is taken over (the event is stored, its pair queued); the
+    operator runs `calhook forget <customer>`, which erases the event with its open work and
+    its dedup keys (also the take-over's `legacy:<id>`). The event's second 0.1 message, still
+    queued, carries the body: taken over, it finds no dedup key and stores the customer's event
+    again, and the handler sends the customer's data on. Expected: a forgotten event is not
+    stored again by a message that still names it (e.g. forget keeps the take-over's dedup key,
+    which holds only the event id, or leaves a tombstone)."""
+    customer = "5a3c1f0e-0000-4000-8000-00000000c0de"
+    kwargs = legacy_kwargs("old-forgotten", customer)
+    legacy.take_over(core, kwargs, CRM[0], CRM[1])
+    assert state(core, "old-forgotten", CRM[0]) == "queued"
+    report = forget_customer(core, customer)
+    assert "old-forgotten" in report.event_ids
+
+    legacy.take_over(core, kwargs, NOTIFY[0], NOTIFY[1])
+
+    assert run_queue(core, db, CRM[1], "w1") == ["gone"]
+    assert not db.exists(event_key("old-forgotten"), body_key("old-forgotten")), "stored again"
+    assert run_queue(core, db, NOTIFY[1], "w1") in ([], ["gone"])
+
+
+@pytest.mark.parametrize("when", ["before start", "before fan_out"])
+def test_forget_inside_a_legacy_take_over_stores_nothing(
+    db: redis.Redis, core: PairStore, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Forget of the event between the steps of a take-over (accept, start of the dispatch,
+    fan_out, or the `add` of a second handler): nothing is stored, nothing queued."""
+    first = legacy_kwargs("old-race")
+    legacy.take_over(core, first, CRM[0], CRM[1])
+    method = "start" if when == "before start" else "fan_out"
+    real = getattr(core, method)
+
+    def forget_first(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(core, method, real)
+        core.forget(["old-race"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, method, forget_first)
+    legacy.take_over(core, first, NOTIFY[0], NOTIFY[1])
+
+    assert not db.exists(event_key("old-race"), body_key("old-race"))
+    assert run_queue(core, db, CRM[1], "w1") == ["gone"]
+    assert db.llen(NOTIFY[1]) == 0
+    assert db.zcard(DUE) == 0
+    assert audit(db) == []
+
+
+# --- the HOLD rule, Redis's clock ---------------------------------------------------------------
+
+
+def test_messages_a_live_worker_prefetched_behind_long_tasks_get_at_most_one_no_op_copy(
+    db: redis.Redis, url: str, settings: Settings
+) -> None:
+    """A live worker holds three messages (kombu's unacked) and runs them one after another,
+    each for nearly the task time limit, its heartbeat beating, the scheduler sweeping every
+    10 s. The second starts before HOLD (time limit + recovery) is over: no copy. The third
+    waits longer: the sweep queues one copy, no more however long it still waits; the worker
+    then runs the original, and the copy, taken by another worker, runs nothing."""
+    timeline = Timeline()
+    core = process(db, settings, timeline)
+    events = [routed(core, [CRM]) for _ in range(3)]
+    runs: Counter[str] = Counter()
+    work_s = settings.task_time_limit_s - 10
+    with Connection(url) as conn:
+        channel: Any = conn.default_channel
+        held = [channel.basic_get(CRM[1]) for _ in events]
+        assert all(m is not None for m in held)
+        assert db.llen(CRM[1]) == 0
+        for message in held:
+            kwargs = message.decode()[1]
+            [event_id] = kwargs["ids"]
+            assert start(core, CRM[0], [event_id], "W", CRM[1], seq=kwargs["seq"]) == ["run"]
+            runs[event_id] += 1
+            for _ in range(int(work_s // 10)):
+                timeline.t += 10
+                assert core.renew("W", [due_member(event_id, CRM[0])]) == []
+                sweep_once(core, settings)
+            assert finish(core, "W", Ending(event_id, "done", "ok")) == "ok"
+            message.ack()
+
+    assert [copies(db, CRM[1], e) for e in events] == [0, 0, 1]
+    assert run_queue(core, db, CRM[1], "other") == ["done"]
+    assert runs == dict.fromkeys(events, 1)
+    assert audit(db) == []
+    assert db.zcard(DUE) == 0
+
+
+def test_a_store_script_queued_inside_a_transaction_still_reads_redis_clock(
+    db: redis.Redis, settings: Settings
+) -> None:
+    """Redis's TIME inside a script run from MULTI/EXEC (a redis-py Script on a transaction
+    pipeline): nothing in calhook does this today (every script is one call on a client), but
+    Redis accepts it and the lease is set from Redis's own clock."""
+    core = pair_store(db, settings)
+    event_id = routed(core, [CRM])
+    assert start(core, CRM[0], [event_id], "w1", CRM[1]) == ["run"]
+    renew = db.register_script(source("renew"))
+    secs, micros = db.time()
+    with db.pipeline(transaction=True) as pipe:
+        renew(
+            keys=[], args=[*clock(settings).head(), "w1", due_member(event_id, CRM[0])], client=pipe
+        )
+        pipe.hget(event_key(event_id), f"{CRM[0]}/l")
+        lost, lease = pipe.execute()
+    assert lost == []
+    assert int(lease) / 1000 == pytest.approx(secs + micros / 1e6 + LEASE_S, abs=5)
+
+
+# --- a random walk whose keys age with its timeline ---------------------------------------------
+
+
+class _AgedWalk(_Walk):
+    """The walk, with every TTL in Redis running down with the timeline (an entity's lock is a
+    PX lease), and one invariant more: no two runs holding live leases apply one entity."""
+
+    def tick(self) -> None:
+        age(self.db, self.timeline, self.rng.uniform(0.5, LEASE_S / 3))
+        for run in self.live:
+            assert self.store.renew(run.owner, [due_member(run.event_id, run.pair)]) == []
+        sweep_once(self.store, self.settings)
+
+    def check(self) -> None:
+        super().check()
+        entities: Counter[str] = Counter()
+        for run in self.live:
+            found: Any = self.db.hget(event_key(run.event_id), f"{run.pair}/e")
+            if found is not None:
+                entities[found.decode()] += 1
+                lock: Any = self.db.get(f"{order_key(*found.decode().split(':', 1))}:lock")
+                assert lock == f"{run.event_id}/{run.pair}|{run.owner}".encode(), (run, lock)
+        assert all(n == 1 for n in entities.values()), entities
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_random_walk_whose_locks_run_out_with_time_keeps_each_entity_to_one_run(
+    db: redis.Redis, settings: Settings, seed: int
+) -> None:
+    walk = _AgedWalk(db, settings, seed)
+    for _ in range(400):
+        walk.step()
+    walk.drain()
+    for event_id in walk.events:
+        assert all(p.final for p in walk.store.states(event_id).values())
+
+
+def test_a_legacy_copy_after_its_dedup_key_expired_does_not_reset_an_event_still_open(
+    db: redis.Redis, settings: Settings
+) -> None:
+    """An event of calhook 0.1 with two handlers: both messages are taken over; the first pair
+    is done, the second waits in a backlog (its workers are down for two days). A copy of the
+    first 0.1 message comes after the take-over's dedup key (48 h) expired, while the event's
+    states are still there (open): accept.lua stores the event again over its hash: `open`
+    back to 1 and the dispatch queued. That dispatch routes the (done) first handler only and
+    closes, `open` drops to 0 and the event settles: the body is deleted while the second pair
+    still needs it, whose start then hands the handler an empty body. Expected: an
+    event whose states exist is not stored again; the second pair keeps its body."""
+    timeline = Timeline()
+    core = process(db, settings, timeline)
+    kwargs = legacy_kwargs("old-open")
+    legacy.take_over(core, kwargs, CRM[0], CRM[1])
+    legacy.take_over(core, kwargs, NOTIFY[0], NOTIFY[1])
+    assert run_queue(core, db, CRM[1], "w1") == ["run"]
+    age(db, timeline, 2 * 86_400 + 60)
+    assert state(core, "old-open", NOTIFY[0]) == "queued"
+
+    legacy.take_over(core, kwargs, CRM[0], CRM[1])
+    run_queue(core, db, CRM[1], "w2")
+
+    assert db.get(body_key("old-open")) == kwargs["body"].encode(), "the body went"
+    assert db.hget(event_key("old-open"), "open") == b"1"
+    assert audit(db) == []

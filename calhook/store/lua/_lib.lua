@@ -158,12 +158,25 @@ local function release_lock(ev, id, pair, owner)
 end
 
 -- A done or stale pair keeps its state and attempt only: its order entity (a customer's uuid)
--- goes. A dead one keeps it, for its replay to be ordered too (the body stays as long).
+-- goes, unless another run of the pair still holds the entity (one that took it over from a
+-- stalled run whose late done this is): that run's heartbeat keeps it, its finish drops it.
+-- A dead pair keeps it, for its replay to be ordered too (the body stays as long).
+local function forget_entity(ev, id, pair)
+  local base = redis.call('HGET', ev, f(pair, 'e'))
+  if base then
+    local holder = redis.call('GET', lock_key(base))
+    if holder and string.sub(holder, 1, #member(id, pair) + 1) == member(id, pair) .. '|' then
+      return
+    end
+  end
+  redis.call('HDEL', ev, f(pair, 'e'), f(pair, 'v'))
+end
+
 local function close_pair(ev, id, pair, queue, old, new, owner)
   release_lock(ev, id, pair, owner)
   set_state(ev, pair, queue, old, new)
   redis.call('HDEL', ev, f(pair, 'o'), f(pair, 'l'), f(pair, 't'))
-  if new == 'done' or new == 'stale' then redis.call('HDEL', ev, f(pair, 'e'), f(pair, 'v')) end
+  if new == 'done' or new == 'stale' then forget_entity(ev, id, pair) end
   redis.call('ZREM', K.due, member(id, pair))
   if redis.call('HINCRBY', ev, 'open', -1) <= 0 then settle(id) end
 end
@@ -225,9 +238,12 @@ end
 -- - the same event applies again for another handler of the scope (same version);
 -- - a delete applies after a newer update too (it was held up, by a rate limit say): applied
 --   in version order the entity would be deleted now, and an update never revives it.
-local function applies(c1, k1, e1, c0, k0, e0)
+-- (bc, be: the newest create applied; a held-up delete older than it stays stale, as the
+-- entity was created again after it.)
+local function applies(c1, k1, e1, c0, k0, e0, bc, be)
   if newer(c1, k1, e1, c0, k0, e0) then return not (k0 == DELETE_KIND and k1 ~= CREATE_KIND) end
-  if e1 == e0 then return c1 == c0 and k1 == k0 end
+  if e1 == e0 then return k1 == k0 end
+  if bc and newer(bc, CREATE_KIND, be, c1, k1, e1) then return false end
   return k1 == DELETE_KIND and k0 ~= DELETE_KIND and k0 ~= CREATE_KIND
 end
 
@@ -243,8 +259,10 @@ local function order_check(ev, id, pair, owner)
     return 'busy'
   end
   local c1, k1, e1 = parse_version(redis.call('HGET', ev, f(pair, 'v')))
-  local cur = redis.call('HMGET', K.order .. base, 'created_s', 'kind', 'event_id')
-  if cur[1] and not applies(c1, k1, e1, tonumber(cur[1]), tonumber(cur[2]), cur[3]) then
+  local cur = redis.call('HMGET', K.order .. base, 'created_s', 'kind', 'event_id', 'born_s',
+    'born_id')
+  if cur[1] and not applies(c1, k1, e1, tonumber(cur[1]), tonumber(cur[2]), cur[3],
+      tonumber(cur[4]), cur[5]) then
     return 'stale'
   end
   redis.call('SET', lock_key(base), lock_value(id, pair, owner), 'PX', LEASE)
@@ -259,9 +277,11 @@ local function order_commit(ev, pair)
   local cur = redis.call('HMGET', key, 'created_s', 'kind', 'event_id')
   if not cur[1] or newer(c1, k1, e1, tonumber(cur[1]), tonumber(cur[2]), cur[3]) then
     redis.call('HSET', key, 'created_s', c1, 'kind', k1, 'event_id', e1)
+    if k1 == CREATE_KIND then redis.call('HSET', key, 'born_s', c1, 'born_id', e1) end
   elseif k1 == DELETE_KIND then
-    -- A delete applied after a newer update: the entity is deleted from that version on.
-    redis.call('HSET', key, 'kind', DELETE_KIND)
+    -- A delete applied after a newer update: the entity is deleted from that version on, by
+    -- this event (so the other handlers of the scope apply it too).
+    redis.call('HSET', key, 'kind', DELETE_KIND, 'event_id', e1)
   end
   redis.call('EXPIRE', key, ORDER_TTL)
 end

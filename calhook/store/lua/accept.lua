@@ -14,8 +14,12 @@ for i = 1, #KEYS do
   if first and first ~= id then
     results[i] = first
   else
-    -- Our own id: a retry of a batch that had been written (a timeout is not a refusal).
-    if not first then
+    -- Our own id: a retry of a batch that had been written (a timeout is not a refusal). An
+    -- event already stored (its dedup key expired, a spool replayed late) is not stored again:
+    -- that would reopen its dispatch under pairs still open.
+    if not first and redis.call('EXISTS', K.ev .. id) == 1 then
+      redis.call('SET', KEYS[i], id, 'EX', dedup_ttl)
+    elseif not first then
       local a = string.find(record, '\n', 1, true)
       local b = string.find(record, '\n', a + 1, true)
       local c = string.find(record, '\n', b + 1, true)

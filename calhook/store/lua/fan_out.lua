@@ -17,12 +17,15 @@ for i = 9, #ARGV do
     -- A handler message of calhook 0.1 (workers/legacy.py): its dispatch happened there, so
     -- the pair is added to the event as it stands, with the body the message carried.
     if s then
-      if redis.call('EXISTS', K.body .. id) == 0 then redis.call('SET', K.body .. id, e.body) end
-      redis.call('PERSIST', ev)
-      redis.call('PERSIST', K.body .. id)
       for _, h in ipairs(e.route) do
         local name, queue = h[1], h[2]
         if not redis.call('HGET', ev, f(name, 's')) then
+          -- Only a pair that opens keeps the body: a late copy of one that ran adds nothing.
+          if redis.call('EXISTS', K.body .. id) == 0 then
+            redis.call('SET', K.body .. id, e.body)
+          end
+          redis.call('PERSIST', ev)
+          redis.call('PERSIST', K.body .. id)
           redis.call('HSET', ev, f(name, 'a'), 1, f(name, 'n'), 0, f(name, 'q'), queue)
           set_state(ev, name, queue, nil, 'queued')
           redis.call('HINCRBY', ev, 'open', 1)

@@ -17,6 +17,12 @@ for i = 10, #ARGV do
   local r = 'ok'
   if not s or FINAL[s] then
     r = 'late'
+    if s then
+      -- A run that took over from a stalled one whose late done closed the pair: it held the
+      -- entity until now.
+      release_lock(ev, id, pair, owner)
+      if s == 'done' or s == 'stale' then forget_entity(ev, id, pair) end
+    end
   elseif e['do'] ~= 'done' and (s ~= 'running' or o ~= owner) then
     r = 'lost'
   else
