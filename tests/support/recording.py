@@ -41,11 +41,17 @@ def count_run(ctx: HandlerContext) -> int:
     return int(redis_client().hincrby(RUNS_KEY, f"{ctx.event_id}:{ctx.handler}", 1))
 
 
+# Atomic, as an outside system's idempotent write is: a connection lost between marking the key
+# seen and counting the effect would otherwise leave the effect uncounted for ever.
+_EFFECT_LUA = """
+if redis.call('SET', KEYS[1], 1, 'NX') then redis.call('HINCRBY', KEYS[2], ARGV[1], 1) end
+"""
+
+
 def apply_effect(ctx: HandlerContext) -> None:
     """The side effect, made idempotent by the key calhook hands to outside systems."""
-    client = redis_client()
-    if client.set(f"calhook:test:seen:{ctx.idempotency_key}", 1, nx=True):
-        client.hincrby(EFFECTS_KEY, f"{ctx.event_id}:{ctx.handler}", 1)
+    keys = [f"calhook:test:seen:{ctx.idempotency_key}", EFFECTS_KEY]
+    redis_client().eval(_EFFECT_LUA, 2, *keys, f"{ctx.event_id}:{ctx.handler}")
 
 
 @handler(*sorted(CURRENT_TYPES), queue=RECORD_QUEUE, name="record")

@@ -1334,7 +1334,9 @@ def test_a_lock_taken_over_from_an_earlier_run_of_the_pair_is_the_new_runs_alone
     assert start(core, CRM[0], [older], "A", CRM[1]) == ["run"]
     timeline.t += LEASE_S + 1  # the lease is over by the store's clock; the lock is still there
     assert core.sweep(limit=100, batch_max=1).expired == 1
-    assert db.get(LOCK) == f"{older}/{CRM[0]}|A".encode()
+    # The sweep keeps the entity for the cut run until the pair runs again (its effect may have
+    # happened without its done): no older event in between.
+    assert db.get(LOCK) == f"{older}/{CRM[0]}|~cut".encode()
     assert start(core, CRM[0], [older], "B", CRM[1]) == ["run"]
     assert db.get(LOCK) == f"{older}/{CRM[0]}|B".encode()
 
@@ -1767,3 +1769,29 @@ def test_a_legacy_copy_after_its_dedup_key_expired_does_not_reset_an_event_still
     assert db.get(body_key("old-open")) == kwargs["body"].encode(), "the body went"
     assert db.hget(event_key("old-open"), "open") == b"1"
     assert audit(db) == []
+
+
+def test_a_run_cut_after_its_effect_keeps_its_entity_until_it_runs_again(
+    db: redis.Redis, settings: Settings
+) -> None:
+    """The soak's break: v1006's run applied its effect, then was cut (a Redis restart made
+    Celery cancel it) before its done; its lock ran out with its lease, v1004 took the entity
+    and applied, then v1006 ran again: 1006, 1004, 1006. The sweep now keeps the entity for the
+    cut pair until it runs again, so the older event waits and ends stale."""
+    timeline = Timeline()
+    core = process(db, settings, timeline)
+    newer = routed(core, [CRM], ENTITY, "1006|1|b")
+    older = routed(core, [CRM], ENTITY, "1004|1|a")
+    db.delete(CRM[1])
+    assert start(core, CRM[0], [newer], "A", CRM[1]) == ["run"]  # applies, then is cut
+    db.delete(LOCK)  # its lock ran out with its lease (the store's clock is ahead of PX here)
+    timeline.t += LEASE_S + 1
+    assert core.sweep(limit=100, batch_max=1).expired == 1
+
+    assert start(core, CRM[0], [older], "C", CRM[1]) == ["deferred"]
+    assert start(core, CRM[0], [newer], "B", CRM[1]) == ["run"]
+    assert finish(core, "B", Ending(newer, "done", "ok")) == "ok"
+    timeline.t += 5
+    core.sweep(limit=100, batch_max=1)
+    assert start(core, CRM[0], [older], "C", CRM[1]) == ["stale"]
+    assert not db.exists(LOCK)

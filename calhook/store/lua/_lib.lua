@@ -145,15 +145,31 @@ local function lock_key(base) return K.order .. base .. ':lock' end
 -- so a run that lost its lease cannot free the entity under the run that took over.
 local function lock_value(id, pair, owner) return member(id, pair) .. '|' .. owner end
 
--- Release the pair's lock if `owner`'s run holds it; with owner nil (forget), whoever holds it.
+-- The owner of a lock kept for a pair whose run was cut (its lease ran out) until it runs again:
+-- the cut run may have applied its effect without recording done, and an older event of the
+-- entity must not be applied in between.
+local CUT = '~cut'
+
+-- Release the pair's lock if `owner`'s run holds it (or it is kept for the pair's cut run);
+-- with owner nil (forget), whoever of the pair holds it.
 local function release_lock(ev, id, pair, owner)
   local base = redis.call('HGET', ev, f(pair, 'e'))
   if not base then return end
   local holder = redis.call('GET', lock_key(base))
   if not holder then return end
-  if (owner and holder == lock_value(id, pair, owner))
+  if (owner and (holder == lock_value(id, pair, owner) or holder == lock_value(id, pair, CUT)))
       or (not owner and string.sub(holder, 1, #member(id, pair) + 1) == member(id, pair) .. '|') then
     redis.call('DEL', lock_key(base))
+  end
+end
+
+-- Keep the entity of a pair whose run was cut for it until it runs again (or ends).
+local function keep_lock_for_cut_run(ev, id, pair)
+  local base = redis.call('HGET', ev, f(pair, 'e'))
+  if not base then return end
+  local holder = redis.call('GET', lock_key(base))
+  if not holder or string.sub(holder, 1, #member(id, pair) + 1) == member(id, pair) .. '|' then
+    redis.call('SET', lock_key(base), lock_value(id, pair, CUT), 'EX', KEEP_TTL)
   end
 end
 

@@ -35,6 +35,7 @@ for _, m in ipairs(members) do
       expired = expired + 1
       requeue = true
       recovered[#recovered + 1] = m
+      keep_lock_for_cut_run(ev, id, pair)
     end
   else
     local taken = tonumber(redis.call('HGET', K.taken, q) or '0')
