@@ -17,7 +17,7 @@ from typing import Any
 import redis
 from aiohttp import web
 
-from calhook.store.queues import QueueRow, queue_table, render_table
+from calhook.store.queues import HEAD, QueueRow, queue_table, render_table
 from calhook.store.records import DEAD, PARKED, RecordStore
 from calhook.store.stats import outcomes, recent_failures
 
@@ -58,17 +58,7 @@ def _rows(cells: list[list[str]]) -> str:
 def render(data: dict[str, Any]) -> str:
     """The page."""
     queues: list[QueueRow] = data["queues"]
-    head = [
-        "queue",
-        "ready",
-        "running",
-        "unacked",
-        "delayed",
-        "dead",
-        "parked",
-        "oldest",
-        "done/min",
-    ]
+    head = list(HEAD)
     table = render_table(queues).splitlines()[1:]
     queue_rows = [line.split() for line in table]
     outcome_rows = [[h, o, str(n)] for h, o, n in data["outcomes"]]

@@ -22,14 +22,11 @@ from typing import Any
 import orjson
 
 from calhook.store.keys import (
-    DEAD,
-    DISPATCH_PAIR,
     FINAL_STATES,
-    PARKED,
     event_key,
 )
 from calhook.store.scripts import Scripts
-from calhook.store.stats import BUCKETS_S
+from calhook.store.stats import bucket_of
 
 
 class ReplayError(Exception):
@@ -77,7 +74,7 @@ class Ending:
             # A delay, not a time: the script adds it to Redis's clock, whatever this host's says.
             entry["delay"] = max(int(self.delay_s * 1000), 0)
         if self.duration_s is not None:
-            entry["bucket"] = _bucket(self.duration_s)
+            entry["bucket"] = bucket_of(self.duration_s)
             entry["dur"] = self.duration_s
         if self.do == "dead":
             entry["reason"] = self.reason
@@ -158,10 +155,6 @@ class PairState:
     @property
     def final(self) -> bool:
         return self.state in FINAL_STATES
-
-
-def _bucket(duration_s: float) -> str:
-    return next((f"{b:g}" for b in BUCKETS_S if duration_s <= b), "+Inf")
 
 
 def _text(value: Any) -> str:
@@ -311,7 +304,3 @@ class PairStore:
                 int(due) / 1000 if due else None,
             )
         return pairs
-
-
-KINDS = {"dead": DEAD, "parked": PARKED}
-DISPATCH = DISPATCH_PAIR

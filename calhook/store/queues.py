@@ -26,6 +26,8 @@ from calhook.store.keys import throughput_key as _throughput_key
 from calhook.store.records import DEAD, PARKED, RecordStore
 
 UNACKED_KEY = UNACKED
+# The table's columns, as the terminal and the status page head them.
+HEAD = ("queue", "ready", "running", "unacked", "delayed", "dead", "parked", "oldest", "done/min")
 _BUCKET_S = 10
 _WINDOW_S = 60
 
@@ -120,17 +122,7 @@ def _age(seconds: float | None) -> str:
 
 def render_table(rows: list[QueueRow]) -> str:
     """The rows as a text table for a terminal."""
-    head = (
-        "queue",
-        "ready",
-        "running",
-        "unacked",
-        "delayed",
-        "dead",
-        "parked",
-        "oldest",
-        "done/min",
-    )
+    head = HEAD
     lines = [
         (
             r.queue,

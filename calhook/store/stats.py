@@ -22,6 +22,11 @@ RECENT_FAILURES_KEPT = 50
 BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+def bucket_of(duration_s: float) -> str:
+    """The upper bound of the first histogram bucket ``duration_s`` fits in."""
+    return next((f"{b:g}" for b in BUCKETS_S if duration_s <= b), "+Inf")
+
+
 def _durations_key(handler: str) -> str:
     return duration_key(handler)
 
@@ -36,7 +41,7 @@ def count_outcome(
     target.hincrby(OUTCOMES_KEY, f"{handler}\t{outcome}", 1)
     if duration_s is None:
         return
-    bucket = next((f"{b:g}" for b in BUCKETS_S if duration_s <= b), "+Inf")
+    bucket = bucket_of(duration_s)
     key = _durations_key(handler)
     target.hincrby(key, bucket, 1)
     target.hincrbyfloat(key, "sum", duration_s)
@@ -73,25 +78,6 @@ def durations(client: redis.Redis, handlers: set[str]) -> Iterator[Durations]:
             running += int(counts.get(bound, 0))
             cumulative.append((bound, running))
         yield Durations(handler, cumulative, float(counts.get("sum", 0)), running)
-
-
-def note_failure(
-    target: redis.Redis | redis.client.Pipeline,
-    *,
-    event_id: str,
-    handler: str,
-    attempt: int,
-    outcome: str,
-    error: str,
-    at: float,
-) -> None:
-    """Keep the latest failures (a retry scheduled, a dead letter) for the status page."""
-    entry = orjson.dumps(
-        {"at": at, "event_id": event_id, "handler": handler, "attempt": attempt,
-         "outcome": outcome, "error": error}
-    )  # fmt: skip
-    target.lpush(RECENT_FAILURES_KEY, entry)
-    target.ltrim(RECENT_FAILURES_KEY, 0, RECENT_FAILURES_KEPT - 1)
 
 
 def recent_failures(client: redis.Redis, limit: int = 20) -> list[dict[str, Any]]:

@@ -53,18 +53,6 @@ class Trail:
                 pipe.execute()
             erased += len(old)
 
-    def add(self, event_id: str, what: str, **fields: Any) -> None:
-        """Append one entry to the event's trail."""
-        with self._redis.pipeline(transaction=False) as pipe:
-            self.add_to(pipe, event_id, what, **fields)
-            pipe.execute()
-
-    def add_to(self, pipe: redis.client.Pipeline, event_id: str, what: str, **fields: Any) -> None:
-        """Queue on ``pipe`` the append of one entry (written with the caller's other writes)."""
-        entry = orjson.dumps({"at": time.time(), "what": what, **fields})
-        pipe.rpush(trail_key(event_id), entry)
-        pipe.expire(trail_key(event_id), self.ttl_s)
-
     def received(self, event_id: str, received_at: float, **fields: Any) -> None:
         """Start an event's trail and index it by arrival; see :meth:`received_to`."""
         with self._redis.pipeline(transaction=False) as pipe:
