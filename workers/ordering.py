@@ -13,10 +13,11 @@ the handler runs only if its version is newer than the last one it applied to th
 
 Dispatch computes each ordered pair's version and stores it with the pair; starting the pair
 (``calhook/store/lua/start.lua``) compares it with the entity's applied version and takes the
-entity's lock in the same step. Stale events end as ``skipped_stale``, not failed. The lock is a
-lease like the pair's own, renewed by the heartbeat and gone within ``CALHOOK_LEASE_S`` of a
-dead worker; a pair that finds it held waits (``CALHOOK_ORDER_WAIT_S``) without spending an
-attempt. Done commits the version; any other ending only releases the lock.
+entity's lock in the same step. Stale events end as ``skipped_stale``, not failed. The lock is
+renewed by the heartbeat with the pair's lease; when a worker dies, the scheduler keeps it for
+that pair until the pair runs again (its effect may have happened). A pair that finds it held
+waits (``CALHOOK_ORDER_WAIT_S``) without spending an attempt. Done commits the version; any
+other ending only releases the lock.
 """
 
 from __future__ import annotations

@@ -141,6 +141,10 @@ local function settle(id)
 end
 
 local function lock_key(base) return K.order .. base .. ':lock' end
+-- A lock outlives its run's lease by the recovery interval: when a run dies, the sweep finds
+-- its lease over while its lock still stands, and keeps the lock for the pair (keep_lock_for_cut_
+-- run) with no moment in which another event of the entity could take it.
+local LOCK_MS = LEASE + RECOVER
 -- An entity's lock names the pair and the run holding it: only that run renews or releases it,
 -- so a run that lost its lease cannot free the entity under the run that took over.
 local function lock_value(id, pair, owner) return member(id, pair) .. '|' .. owner end
@@ -281,7 +285,7 @@ local function order_check(ev, id, pair, owner)
       tonumber(cur[4]), cur[5]) then
     return 'stale'
   end
-  redis.call('SET', lock_key(base), lock_value(id, pair, owner), 'PX', LEASE)
+  redis.call('SET', lock_key(base), lock_value(id, pair, owner), 'PX', LOCK_MS)
   return 'ok'
 end
 

@@ -21,10 +21,10 @@ for i = 8, #ARGV do
       lost[#lost + 1] = ARGV[i]
     else
       redis.call('HSET', ev, f(pair, 'l'), NOW + LEASE)
-      if lock then redis.call('SET', lock, mine, 'PX', LEASE) end
+      if lock then redis.call('SET', lock, mine, 'PX', LOCK_MS) end
     end
   else
-    if lock and holder == mine then redis.call('PEXPIRE', lock, LEASE) end
+    if lock and holder == mine then redis.call('PEXPIRE', lock, LOCK_MS) end
     -- A final pair is not reported: its own run may have just finished it (the heartbeat's
     -- snapshot predates the release); a run that lost to another copy is told by finish.
     if not FINAL[got[1]] then lost[#lost + 1] = ARGV[i] end
