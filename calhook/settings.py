@@ -226,6 +226,13 @@ class Settings(BaseSettings):
     handler_batch_max: int = Field(
         1, ge=1, le=1000, description="Most events one handler message names."
     )
+    async_concurrency: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Most events one async handler runs at once in a worker process (a "
+        "handler's own `concurrency=` overrides it).",
+    )
     order_wait_s: float = Field(
         1.0,
         gt=0,

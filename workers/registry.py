@@ -17,9 +17,10 @@ modules can never silently compete for the same work.
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,9 @@ class HandlerContext:
         return f"{self.event_id}:{self.handler}"
 
 
-HandlerFn = Callable[[Any, HandlerContext], None]
+# A plain function, or an ``async def`` one: async handlers run on the worker process's event
+# loop (workers/loop.py), the events of a batch concurrently, at most ``concurrency`` at once.
+HandlerFn = Callable[[Any, HandlerContext], None] | Callable[[Any, HandlerContext], Awaitable[None]]
 # (event, event_id) → its version for ordering (workers.ordering.Version), or None.
 OrderKey = Callable[[Any, str], Any]
 
@@ -75,6 +78,12 @@ class Handler:
     ordered: bool = False
     order_key: OrderKey | None = None
     order_scope: str | None = None
+    concurrency: int | None = None
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the handler is an ``async def`` (run on the process's event loop)."""
+        return inspect.iscoroutinefunction(self.fn)
 
 
 class Registry:
@@ -106,6 +115,7 @@ class Registry:
         ordered: bool = False,
         order_key: OrderKey | None = None,
         order_scope: str | None = None,
+        concurrency: int | None = None,
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Register the decorated function for ``event_types`` on ``queue``.
 
@@ -113,7 +123,13 @@ class Registry:
         customer or appointment (:mod:`workers.ordering`). ``order_key`` picks another entity
         (e.g. the customer of a booking); handlers with the same ``order_scope`` share versions,
         so that one's older event does not undo another's newer one.
+
+        The function may be ``async def``: the events of a batch then run concurrently on the
+        worker process's event loop, at most ``concurrency`` at once (default
+        ``CALHOOK_ASYNC_CONCURRENCY``), each under the handler's rate limit if it has one.
         """
+        if concurrency is not None and concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
 
         def decorate(fn: HandlerFn) -> HandlerFn:
             self.register(
@@ -126,6 +142,7 @@ class Registry:
                     ordered or order_key is not None,
                     order_key,
                     order_scope,
+                    concurrency,
                 )
             )
             return fn

@@ -44,6 +44,7 @@ from calhook.store.queues import throughput_key
 from schemas import CalensoEvent, SchemaError, parse_event
 from workers.errors import Defer, PermanentError, RetryLater, TransientError, UnknownHandler
 from workers.heartbeat import Heartbeat
+from workers.loop import process_loop
 from workers.registry import Handler, HandlerContext, Registry
 
 log = logging.getLogger("calhook.worker")
@@ -197,7 +198,10 @@ class HandlerRunner:
             reraise=True,
         ):
             with try_:
-                h.fn(event, ctx)
+                if h.is_async:
+                    process_loop.run(h.fn(event, ctx))  # type: ignore[arg-type]
+                else:
+                    h.fn(event, ctx)
 
     def _failure(self, h: Handler, attempt: int, exc: Exception) -> _Failure:
         if isinstance(exc, Defer):

@@ -63,3 +63,18 @@ def test_an_unimportable_module_names_itself() -> None:
         HandlerModuleError, match=r"'workers\.tasks\.nope'.*CALHOOK_HANDLER_MODULES"
     ):
         load_modules(["workers.tasks.nope"])
+
+
+async def remote_call(event: CalensoEvent, ctx: HandlerContext) -> None:
+    """An async handler."""
+
+
+def test_an_async_handler_is_told_apart_and_takes_a_concurrency_cap() -> None:
+    registry = Registry()
+    registry.handler("customer.created", queue="crm", name="a", concurrency=8)(remote_call)
+    registry.handler("customer.created", queue="crm", name="s")(noop)
+    assert registry.get("a").is_async
+    assert registry.get("a").concurrency == 8
+    assert not registry.get("s").is_async
+    with pytest.raises(ValueError, match="concurrency"):
+        registry.handler("customer.created", queue="crm", name="b", concurrency=0)(remote_call)
