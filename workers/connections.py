@@ -1,12 +1,15 @@
-"""The worker process's Redis client, made once per process from the settings."""
+"""The worker process's Redis clients, made from the settings: a synchronous one per process, and
+an asyncio one per event loop (for async handlers)."""
 
 from __future__ import annotations
 
 import functools
 
 import redis
+import redis.asyncio
 
 from calhook.settings import get_settings
+from workers.looplocal import LoopLocal
 
 
 @functools.cache
@@ -19,3 +22,25 @@ def redis_client() -> redis.Redis:
         socket_connect_timeout=10,
         health_check_interval=30,
     )
+
+
+def _new_async_client() -> redis.asyncio.Redis:
+    return redis.asyncio.Redis.from_url(
+        get_settings().require_redis_url(),
+        socket_timeout=10,
+        socket_connect_timeout=10,
+        health_check_interval=30,
+    )
+
+
+async def _close(client: redis.asyncio.Redis) -> None:
+    await client.aclose()
+
+
+_async_clients: LoopLocal[redis.asyncio.Redis] = LoopLocal(_new_async_client, _close)
+
+
+async def async_redis_client() -> redis.asyncio.Redis:
+    """An asyncio client on the broker Redis, one per running event loop (a client's connections
+    belong to the loop that opened them); closed when that loop shuts down."""
+    return await _async_clients.get()
