@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
@@ -112,6 +113,14 @@ def redis_db(redis_url: str) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.close()
+
+
+@pytest.fixture
+async def aredis_db(redis_db: redis.Redis, redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    """An asyncio client on the same (emptied) database, for code that runs on an event loop."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
 
 
 Client = TestClient[Any, Any]

@@ -37,11 +37,15 @@ class Fault:
 
 @dataclass
 class FakeCrm:
-    """``PUT``/``DELETE /contacts/{uuid}`` with a Bearer token; contacts kept in memory."""
+    """``PUT``/``DELETE /contacts/{uuid}`` with a Bearer token; contacts kept in memory.
+
+    ``delay_s`` holds every answer back that long (a slow CRM); requests wait concurrently.
+    """
 
     contacts: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
+    delay_s: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadedServer | None = None
 
@@ -67,6 +71,7 @@ class FakeCrm:
             self.contacts.clear()
             self.calls.clear()
             self.faults.clear()
+            self.delay_s = 0.0
 
     def fail_next(self, *faults: Fault) -> None:
         with self._lock:
@@ -85,6 +90,8 @@ class FakeCrm:
         with self._lock:
             self.calls.append(call)
             fault = self.faults.pop(0) if self.faults else None
+            delay_s = self.delay_s
+        await asyncio.sleep(delay_s)
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
             call.status = 401
             return web.json_response({"error": "bad token"}, status=401)

@@ -1,6 +1,6 @@
 """A fake HubSpot CRM v3 contacts API on 127.0.0.1, for the HubSpot adapter's tests.
 
-It runs its own event loop in a background thread, so synchronous httpx code in the test and a
+It runs its own event loop in a background thread, so the adapter on the test's event loop and a
 Celery worker in another process can both call it. It implements the subset calhook uses:
 
 - ``POST /crm/v3/objects/contacts/batch/upsert``: create or update by the inputs' ``idProperty``

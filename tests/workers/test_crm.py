@@ -1,16 +1,20 @@
 """CRM sync: the contact mapping field by field, the http adapter against a real HTTP server,
-the shared rate limit, and the handlers end to end through the ingress and a real worker."""
+the shared rate limit, the handlers' calls running concurrently on one event loop, and the
+handlers end to end through the ingress and a real worker."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 import redis
+import redis.asyncio
 
 from calhook.store.keys import FINAL_STATES
 from calhook.store.pairs import PairStore
@@ -21,8 +25,10 @@ from tests.support.waiting import await_for, wait_for
 from tests.support.worker import WorkerProcess
 from workers.crm.contact import Contact, contact_from_customer, contact_from_lead, e164
 from workers.crm.http import HttpCrm
-from workers.crm.ratelimit import RateLimiter
+from workers.crm.ratelimit import AsyncRateLimiter, RateLimitedCrm, RateLimiter
 from workers.errors import Defer, PermanentError
+from workers.registry import HandlerContext
+from workers.tasks.crm import sync_customer
 
 CUSTOMER_UUID = "c3a9e5d2-41b7-4f0e-8c2d-6e1f0a9b7d34"
 AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
@@ -115,19 +121,19 @@ def test_a_lead_maps_to_a_contact_marked_as_lead() -> None:
 
 
 @pytest.fixture
-def http_crm(fake_crm: FakeCrm) -> Iterator[HttpCrm]:
+async def http_crm(fake_crm: FakeCrm) -> AsyncIterator[HttpCrm]:
     client = HttpCrm(fake_crm.url, TOKEN, timeout_s=2)
     yield client
-    client.close()
+    await client.close()
 
 
 CONTACT = Contact(calenso_uuid="u-1", email="a@example.org", first_name="Anna")
 
 
-def test_upsert_puts_the_contract_body_with_token_and_idempotency_key(
+async def test_upsert_puts_the_contract_body_with_token_and_idempotency_key(
     http_crm: HttpCrm, fake_crm: FakeCrm
 ) -> None:
-    http_crm.upsert(CONTACT, idempotency_key="e1:crm")
+    await http_crm.upsert(CONTACT, idempotency_key="e1:crm")
 
     [call] = fake_crm.calls_for("u-1")
     assert call.method == "PUT"
@@ -136,55 +142,57 @@ def test_upsert_puts_the_contract_body_with_token_and_idempotency_key(
     assert fake_crm.contacts["u-1"] == CONTACT.as_json()
 
 
-def test_deleting_a_contact_that_is_gone_is_success(http_crm: HttpCrm, fake_crm: FakeCrm) -> None:
-    http_crm.delete("never-existed", idempotency_key="e2:crm")
+async def test_deleting_a_contact_that_is_gone_is_success(
+    http_crm: HttpCrm, fake_crm: FakeCrm
+) -> None:
+    await http_crm.delete("never-existed", idempotency_key="e2:crm")
 
     assert [c.status for c in fake_crm.calls_for("never-existed")] == [404]
 
 
-def test_429_with_a_short_retry_after_is_waited_out_in_the_call(
+async def test_429_with_a_short_retry_after_is_waited_out_in_the_call(
     http_crm: HttpCrm, fake_crm: FakeCrm
 ) -> None:
     fake_crm.fail_next(Fault(429, "slow down", retry_after="1"))
 
-    http_crm.upsert(CONTACT, idempotency_key="e3:crm")
+    await http_crm.upsert(CONTACT, idempotency_key="e3:crm")
 
     first, second = fake_crm.calls_for("u-1")
     assert (first.status, second.status) == (429, 200)
     assert second.at - first.at >= 0.95
 
 
-def test_429_with_a_long_retry_after_waits_without_spending_an_attempt(
+async def test_429_with_a_long_retry_after_waits_without_spending_an_attempt(
     http_crm: HttpCrm, fake_crm: FakeCrm
 ) -> None:
     fake_crm.fail_next(Fault(429, "come back in a minute", retry_after="60"))
 
     with pytest.raises(Defer) as raised:
-        http_crm.upsert(CONTACT, idempotency_key="e4:crm")
+        await http_crm.upsert(CONTACT, idempotency_key="e4:crm")
 
     assert raised.value.after_s == 60
     assert len(fake_crm.calls_for("u-1")) == 1
 
 
-def test_5xx_is_retried_and_other_4xx_is_permanent_with_the_answer(
+async def test_5xx_is_retried_and_other_4xx_is_permanent_with_the_answer(
     http_crm: HttpCrm, fake_crm: FakeCrm
 ) -> None:
     fake_crm.fail_next(Fault(500), Fault(503))
-    http_crm.upsert(CONTACT, idempotency_key="e5:crm")
+    await http_crm.upsert(CONTACT, idempotency_key="e5:crm")
     assert [c.status for c in fake_crm.calls_for("u-1")] == [500, 503, 200]
 
     fake_crm.fail_next(Fault(400, '{"error": "email is invalid"}'))
     with pytest.raises(PermanentError, match=r"CRM answered 400: .*email is invalid"):
-        http_crm.upsert(CONTACT, idempotency_key="e6:crm")
+        await http_crm.upsert(CONTACT, idempotency_key="e6:crm")
 
 
-def test_a_wrong_token_is_permanent_and_not_echoed(fake_crm: FakeCrm) -> None:
+async def test_a_wrong_token_is_permanent_and_not_echoed(fake_crm: FakeCrm) -> None:
     client = HttpCrm(fake_crm.url, "wrong-token-123", timeout_s=2)
 
     with pytest.raises(PermanentError) as raised:
-        client.upsert(CONTACT, idempotency_key="e7:crm")
+        await client.upsert(CONTACT, idempotency_key="e7:crm")
 
-    client.close()
+    await client.close()
     assert "401" in str(raised.value)
     assert "wrong-token-123" not in str(raised.value)
 
@@ -211,6 +219,87 @@ def test_the_bucket_is_shared_and_refills(redis_db: redis.Redis) -> None:
         return True
 
     wait_for(refilled, timeout_s=2, what="a token to come back")
+
+
+async def test_coroutines_share_the_bucket_with_sync_callers_and_wait_without_blocking(
+    redis_db: redis.Redis, aredis_db: redis.asyncio.Redis
+) -> None:
+    async def client() -> redis.asyncio.Redis:
+        return aredis_db
+
+    limiter = AsyncRateLimiter(client, "test", rate_per_s=5, max_wait_s=0)
+    sync = RateLimiter(redis_db, "test", rate_per_s=5, max_wait_s=0)
+
+    for acquire in (limiter.acquire, limiter.acquire, limiter.acquire):
+        await acquire()
+    sync.acquire()
+    sync.acquire()
+    # Used up by both together: the same Defer as the sync path, no step of the schedule spent.
+    with pytest.raises(Defer) as raised:
+        await limiter.acquire()
+    assert 0 < raised.value.after_s <= 0.2
+
+    # Given time to wait, the coroutine waits on the loop (a ticker keeps running) for a token.
+    waiting = AsyncRateLimiter(client, "test", rate_per_s=5, max_wait_s=2)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticking = asyncio.create_task(ticker())
+    started = time.monotonic()
+    await waiting.acquire()
+    waited_s = time.monotonic() - started
+    ticking.cancel()
+    assert 0.05 < waited_s < 1.0
+    assert ticks >= 3
+
+
+# --- one handler, many events, one loop ------------------------------------------------------
+
+
+def customer_event(uuid: str) -> CustomerEvent:
+    data = sample("customer.created.nested.json")
+    data["data"]["customer"]["uuid"] = uuid
+    event = parse_event(data)
+    assert isinstance(event, CustomerEvent)
+    return event
+
+
+async def test_the_calls_of_one_handler_run_concurrently_on_one_loop(
+    fake_crm: FakeCrm, aredis_db: redis.asyncio.Redis
+) -> None:
+    # Given a CRM that takes half a second to answer, behind the shared rate limit
+    async def db() -> redis.asyncio.Redis:
+        return aredis_db
+
+    delay_s = 0.5
+    fake_crm.delay_s = delay_s
+    crm = RateLimitedCrm(
+        HttpCrm(fake_crm.url, TOKEN, timeout_s=5), AsyncRateLimiter(db, "crm:test", 100)
+    )
+    uuids = [f"c0000000-0000-4000-8000-00000000000{i}" for i in range(4)]
+    contexts = [
+        HandlerContext(f"e{i}", "crm.sync_customer", "default", time.time())
+        for i in range(len(uuids))
+    ]
+
+    # When the handler runs for four events at once on this loop
+    started = time.monotonic()
+    await asyncio.gather(
+        *(sync_customer(customer_event(u), c, crm) for u, c in zip(uuids, contexts, strict=True))
+    )
+    elapsed_s = time.monotonic() - started
+
+    # Then all four contacts landed in about one delay, not four one after another
+    assert set(fake_crm.contacts) == set(uuids)
+    assert delay_s <= elapsed_s < 2 * delay_s
+    arrivals = sorted(c.at for u in uuids for c in fake_crm.calls_for(u))
+    assert arrivals[-1] - arrivals[0] < delay_s  # the last call left before the first answer
+    await crm.close()
 
 
 # --- end to end through the worker ----------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -47,7 +47,7 @@ def hubspot() -> Iterator[FakeHubSpot]:
 
 
 @pytest.fixture
-def make_crm(hubspot: FakeHubSpot) -> Iterator[Callable[..., HubSpotCrm]]:
+async def make_crm(hubspot: FakeHubSpot) -> AsyncIterator[Callable[..., HubSpotCrm]]:
     """HubSpotCrm clients on the fake; closed at the end."""
     made: list[HubSpotCrm] = []
 
@@ -58,7 +58,7 @@ def make_crm(hubspot: FakeHubSpot) -> Iterator[Callable[..., HubSpotCrm]]:
 
     yield make
     for client in made:
-        client.close()
+        await client.close()
 
 
 @pytest.fixture
@@ -124,18 +124,18 @@ def test_a_custom_id_property_carries_the_uuid() -> None:
 # --- upsert ---------------------------------------------------------------------------------
 
 
-def test_upsert_creates_then_updates_the_same_contact(
+async def test_upsert_creates_then_updates_the_same_contact(
     hubspot: FakeHubSpot, crm: HubSpotCrm
 ) -> None:
     # Given a contact upserted once
-    crm.upsert(FULL, idempotency_key=KEY)
+    await crm.upsert(FULL, idempotency_key=KEY)
     [created] = hubspot.contacts()
     assert created["properties"] == {
         "hs_object_id": created["id"],
         **hubspot_properties(FULL, "calenso_uuid"),
     }
     # When it is upserted again with a new last name and no phone
-    crm.upsert(dataclasses.replace(FULL, last_name="Meier", phone=None), idempotency_key=KEY)
+    await crm.upsert(dataclasses.replace(FULL, last_name="Meier", phone=None), idempotency_key=KEY)
     # Then HubSpot still has one contact: the name is updated, the phone is kept
     [updated] = hubspot.contacts()
     assert updated["id"] == created["id"]
@@ -153,10 +153,10 @@ def test_upsert_creates_then_updates_the_same_contact(
     assert all(c.headers["Authorization"] == f"Bearer {TOKEN}" for c in calls)
 
 
-def test_upsert_by_email(hubspot: FakeHubSpot, make_crm: Callable[..., HubSpotCrm]) -> None:
+async def test_upsert_by_email(hubspot: FakeHubSpot, make_crm: Callable[..., HubSpotCrm]) -> None:
     crm = make_crm(id_property="email")
-    crm.upsert(FULL, idempotency_key=KEY)
-    crm.upsert(dataclasses.replace(FULL, city="Bern"), idempotency_key=KEY)
+    await crm.upsert(FULL, idempotency_key=KEY)
+    await crm.upsert(dataclasses.replace(FULL, city="Bern"), idempotency_key=KEY)
 
     [stored] = hubspot.contacts()
     assert stored["properties"]["email"] == FULL.email
@@ -166,16 +166,18 @@ def test_upsert_by_email(hubspot: FakeHubSpot, make_crm: Callable[..., HubSpotCr
     assert (item["id"], item["idProperty"]) == (FULL.email, "email")
 
 
-def test_upsert_by_email_without_email_is_permanent(
+async def test_upsert_by_email_without_email_is_permanent(
     hubspot: FakeHubSpot, make_crm: Callable[..., HubSpotCrm]
 ) -> None:
     crm = make_crm(id_property="email")
     with pytest.raises(PermanentError, match="no e-mail"):
-        crm.upsert(dataclasses.replace(FULL, email=None), idempotency_key=KEY)
+        await crm.upsert(dataclasses.replace(FULL, email=None), idempotency_key=KEY)
     assert hubspot.calls() == []
 
 
-def test_a_batch_error_in_a_2xx_answer_is_permanent(hubspot: FakeHubSpot, crm: HubSpotCrm) -> None:
+async def test_a_batch_error_in_a_2xx_answer_is_permanent(
+    hubspot: FakeHubSpot, crm: HubSpotCrm
+) -> None:
     hubspot.inject(
         Fault(
             status=207,
@@ -189,17 +191,17 @@ def test_a_batch_error_in_a_2xx_answer_is_permanent(hubspot: FakeHubSpot, crm: H
         path=UPSERT,
     )
     with pytest.raises(PermanentError, match="Property zip is read-only"):
-        crm.upsert(FULL, idempotency_key=KEY)
+        await crm.upsert(FULL, idempotency_key=KEY)
 
 
 # --- delete ---------------------------------------------------------------------------------
 
 
-def test_delete_archives_the_contact(hubspot: FakeHubSpot, crm: HubSpotCrm) -> None:
-    crm.upsert(FULL, idempotency_key=KEY)
+async def test_delete_archives_the_contact(hubspot: FakeHubSpot, crm: HubSpotCrm) -> None:
+    await crm.upsert(FULL, idempotency_key=KEY)
     [stored] = hubspot.contacts()
 
-    crm.delete(UUID, idempotency_key=KEY)
+    await crm.delete(UUID, idempotency_key=KEY)
 
     assert hubspot.contacts() == []
     assert [c["id"] for c in hubspot.contacts(archived=True)] == [stored["id"]]
@@ -215,135 +217,135 @@ def test_delete_archives_the_contact(hubspot: FakeHubSpot, crm: HubSpotCrm) -> N
     )
 
 
-def test_delete_of_a_missing_contact_succeeds(hubspot: FakeHubSpot, crm: HubSpotCrm) -> None:
-    crm.delete(UUID, idempotency_key=KEY)
+async def test_delete_of_a_missing_contact_succeeds(hubspot: FakeHubSpot, crm: HubSpotCrm) -> None:
+    await crm.delete(UUID, idempotency_key=KEY)
     assert [c.method for c in hubspot.calls()] == ["GET"]
 
 
-def test_a_contact_gone_between_read_and_archive_is_deleted(
+async def test_a_contact_gone_between_read_and_archive_is_deleted(
     hubspot: FakeHubSpot, crm: HubSpotCrm
 ) -> None:
-    crm.upsert(FULL, idempotency_key=KEY)
+    await crm.upsert(FULL, idempotency_key=KEY)
     hubspot.inject(Fault.not_found(), method="DELETE")
-    crm.delete(UUID, idempotency_key=KEY)
+    await crm.delete(UUID, idempotency_key=KEY)
     assert [c.method for c in hubspot.calls()] == ["POST", "GET", "DELETE"]
 
 
-def test_delete_by_email(hubspot: FakeHubSpot, make_crm: Callable[..., HubSpotCrm]) -> None:
+async def test_delete_by_email(hubspot: FakeHubSpot, make_crm: Callable[..., HubSpotCrm]) -> None:
     crm = make_crm(id_property="email")
-    crm.upsert(FULL, idempotency_key=KEY)
+    await crm.upsert(FULL, idempotency_key=KEY)
     assert FULL.email is not None
-    crm.delete(FULL.email, idempotency_key=KEY)
+    await crm.delete(FULL.email, idempotency_key=KEY)
     assert hubspot.contacts() == []
     # A Calenso uuid cannot find a contact keyed by e-mail: refused, not guessed
     with pytest.raises(PermanentError, match="keyed by e-mail"):
-        crm.delete(UUID, idempotency_key=KEY)
+        await crm.delete(UUID, idempotency_key=KEY)
 
 
 # --- faults ---------------------------------------------------------------------------------
 
 
-def test_429_with_a_short_retry_after_is_waited_out_in_the_call(
+async def test_429_with_a_short_retry_after_is_waited_out_in_the_call(
     hubspot: FakeHubSpot, crm: HubSpotCrm
 ) -> None:
     hubspot.inject(Fault.rate_limited(retry_after_s=1), path=UPSERT)
 
-    crm.upsert(FULL, idempotency_key=KEY)
+    await crm.upsert(FULL, idempotency_key=KEY)
 
     first, second = hubspot.calls()
     assert 0.95 <= second.at - first.at < 3.0
     assert len(hubspot.contacts()) == 1
 
 
-def test_429_with_a_long_retry_after_waits_without_spending_an_attempt(
+async def test_429_with_a_long_retry_after_waits_without_spending_an_attempt(
     hubspot: FakeHubSpot, crm: HubSpotCrm
 ) -> None:
     hubspot.inject(Fault.rate_limited(retry_after_s=60), path=UPSERT)
 
     with pytest.raises(Defer) as caught:
-        crm.upsert(FULL, idempotency_key=KEY)
+        await crm.upsert(FULL, idempotency_key=KEY)
 
     assert caught.value.after_s == pytest.approx(60, abs=1)
     assert len(hubspot.calls()) == 1  # not retried, not waited for
 
 
-def test_429_without_retry_after_waits_the_rate_limit_interval(
+async def test_429_without_retry_after_waits_the_rate_limit_interval(
     hubspot: FakeHubSpot, crm: HubSpotCrm
 ) -> None:
     hubspot.inject(Fault.rate_limited(interval_ms=10_000), path=UPSERT)
 
     with pytest.raises(RetryLater) as caught:
-        crm.upsert(FULL, idempotency_key=KEY)
+        await crm.upsert(FULL, idempotency_key=KEY)
 
     assert caught.value.after_s == pytest.approx(10)
     assert len(hubspot.calls()) == 1
 
 
-def test_429_with_the_secondly_budget_spent_waits_a_second(
+async def test_429_with_the_secondly_budget_spent_waits_a_second(
     hubspot: FakeHubSpot, crm: HubSpotCrm
 ) -> None:
     hubspot.inject(Fault.rate_limited(interval_ms=None), path=UPSERT)
 
-    crm.upsert(FULL, idempotency_key=KEY)
+    await crm.upsert(FULL, idempotency_key=KEY)
 
     first, second = hubspot.calls()
     assert 0.95 <= second.at - first.at < 3.0
 
 
-def test_500_twice_then_success(hubspot: FakeHubSpot, crm: HubSpotCrm) -> None:
+async def test_500_twice_then_success(hubspot: FakeHubSpot, crm: HubSpotCrm) -> None:
     hubspot.inject(Fault.server_error(), times=2)
 
-    crm.upsert(FULL, idempotency_key=KEY)
+    await crm.upsert(FULL, idempotency_key=KEY)
 
     assert len(hubspot.calls()) == 3
     assert len(hubspot.contacts()) == 1
 
 
-def test_500_every_time_is_transient(hubspot: FakeHubSpot, crm: HubSpotCrm) -> None:
+async def test_500_every_time_is_transient(hubspot: FakeHubSpot, crm: HubSpotCrm) -> None:
     hubspot.inject(Fault.server_error(), times=10)
     with pytest.raises(CrmUnavailable):
-        crm.upsert(FULL, idempotency_key=KEY)
+        await crm.upsert(FULL, idempotency_key=KEY)
     assert len(hubspot.calls()) == 3
 
 
-def test_a_slow_answer_times_out_and_is_retried(
+async def test_a_slow_answer_times_out_and_is_retried(
     hubspot: FakeHubSpot, make_crm: Callable[..., HubSpotCrm]
 ) -> None:
     crm = make_crm(timeout_s=0.3)
     hubspot.inject(Fault.slow(2.0), path=UPSERT)
 
-    crm.upsert(FULL, idempotency_key=KEY)
+    await crm.upsert(FULL, idempotency_key=KEY)
 
     assert len(hubspot.calls()) == 2
 
 
-def test_400_is_permanent_and_carries_hubspots_answer(
+async def test_400_is_permanent_and_carries_hubspots_answer(
     hubspot: FakeHubSpot, crm: HubSpotCrm
 ) -> None:
     hubspot.inject(Fault.bad_request("Property values were not valid: date_of_birth"))
 
     with pytest.raises(PermanentError, match="Property values were not valid: date_of_birth"):
-        crm.upsert(FULL, idempotency_key=KEY)
+        await crm.upsert(FULL, idempotency_key=KEY)
     assert len(hubspot.calls()) == 1
 
 
-def test_a_property_hubspot_does_not_know_is_permanent(
+async def test_a_property_hubspot_does_not_know_is_permanent(
     hubspot: FakeHubSpot, make_crm: Callable[..., HubSpotCrm]
 ) -> None:
     crm = make_crm(id_property="customer_no")
     with pytest.raises(PermanentError, match=r"400.*customer_no"):
-        crm.upsert(FULL, idempotency_key=KEY)
+        await crm.upsert(FULL, idempotency_key=KEY)
 
 
-def test_a_wrong_token_is_permanent(
+async def test_a_wrong_token_is_permanent(
     hubspot: FakeHubSpot, make_crm: Callable[..., HubSpotCrm]
 ) -> None:
     crm = make_crm(token="pat-eu1-wrong")
     with pytest.raises(PermanentError, match="401") as caught:
-        crm.upsert(FULL, idempotency_key=KEY)
+        await crm.upsert(FULL, idempotency_key=KEY)
     assert "pat-eu1-wrong" not in str(caught.value)
     with pytest.raises(PermanentError, match="401"):
-        crm.delete(UUID, idempotency_key=KEY)
+        await crm.delete(UUID, idempotency_key=KEY)
     assert hubspot.contacts() == []
 
 
@@ -373,7 +375,7 @@ def _messages(exc: BaseException | None) -> list[str]:
     ],
     ids=["400-echoing-headers", "503-echoing-token", "429-long", "timeouts"],
 )
-def test_the_token_never_appears_in_an_error(
+async def test_the_token_never_appears_in_an_error(
     hubspot: FakeHubSpot,
     make_crm: Callable[..., HubSpotCrm],
     caplog: pytest.LogCaptureFixture,
@@ -387,19 +389,19 @@ def test_the_token_never_appears_in_an_error(
     hubspot.inject(fault, times=times)
 
     with pytest.raises(error) as caught:
-        crm.upsert(FULL, idempotency_key=KEY)
+        await crm.upsert(FULL, idempotency_key=KEY)
 
     assert hubspot.calls()[0].headers["Authorization"] == f"Bearer {TOKEN}"
     assert all(TOKEN not in m for m in _messages(caught.value))
     assert TOKEN not in caplog.text
 
 
-def test_logs_carry_no_contact_fields(
+async def test_logs_carry_no_contact_fields(
     hubspot: FakeHubSpot, crm: HubSpotCrm, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="calhook.crm")
-    crm.upsert(FULL, idempotency_key=KEY)
-    crm.delete(UUID, idempotency_key=KEY)
+    await crm.upsert(FULL, idempotency_key=KEY)
+    await crm.delete(UUID, idempotency_key=KEY)
     records = [r for r in caplog.records if r.name == "calhook.crm"]
     assert records
     text = " ".join(f"{r.getMessage()} {r.__dict__}" for r in records)

@@ -1,43 +1,46 @@
 """The CRM client interface, and what every adapter shares: HTTP status → retry decision.
 
-Adapters raise the workers' errors, so the runner's policy applies unchanged: a 429 or 5xx, a
-timeout or a dropped connection is retried in the call a few times (honouring ``Retry-After``
-when it is short), then handed on: a 429 with ``Retry-After`` waits that long without spending an
-attempt (``Defer``), a 5xx with one is the next attempt of the schedule (``RetryLater``), the
-rest the schedule's next delay; any other 4xx is permanent and goes to the dead-letter store.
+Adapters are async (aiohttp, on the worker process's event loop, so the events of a batch wait on
+the CRM together) and raise the workers' errors, so the runner's policy applies unchanged: a 429
+or 5xx, a timeout or a dropped connection is retried in the call a few times (honouring
+``Retry-After`` when it is short), then handed on: a 429 with ``Retry-After`` waits that long
+without spending an attempt (``Defer``), a 5xx with one is the next attempt of the schedule
+(``RetryLater``), the rest the schedule's next delay; any other 4xx is permanent and goes to the
+dead-letter store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
-import httpx
-from tenacity import Retrying, retry_if_exception, stop_after_attempt
+import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_base
 
 from workers.crm.contact import Contact
 from workers.errors import Defer, PermanentError, RetryLater, TransientError
-from workers.http import retry_after_s
+from workers.http import Answer, retry_after_s
 
 T = TypeVar("T")
 
-# A Retry-After longer than this is not waited out in the call (it would hold a worker child
-# and count against the task time limit); the schedule takes it instead.
+# A Retry-After longer than this is not waited out in the call (it would hold the handler's
+# concurrency slot and count against the task time limit); the schedule takes it instead.
 QUICK_WAIT_MAX_S = 5.0
 
 
 class CrmClient(Protocol):
-    """What calhook asks of a CRM. Implementations are used from one worker process."""
+    """What calhook asks of a CRM. Implementations are shared by the coroutines of a worker
+    process, on whichever event loop runs them."""
 
-    def upsert(self, contact: Contact, *, idempotency_key: str) -> None:
+    async def upsert(self, contact: Contact, *, idempotency_key: str) -> None:
         """Create or update the contact of ``contact.calenso_uuid``."""
 
-    def delete(self, calenso_uuid: str, *, idempotency_key: str) -> None:
+    async def delete(self, calenso_uuid: str, *, idempotency_key: str) -> None:
         """Delete (or archive) the contact; a contact that is already gone is success."""
 
-    def close(self) -> None:
-        """Release connections."""
+    async def close(self) -> None:
+        """Release the running event loop's connections."""
 
 
 class CrmUnavailable(TransientError):
@@ -51,7 +54,7 @@ class CrmUnavailable(TransientError):
         self.rate_limited = rate_limited
 
 
-def check(response: httpx.Response, *, ok_statuses: tuple[int, ...] = ()) -> httpx.Response:
+def check(response: Answer, *, ok_statuses: tuple[int, ...] = ()) -> Answer:
     """Return ``response`` if it succeeded; else raise the error that says how to go on."""
     status = response.status_code
     if 200 <= status < 300 or status in ok_statuses:
@@ -84,24 +87,24 @@ class _WaitRetryAfter(wait_base):
         return float(min(0.5 * 2 ** (attempt - 1), QUICK_WAIT_MAX_S))
 
 
-def call(fn: Callable[[], T], *, attempts: int = 3) -> T:
+async def call(fn: Callable[[], Awaitable[T]], *, attempts: int = 3) -> T:
     """Run one CRM call with quick retries; hand a long ``Retry-After`` to the schedule."""
 
-    def attempt() -> T:
+    async def attempt() -> T:
         try:
-            return fn()
-        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            return await fn()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise CrmUnavailable(f"CRM unreachable: {type(exc).__name__}") from exc
 
     try:
-        for try_ in Retrying(
+        async for try_ in AsyncRetrying(
             stop=stop_after_attempt(attempts),
             wait=_WaitRetryAfter(),
             retry=retry_if_exception(_quickly_retryable),
             reraise=True,
         ):
             with try_:
-                return attempt()
+                return await attempt()
     except CrmUnavailable as exc:
         if exc.retry_after_s is not None and exc.rate_limited:
             # Its rate limit: waiting is not failing, no attempt is spent (DESIGN.md rule 4).

@@ -13,50 +13,49 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-import httpx
-
 from workers.crm.client import call, check
 from workers.crm.contact import Contact
+from workers.http import Answer, read_answer, sessions
 
 
 class HttpCrm:
-    """A CRM bridge speaking the http contract."""
+    """A CRM bridge speaking the http contract, over aiohttp (a session per event loop)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        token: str,
-        *,
-        timeout_s: float = 10.0,
-        http: httpx.Client | None = None,
-    ) -> None:
-        self._http = http or httpx.Client(
-            base_url=base_url.rstrip("/"),
-            timeout=timeout_s,
-            headers={"Authorization": f"Bearer {token}", "User-Agent": "calhook"},
-        )
+    def __init__(self, base_url: str, token: str, *, timeout_s: float = 10.0) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._sessions = sessions(timeout_s, {"Authorization": f"Bearer {token}"})
 
-    def upsert(self, contact: Contact, *, idempotency_key: str) -> None:
+    async def upsert(self, contact: Contact, *, idempotency_key: str) -> None:
         """PUT the contact."""
         path = f"/contacts/{quote(contact.calenso_uuid, safe='')}"
-        call(
-            lambda: check(
-                self._http.put(
-                    path, json=contact.as_json(), headers={"Idempotency-Key": idempotency_key}
-                )
-            )
-        )
+        body = contact.as_json()
+        await call(lambda: self._send("PUT", path, idempotency_key, json=body))
 
-    def delete(self, calenso_uuid: str, *, idempotency_key: str) -> None:
+    async def delete(self, calenso_uuid: str, *, idempotency_key: str) -> None:
         """DELETE the contact; one that is already gone is fine."""
         path = f"/contacts/{quote(calenso_uuid, safe='')}"
-        call(
-            lambda: check(
-                self._http.delete(path, headers={"Idempotency-Key": idempotency_key}),
-                ok_statuses=(404,),
-            )
-        )
+        await call(lambda: self._send("DELETE", path, idempotency_key, ok_statuses=(404,)))
 
-    def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
+    async def close(self) -> None:
+        """Close the running event loop's connections (they close with the loop anyway)."""
+        await self._sessions.aclose()
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        idempotency_key: str,
+        *,
+        json: object = None,
+        ok_statuses: tuple[int, ...] = (),
+    ) -> Answer:
+        session = await self._sessions.get()
+        async with session.request(
+            method,
+            f"{self._base_url}{path}",
+            json=json,
+            headers={"Idempotency-Key": idempotency_key},
+            allow_redirects=False,
+        ) as response:
+            answer = await read_answer(response)
+        return check(answer, ok_statuses=ok_statuses)

@@ -47,16 +47,17 @@ What could not be confirmed, and the conservative choice made:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
-
-import httpx
 
 from calhook.privacy import mask_email
 from workers.crm.client import CrmUnavailable, call, check
 from workers.crm.contact import Contact
 from workers.errors import PermanentError
+from workers.http import Answer, read_answer, sessions
 
 log = logging.getLogger("calhook.crm")
 
@@ -91,7 +92,7 @@ def hubspot_properties(contact: Contact, id_property: str) -> dict[str, str]:
     return {name: value for name, value in values.items() if value is not None}
 
 
-def rate_limit_wait_s(headers: httpx.Headers) -> float | None:
+def rate_limit_wait_s(headers: Mapping[str, str]) -> float | None:
     """How long HubSpot's rate-limit headers say to wait, for a 429 without ``Retry-After``."""
     interval_ms = _number(headers.get("X-HubSpot-RateLimit-Interval-Milliseconds"))
     remaining = _number(headers.get("X-HubSpot-RateLimit-Remaining"))
@@ -119,7 +120,8 @@ def _log_key(calenso_uuid: str) -> str:
 
 
 class HubSpotCrm:
-    """HubSpot contacts, identified by a unique contact property (``calenso_uuid`` or ``email``)."""
+    """HubSpot contacts, identified by a unique contact property (``calenso_uuid`` or ``email``),
+    over aiohttp (a session per event loop)."""
 
     def __init__(
         self,
@@ -128,14 +130,13 @@ class HubSpotCrm:
         base_url: str = "https://api.hubapi.com",
         id_property: str = "calenso_uuid",
         timeout_s: float = 10.0,
-        http: httpx.Client | None = None,
     ) -> None:
         self._token = token
         self._base_url = base_url.rstrip("/")
         self._id_property = id_property
-        self._http = http or httpx.Client(timeout=timeout_s, headers={"User-Agent": "calhook"})
+        self._sessions = sessions(timeout_s)
 
-    def upsert(self, contact: Contact, *, idempotency_key: str) -> None:
+    async def upsert(self, contact: Contact, *, idempotency_key: str) -> None:
         """Create or update the contact through HubSpot's batch upsert, with one input."""
         if self._id_property == "email":
             if not contact.email:
@@ -155,21 +156,23 @@ class HubSpotCrm:
                 }
             ]
         }
-        response = call(lambda: self._send("POST", f"{CONTACTS_PATH}/batch/upsert", json=body))
+        response = await call(
+            lambda: self._send("POST", f"{CONTACTS_PATH}/batch/upsert", json=body)
+        )
         self._raise_batch_errors(response)
         log.debug(
             "hubspot upsert",
             extra={"customer_uuid": _log_key(contact.calenso_uuid), "status": response.status_code},
         )
 
-    def delete(self, calenso_uuid: str, *, idempotency_key: str) -> None:
+    async def delete(self, calenso_uuid: str, *, idempotency_key: str) -> None:
         """Archive the contact; one HubSpot does not have (any more) is success."""
         if self._id_property == "email" and "@" not in calenso_uuid:
             raise PermanentError(
                 "HubSpot contacts are keyed by e-mail (id_property=email): a contact cannot be "
                 "found by its Calenso uuid, so it was not archived"
             )
-        found = call(
+        found = await call(
             lambda: self._send(
                 "GET",
                 f"{CONTACTS_PATH}/{quote(calenso_uuid, safe='')}",
@@ -183,7 +186,7 @@ class HubSpotCrm:
             )
             return
         record_id = self._record_id(found)
-        archived = call(
+        archived = await call(
             lambda: self._send(
                 "DELETE", f"{CONTACTS_PATH}/{quote(record_id, safe='')}", ok_statuses=(404,)
             )
@@ -193,11 +196,11 @@ class HubSpotCrm:
             extra={"customer_uuid": _log_key(calenso_uuid), "status": archived.status_code},
         )
 
-    def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
+    async def close(self) -> None:
+        """Close the running event loop's connections (they close with the loop anyway)."""
+        await self._sessions.aclose()
 
-    def _send(
+    async def _send(
         self,
         method: str,
         path: str,
@@ -205,22 +208,24 @@ class HubSpotCrm:
         params: dict[str, str] | None = None,
         json: Any = None,
         ok_statuses: tuple[int, ...] = (),
-    ) -> httpx.Response:
-        response = self._http.request(
+    ) -> Answer:
+        session = await self._sessions.get()
+        async with session.request(
             method,
             f"{self._base_url}{path}",
             params=params,
             json=json,
             headers={"Authorization": f"Bearer {self._token}"},
-        )
-        response = self._scrubbed(response)
+            allow_redirects=False,
+        ) as raw:
+            response = self._scrubbed(await read_answer(raw))
         if response.status_code == 429 and "Retry-After" not in response.headers:
             wait_s = rate_limit_wait_s(response.headers)
             if wait_s is not None:
                 raise CrmUnavailable(f"CRM answered 429: {response.text[:500]}", wait_s)
         return check(response, ok_statuses=ok_statuses)
 
-    def _scrubbed(self, response: httpx.Response) -> httpx.Response:
+    def _scrubbed(self, response: Answer) -> Answer:
         """``response``, with the token cut out of an error answer that echoes it.
 
         Error texts end up in exceptions, the dead-letter store and logs; a proxy or gateway
@@ -228,23 +233,13 @@ class HubSpotCrm:
         """
         if response.is_success or not self._token or self._token not in response.text:
             return response
-        headers = [
-            (name, value)
-            for name, value in response.headers.multi_items()
-            if name.lower() not in ("content-length", "content-encoding", "content-type")
-        ]
-        return httpx.Response(
-            response.status_code,
-            headers=headers,
-            text=self._redact(response.text),
-            request=response.request,
-        )
+        return dataclasses.replace(response, text=self._redact(response.text))
 
     def _redact(self, text: str) -> str:
         return text.replace(self._token, _REDACTED) if self._token else text
 
     @staticmethod
-    def _record_id(response: httpx.Response) -> str:
+    def _record_id(response: Answer) -> str:
         try:
             record_id = response.json().get("id")
         except (ValueError, AttributeError):
@@ -253,7 +248,7 @@ class HubSpotCrm:
             raise PermanentError(f"HubSpot answered {response.status_code} without a contact id")
         return str(record_id)
 
-    def _raise_batch_errors(self, response: httpx.Response) -> None:
+    def _raise_batch_errors(self, response: Answer) -> None:
         """A batch answers 207 (or lists errors) when an input failed: ours is the only one."""
         try:
             body = response.json()

@@ -8,6 +8,8 @@
   ``customer.updated`` nor brings a deleted customer back.
 - ``lead.created`` → a contact marked as a lead.
 
+The handlers are ``async def``: they run on the worker process's event loop, the events of a
+batch calling the CRM concurrently (aiohttp), each call after a token of the shared rate limit.
 Registered only when ``CALHOOK_CRM_KIND`` is set.
 """
 
@@ -20,11 +22,11 @@ from typing import TypeVar
 
 from calhook.settings import get_settings
 from schemas import CalensoEvent, CustomerEvent, LeadEvent
-from workers.connections import redis_client
+from workers.connections import async_redis_client
 from workers.crm.client import CrmClient
 from workers.crm.contact import Contact, contact_from_customer, contact_from_lead
 from workers.crm.http import HttpCrm
-from workers.crm.ratelimit import RateLimitedCrm, RateLimiter
+from workers.crm.ratelimit import AsyncRateLimiter, RateLimitedCrm
 from workers.errors import PermanentError
 from workers.ordering import booking_customer_version
 from workers.registry import HandlerContext, handler
@@ -47,7 +49,11 @@ BOOKING_TYPES = (
 
 @functools.cache
 def crm() -> CrmClient:
-    """This process's CRM client, from the settings, behind the shared rate limit."""
+    """This process's CRM client, from the settings, behind the shared rate limit.
+
+    Made once per process, and bound to no event loop: its HTTP sessions and Redis clients are
+    made per loop, on first use in it.
+    """
     settings = get_settings()
     token = settings.crm_token.get_secret_value()
     client: CrmClient
@@ -63,7 +69,9 @@ def crm() -> CrmClient:
     else:
         client = HttpCrm(settings.crm_url, token, timeout_s=settings.crm_timeout_s)
     if settings.crm_rate_per_s > 0:
-        limiter = RateLimiter(redis_client(), f"crm:{settings.crm_kind}", settings.crm_rate_per_s)
+        limiter = AsyncRateLimiter(
+            async_redis_client, f"crm:{settings.crm_kind}", settings.crm_rate_per_s
+        )
         client = RateLimitedCrm(client, limiter)
     return client
 
@@ -75,31 +83,40 @@ def _contact(make: Callable[[T], Contact], source: T) -> Contact:
         raise PermanentError(str(exc)) from exc
 
 
-def sync_customer(event: CustomerEvent, ctx: HandlerContext) -> None:
+# Each handler takes the CRM as an optional third argument: the worker calls it with two, so it
+# uses the process's (:func:`crm`); tests pass a client of their own.
+
+
+async def sync_customer(
+    event: CustomerEvent, ctx: HandlerContext, client: CrmClient | None = None
+) -> None:
     """Upsert or delete the customer's contact."""
+    client = client or crm()
     if event.type == "customer.deleted":
-        crm().delete(event.customer.uuid or "", idempotency_key=ctx.idempotency_key)
+        await client.delete(event.customer.uuid or "", idempotency_key=ctx.idempotency_key)
         log.info("contact deleted", extra={"customer_uuid": event.customer.uuid})
         return
     contact = _contact(contact_from_customer, event.customer)
-    crm().upsert(contact, idempotency_key=ctx.idempotency_key)
+    await client.upsert(contact, idempotency_key=ctx.idempotency_key)
     log.info("contact upserted", extra={"customer_uuid": contact.calenso_uuid})
 
 
-def sync_booking_customer(event: CalensoEvent, ctx: HandlerContext) -> None:
+async def sync_booking_customer(
+    event: CalensoEvent, ctx: HandlerContext, client: CrmClient | None = None
+) -> None:
     """Upsert the customer a booking carries (a booking without one is left alone)."""
     if event.customer is None or not event.customer.uuid:
         log.info("booking carries no customer")
         return
     contact = _contact(contact_from_customer, event.customer)
-    crm().upsert(contact, idempotency_key=ctx.idempotency_key)
+    await (client or crm()).upsert(contact, idempotency_key=ctx.idempotency_key)
     log.info("contact upserted", extra={"customer_uuid": contact.calenso_uuid})
 
 
-def sync_lead(event: LeadEvent, ctx: HandlerContext) -> None:
+async def sync_lead(event: LeadEvent, ctx: HandlerContext, client: CrmClient | None = None) -> None:
     """Upsert the lead as a contact marked as a lead."""
     contact = _contact(contact_from_lead, event.lead)
-    crm().upsert(contact, idempotency_key=ctx.idempotency_key)
+    await (client or crm()).upsert(contact, idempotency_key=ctx.idempotency_key)
     log.info("lead upserted", extra={"lead_uuid": contact.calenso_uuid})
 
 
