@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 from kombu import Connection
 from pytest_aiohttp import AiohttpClient
 
@@ -270,7 +271,8 @@ async def fill(client: Client, pairs: PairStore, url: str, person: Person) -> di
     ids["done_before"] = done_in_order(pairs, person)
     ids["done"] = done_in_order(pairs, person)
     # Notification marks of the taken pair and of the retry.
-    SentLog(db, f"{ids['taken']}:notify.chat").add("ops@example.com")
+    async with redis.asyncio.Redis.from_url(url) as adb:
+        await SentLog(adb, f"{ids['taken']}:notify.chat").add("ops@example.com")
     db.set(posted_key(f"{ids['retry']}:notify.mail"), 1)
     return ids
 

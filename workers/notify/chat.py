@@ -1,24 +1,25 @@
 """Notices to a chat channel through a Slack-compatible incoming webhook.
 
 The message is ``{"text": "*<subject>*\\n<body>"}`` (Slack mrkdwn: a bold first line), rendered
-from the same template as the e-mail. Answers map to the worker's errors: 2xx is done; 429 is
-:class:`Defer` with the server's ``Retry-After``, spending no attempt (a TransientError without
-one); 5xx, a timeout or a dropped connection is transient; any other answer is permanent.
+from the same template as the e-mail, posted with aiohttp (a session per event loop). Answers map
+to the worker's errors: 2xx is done; 429 is :class:`Defer` with the server's ``Retry-After``,
+spending no attempt (a TransientError without one); 5xx, a timeout or a dropped connection is
+transient; any other answer is permanent.
 
-The webhook URL is a secret (whoever has it can post to the channel): it is never logged, and
-httpx's own "HTTP Request: POST <url>" line shows it as ``[chat webhook]``.
+The webhook URL is a secret (whoever has it can post to the channel): it is never logged, and no
+error calhook raises quotes it (aiohttp's own exceptions, which may, are not chained to them).
 """
 
 from __future__ import annotations
 
 import logging
 
-import httpx
-import redis
+import aiohttp
+import redis.asyncio
 
 from calhook.store.keys import NOTIFY
 from workers.errors import Defer, HandlerError, PermanentError, TransientError
-from workers.http import retry_after_s
+from workers.http import Answer, read_answer, retry_after_s, sessions
 from workers.notify.templates import Rendered
 
 log = logging.getLogger("calhook.notify")
@@ -26,6 +27,9 @@ log = logging.getLogger("calhook.notify")
 POSTED_TTL_S = 7 * 24 * 3600
 """How long a posted notice is remembered, so a redelivery does not post it again."""
 TIMEOUT_S = 10.0
+
+# One session per event loop for every post (the deadline is set per request).
+_sessions = sessions(TIMEOUT_S)
 
 
 def chat_text(rendered: Rendered) -> str:
@@ -43,8 +47,8 @@ def posted_key(idempotency_key: str) -> str:
     return f"{NOTIFY}posted:{idempotency_key}"
 
 
-def post_chat(
-    client: redis.Redis,
+async def post_chat(
+    client: redis.asyncio.Redis,
     webhook_url: str,
     text: str,
     *,
@@ -57,29 +61,35 @@ def post_chat(
     post to a crash between the server's 2xx and the mark.
     """
     key = posted_key(idempotency_key)
-    if client.exists(key):
+    if await client.exists(key):
         log.info("chat notice already posted")
         return False
-    _hide_in_logs(webhook_url)
     problem: HandlerError | None = None
     try:
-        with httpx.Client(timeout=timeout_s, follow_redirects=False) as http:
-            response = http.post(webhook_url, json={"text": text})
-    except httpx.TimeoutException as exc:
+        response = await _post(webhook_url, {"text": text}, timeout_s)
+    except TimeoutError as exc:
         problem = TransientError(f"chat webhook timed out: {type(exc).__name__}")
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         problem = TransientError(f"chat webhook unreachable: {type(exc).__name__}")
     if problem is not None:
-        # Raised outside the except block, so no httpx exception (and its request, which holds
-        # the URL) hangs on this one as its context.
+        # Raised outside the except block, so no aiohttp exception (which may hold the URL)
+        # hangs on this one as its context.
         raise problem
     _check(response)
-    client.set(key, 1, ex=POSTED_TTL_S)
+    await client.set(key, 1, ex=POSTED_TTL_S)
     log.info("chat notice posted", extra={"status": response.status_code})
     return True
 
 
-def _check(response: httpx.Response) -> None:
+async def _post(url: str, body: object, timeout_s: float) -> Answer:
+    session = await _sessions.get()
+    async with session.post(
+        url, json=body, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout_s)
+    ) as response:
+        return await read_answer(response)
+
+
+def _check(response: Answer) -> None:
     status = response.status_code
     if 200 <= status < 300:
         return
@@ -93,28 +103,3 @@ def _check(response: httpx.Response) -> None:
     if status >= 500:
         raise TransientError(what)
     raise PermanentError(what)
-
-
-_SECRET_URLS: set[str] = set()
-
-
-class _HideWebhookUrl(logging.Filter):
-    """Replace a secret webhook URL in httpx's request log lines."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and _SECRET_URLS:
-            record.args = tuple(
-                "[chat webhook]" if str(arg) in _SECRET_URLS else arg for arg in record.args
-            )
-        return True
-
-
-_FILTER = _HideWebhookUrl()
-
-
-def _hide_in_logs(webhook_url: str) -> None:
-    _SECRET_URLS.add(str(httpx.URL(webhook_url)))
-    _SECRET_URLS.add(webhook_url)
-    logger = logging.getLogger("httpx")
-    if _FILTER not in logger.filters:
-        logger.addFilter(_FILTER)

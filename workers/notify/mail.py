@@ -1,4 +1,5 @@
-"""Notice e-mails over SMTP: the URL, the message, and sending each recipient's copy once.
+"""Notice e-mails over SMTP (aiosmtplib, on the event loop): the URL, the message, and sending
+each recipient's copy once.
 
 Effectively once per recipient: each recipient gets a message of their own whose Message-ID and
 Date derive from the delivery (never from the clock), so a retry sends the identical mail; and a
@@ -8,7 +9,8 @@ a failure at recipient 3 does not mail recipients 1 and 2 again. A crash between
 clients use to fold duplicates.
 
 SMTP answers map to the worker's errors: a 4xx or a dropped connection is transient, a 5xx (or a
-failed login, or a certificate that does not verify) is permanent. Error texts mask addresses,
+failed login, a certificate that does not verify, a server without the STARTTLS or AUTH the URL
+asks for) is permanent. Error texts mask addresses,
 because they reach the dead-letter store and its tracebacks.
 """
 
@@ -18,7 +20,6 @@ import email.utils
 import hashlib
 import logging
 import re
-import smtplib
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import redis
+import aiosmtplib
+import redis.asyncio
 
 from calhook.privacy import mask_email
 from calhook.store.keys import NOTIFY
@@ -141,25 +143,27 @@ class SentLog:
     Members are digests, not addresses: the set only has to recognise a recipient.
     """
 
-    def __init__(self, client: redis.Redis, idempotency_key: str, ttl_s: int = SENT_TTL_S) -> None:
+    def __init__(
+        self, client: redis.asyncio.Redis, idempotency_key: str, ttl_s: int = SENT_TTL_S
+    ) -> None:
         self._client = client
         self._event_key = idempotency_key
         self.key = f"{NOTIFY}sent:{idempotency_key}"
         self._ttl_s = ttl_s
 
-    def has(self, recipient: str) -> bool:
+    async def has(self, recipient: str) -> bool:
         """Whether ``recipient`` was mailed already."""
-        return bool(self._client.sismember(self.key, _digest(self._event_key, recipient)))
+        return bool(await self._client.sismember(self.key, _digest(self._event_key, recipient)))
 
-    def add(self, recipient: str) -> None:
+    async def add(self, recipient: str) -> None:
         """Remember that the server accepted the message to ``recipient``."""
-        pipe = self._client.pipeline(transaction=True)
-        pipe.sadd(self.key, _digest(self._event_key, recipient))
-        pipe.expire(self.key, self._ttl_s)
-        pipe.execute()
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.sadd(self.key, _digest(self._event_key, recipient))
+            pipe.expire(self.key, self._ttl_s)
+            await pipe.execute()
 
 
-def send_messages(
+async def send_messages(
     smtp_url: SmtpUrl,
     envelope_from: str,
     messages: Sequence[tuple[str, EmailMessage]],
@@ -172,18 +176,18 @@ def send_messages(
     A refused recipient does not stop the others; afterwards a TransientError is raised if any
     refusal may pass on a retry, else a PermanentError if any was final.
     """
-    pending = [(r, m) for r, m in messages if not sent.has(r)]
+    pending = [(r, m) for r, m in messages if not await sent.has(r)]
     if not pending:
         return 0
     refusals: list[tuple[str, HandlerError]] = []
     count = 0
-    with _Session(smtp_url, tls_context) as session:
+    async with _Session(smtp_url, tls_context) as session:
         for recipient, message in pending:
-            problem = session.send(envelope_from, recipient, message)
+            problem = await session.send(envelope_from, recipient, message)
             if problem is not None:
                 refusals.append((recipient, problem))
                 continue
-            sent.add(recipient)
+            await sent.add(recipient)
             count += 1
             log.info("notice mailed", extra={"recipient": mask_email(recipient)})
     transient = [p for _, p in refusals if isinstance(p, TransientError)]
@@ -200,45 +204,44 @@ class _Session:
     def __init__(self, url: SmtpUrl, tls_context: ssl.SSLContext | None) -> None:
         self._url = url
         self._tls = tls_context or ssl.create_default_context()
-        self._smtp: smtplib.SMTP | None = None
+        self._smtp: aiosmtplib.SMTP | None = None
 
-    def __enter__(self) -> _Session:
+    async def __aenter__(self) -> _Session:
         problem: HandlerError | None = None
         try:
-            self._smtp = self._connect()
+            await self._connect()
         except Exception as exc:
             problem = _classify(exc, "connecting")
         if problem is not None:
-            # Raised outside the except block: smtplib's exception may quote addresses.
-            self.__exit__()
+            # Raised outside the except block: the SMTP library's exception may quote addresses.
+            await self.__aexit__()
             raise problem
         return self
 
-    def _connect(self) -> smtplib.SMTP:
+    async def _connect(self) -> None:
         url = self._url
-        smtp: smtplib.SMTP
-        if url.implicit_tls:
-            smtp = smtplib.SMTP_SSL(url.host, url.port, timeout=url.timeout_s, context=self._tls)
-        else:
-            smtp = smtplib.SMTP(url.host, url.port, timeout=url.timeout_s)
-        self._smtp = smtp
-        smtp.ehlo()
-        if url.starttls:
-            smtp.starttls(context=self._tls)
-            smtp.ehlo()
+        self._smtp = aiosmtplib.SMTP(
+            hostname=url.host,
+            port=url.port,
+            use_tls=url.implicit_tls,
+            # Explicit: aiosmtplib would otherwise upgrade whenever the server offers STARTTLS.
+            start_tls=url.starttls,
+            tls_context=self._tls,
+            timeout=url.timeout_s,
+        )
+        await self._smtp.connect()
         if url.username:
-            smtp.login(url.username, url.password or "")
-        return smtp
+            await self._smtp.login(url.username, url.password or "")
 
-    def send(
+    async def send(
         self, envelope_from: str, recipient: str, message: EmailMessage
     ) -> HandlerError | None:
         """Send one message; a refusal is returned, a broken connection is raised."""
         assert self._smtp is not None
         try:
-            self._smtp.send_message(message, envelope_from, [recipient])
-        except (smtplib.SMTPRecipientsRefused, smtplib.SMTPDataError) as exc:
-            # The server refused this message only; smtplib has reset the transaction.
+            await self._smtp.send_message(message, sender=envelope_from, recipients=[recipient])
+        except (aiosmtplib.SMTPRecipientsRefused, aiosmtplib.SMTPDataError) as exc:
+            # The server refused this message only; aiosmtplib has reset the transaction.
             return _classify(exc, f"sending to {mask_email(recipient)}")
         except Exception as exc:
             problem = _classify(exc, f"sending to {mask_email(recipient)}")
@@ -246,39 +249,56 @@ class _Session:
             return None
         raise problem
 
-    def __exit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         if self._smtp is None:
             return
+        smtp, self._smtp = self._smtp, None
+        if not smtp.is_connected:
+            return
         try:
-            self._smtp.quit()
-        except (smtplib.SMTPException, OSError):
-            self._smtp.close()
-        self._smtp = None
+            await smtp.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            smtp.close()
 
 
 def _classify(exc: BaseException, doing: str) -> HandlerError:
     """The worker error for an SMTP failure, with a text that names no address."""
+    cause = _cause(exc)
     code, reply = _reply(exc)
-    what = f"SMTP {doing}: {type(exc).__name__}"
+    what = f"SMTP {doing}: {type(cause).__name__}"
     if code is not None:
         what = f"{what} {code} {_mask_addresses(reply)}".rstrip()
-    if isinstance(exc, ssl.SSLCertVerificationError | smtplib.SMTPNotSupportedError):
+    if isinstance(cause, ssl.SSLCertVerificationError | aiosmtplib.SMTPNotSupported):
+        return PermanentError(what)
+    if type(cause) is aiosmtplib.SMTPException:
+        # aiosmtplib's plain SMTPException says the server lacks what the URL asks for
+        # (STARTTLS, AUTH, a login method): only a configuration change helps.
         return PermanentError(what)
     if code is not None:
         return TransientError(what) if 400 <= code < 500 else PermanentError(what)
-    if isinstance(exc, smtplib.SMTPException | OSError):
+    if isinstance(cause, aiosmtplib.SMTPException | OSError | TimeoutError):
         return TransientError(what)
     return PermanentError(what)
 
 
+def _cause(exc: BaseException) -> BaseException:
+    """What went wrong underneath aiosmtplib's connection errors (a refused connection, a
+    certificate that does not verify), which wrap it."""
+    if isinstance(exc, aiosmtplib.SMTPConnectError | aiosmtplib.SMTPServerDisconnected) and (
+        exc.__cause__ is not None
+    ):
+        return exc.__cause__
+    return exc
+
+
 def _reply(exc: BaseException) -> tuple[int | None, str]:
-    if isinstance(exc, smtplib.SMTPRecipientsRefused):
-        # One recipient per message, so the dict holds one (code, reply).
-        for code, reply in exc.recipients.values():
-            return code, _text(reply)
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        # One recipient per message, so the list holds one refusal.
+        for refusal in exc.recipients:
+            return refusal.code, _text(refusal.message)
         return None, ""
-    if isinstance(exc, smtplib.SMTPResponseException):
-        return exc.smtp_code, _text(exc.smtp_error)
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return exc.code, _text(exc.message)
     return None, ""
 
 

@@ -1,7 +1,7 @@
-"""The two notice paths, as plain functions of (event, context, settings, Redis).
+"""The two notice paths, as plain coroutines of (event, context, settings, Redis).
 
-:mod:`workers.tasks.notify` registers thin handlers that call these with the process's settings
-and Redis client; tests call them with their own.
+:mod:`workers.tasks.notify` registers thin async handlers that call these with the process's
+settings and the event loop's Redis client; tests call them with their own.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import ssl
 from datetime import UTC, datetime
 
-import redis
+import redis.asyncio
 
 from calhook.settings import Settings
 from schemas import CalensoEvent
@@ -24,12 +24,12 @@ from workers.registry import HandlerContext
 log = logging.getLogger("calhook.notify")
 
 
-def send_email(
+async def send_email(
     event: CalensoEvent,
     ctx: HandlerContext,
     *,
     settings: Settings,
-    client: redis.Redis,
+    client: redis.asyncio.Redis,
     tls_context: ssl.SSLContext | None = None,
 ) -> int:
     """Mail the notice of ``event`` to each recipient not mailed yet; return how many now.
@@ -59,7 +59,7 @@ def send_email(
         for recipient in to
     ]
     envelope_from = email.utils.parseaddr(settings.notify_from)[1] or settings.notify_from
-    return send_messages(
+    return await send_messages(
         SmtpUrl.parse(settings.smtp_url),
         envelope_from,
         messages,
@@ -68,13 +68,13 @@ def send_email(
     )
 
 
-def send_chat(
-    event: CalensoEvent, ctx: HandlerContext, *, settings: Settings, client: redis.Redis
+async def send_chat(
+    event: CalensoEvent, ctx: HandlerContext, *, settings: Settings, client: redis.asyncio.Redis
 ) -> bool:
     """Post the notice of ``event`` to the chat webhook; False if it was posted before."""
     notice = build_notice(event, settings)
     rendered = render(notice.kind, notice.language, notice.fields, settings.template_dir)
-    return post_chat(
+    return await post_chat(
         client,
         settings.chat_webhook_url.get_secret_value(),
         chat_text(rendered),

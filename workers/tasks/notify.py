@@ -5,12 +5,15 @@ Two handlers, ``notify.email`` and ``notify.chat``, so a chat outage never re-se
 vice versa. Each is registered only when configured (CALHOOK_SMTP_URL, CALHOOK_CHAT_WEBHOOK_URL):
 a deployment without them parks nothing and fails nothing. A bad SMTP URL or template override
 fails at worker start, not at the first cancellation.
+
+Both are ``async def``: they run on the worker process's event loop (aiosmtplib, aiohttp,
+redis.asyncio), the events of a batch concurrently.
 """
 
 from __future__ import annotations
 
 from calhook.settings import Settings, get_settings
-from workers.connections import redis_client
+from workers.connections import async_redis_client
 from workers.notify.mail import SmtpUrl
 from workers.notify.messages import NOTIFY_TYPES, NotifyEvent
 from workers.notify.send import send_chat, send_email
@@ -22,14 +25,14 @@ EMAIL_HANDLER = "notify.email"
 CHAT_HANDLER = "notify.chat"
 
 
-def notify_email(event: NotifyEvent, ctx: HandlerContext) -> None:
+async def notify_email(event: NotifyEvent, ctx: HandlerContext) -> None:
     """Mail the notice of ``event`` to the staff member and CALHOOK_NOTIFY_TO."""
-    send_email(event, ctx, settings=get_settings(), client=redis_client())
+    await send_email(event, ctx, settings=get_settings(), client=await async_redis_client())
 
 
-def notify_chat(event: NotifyEvent, ctx: HandlerContext) -> None:
+async def notify_chat(event: NotifyEvent, ctx: HandlerContext) -> None:
     """Post the notice of ``event`` to CALHOOK_CHAT_WEBHOOK_URL."""
-    send_chat(event, ctx, settings=get_settings(), client=redis_client())
+    await send_chat(event, ctx, settings=get_settings(), client=await async_redis_client())
 
 
 def register(target: Registry, settings: Settings) -> tuple[str, ...]:
