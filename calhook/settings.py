@@ -223,8 +223,12 @@ class Settings(BaseSettings):
         description="A running pair whose worker stops renewing it for this long is run again "
         "(its worker died); the heartbeat renews it every third of this.",
     )
-    handler_batch_max: int = Field(
-        1, ge=1, le=1000, description="Most events one handler message names."
+    batch_max: int = Field(
+        64,
+        ge=1,
+        le=1000,
+        description="Most events one task runs: a message names at most this many, and a worker "
+        "that takes one adds the messages of the same handler waiting behind it up to this.",
     )
     async_concurrency: int = Field(
         64,

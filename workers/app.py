@@ -95,7 +95,7 @@ def _dispatcher() -> Dispatcher:
         _heartbeat(),
         settings.zone,
         max_starts=settings.max_deliveries,
-        handler_batch_max=settings.handler_batch_max,
+        batch_max=settings.batch_max,
     )
 
 

@@ -5,9 +5,13 @@ a payload that fails its schema, a type nobody knows, a planned type nobody hand
 type whose handlers are all switched off. ``calhook parked`` shows them; replay dispatches again.
 
 A dispatch message names the events of one ingress batch. Starting them is one round trip that
-also returns their bodies; the decisions for all of them are one more (``fan_out.lua``), which
-creates each (event, handler) pair and queues its message. Dispatch is deterministic, so a second
-run of the same event (a redelivery after a crash) decides the same and writes nothing.
+also returns their bodies and takes the dispatch messages waiting behind it, up to
+``CALHOOK_BATCH_MAX`` events (under a backlog one task dispatches many); the decisions for all
+of them are one more (``fan_out.lua``), which creates each (event, handler) pair and queues one
+message per handler for the events it applies to. Dispatch is deterministic, so a second run of
+the same event (a redelivery after a crash) decides the same and writes nothing. An event whose
+dispatch started before without finishing is dispatched alone, so that only its own starts count
+towards poison.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from datetime import tzinfo
 import orjson
 
 from calhook.constants import DISPATCH_QUEUE
-from calhook.logs import bind
 from calhook.store.keys import DISPATCH_PAIR
 from calhook.store.pairs import PairStore, Route, Started
 from calhook.store.queues import throughput_key
@@ -62,18 +65,31 @@ class Dispatcher:
         zone: tzinfo,
         *,
         max_starts: int,
-        handler_batch_max: int,
+        batch_max: int,
     ) -> None:
         self._pairs = pairs
         self._registry = registry
         self._heartbeat = heartbeat
         self._zone = zone
         self._max_starts = max_starts
-        self._batch_max = handler_batch_max
+        self._batch_max = batch_max
 
     def dispatch(self, event_ids: Sequence[str], seq: int | None = None) -> dict[str, list[str]]:
         """Route the events; return the handler names of each routed event (for logs, tests)."""
-        started = self._pairs.start(
+        started = self._start(event_ids, seq, batch=True)
+        routed = self._fan_out([s for s in started if s.run])
+        for s in started:
+            if s.what == "suspect":
+                routed |= self._fan_out([s for s in self._start([s.event_id], None) if s.run])
+            elif not s.run:
+                level = logging.ERROR if s.what == "poison" else logging.INFO
+                log.log(level, "not dispatched", extra={"event_id": s.event_id, "why": s.what})
+        return routed
+
+    def _start(
+        self, event_ids: Sequence[str], seq: int | None, *, batch: bool = False
+    ) -> list[Started]:
+        return self._pairs.start(
             DISPATCH_PAIR,
             event_ids,
             self._heartbeat.owner,
@@ -81,26 +97,34 @@ class Dispatcher:
             seq=seq,
             queue=DISPATCH_QUEUE,
             defer_s=1.0,
+            batch=batch,
+            most=self._batch_max if batch else len(event_ids),
         )
-        routes = [self._route(s) for s in started if s.run]
-        for s in started:
-            if not s.run:
-                level = logging.ERROR if s.what == "poison" else logging.INFO
-                log.log(level, "not dispatched", extra={"event_id": s.event_id, "why": s.what})
+
+    def _fan_out(self, started: Sequence[Started]) -> dict[str, list[str]]:
+        if not started:
+            return {}
+        routes = [self._route(s) for s in started]
         results = self._pairs.fan_out(throughput_key(DISPATCH_QUEUE), self._batch_max, routes)
         routed: dict[str, list[str]] = {}
         for route, result in zip(routes, results, strict=True):
-            with bind(event_id=route.event_id, type=route.type[:100]):
-                if result != "ok":
-                    log.info("already dispatched")
-                elif route.park_reason:
-                    log.warning(
-                        "parked",
-                        extra={"reason": route.park_reason, "errors": list(route.park_errors)},
-                    )
-                else:
-                    routed[route.event_id] = [h[0] for h in route.handlers]
-                    log.info("dispatched", extra={"handlers": routed[route.event_id]})
+            if result != "ok":
+                log.info("already dispatched", extra={"event_id": route.event_id})
+            elif route.park_reason:
+                log.warning(
+                    "parked",
+                    extra={
+                        "event_id": route.event_id,
+                        "type": route.type[:100],
+                        "reason": route.park_reason,
+                        "errors": list(route.park_errors),
+                    },
+                )
+            else:
+                routed[route.event_id] = [h[0] for h in route.handlers]
+        if routed:
+            # One line per batch; each event's handlers are in its trail.
+            log.info("dispatched", extra={"event_ids": list(routed), "events": len(routed)})
         return routed
 
     def _route(self, s: Started) -> Route:

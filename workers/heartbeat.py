@@ -40,16 +40,16 @@ class Heartbeat:
         self._after_fork()
         return self._owner
 
-    def hold(self, member: str) -> None:
-        """Renew ``member``'s lease (``<event id>/<pair>``) until :meth:`release`."""
+    def hold(self, *members: str) -> None:
+        """Renew the leases of ``members`` (``<event id>/<pair>``) until :meth:`release`."""
         self._after_fork()
         with self._lock:
-            self._held.add(member)
+            self._held.update(members)
 
-    def release(self, member: str) -> None:
-        """Stop renewing ``member``."""
+    def release(self, *members: str) -> None:
+        """Stop renewing ``members``."""
         with self._lock:
-            self._held.discard(member)
+            self._held.difference_update(members)
 
     def _after_fork(self) -> None:
         if self._pid == os.getpid():

@@ -1,11 +1,19 @@
-"""Running one handler over the events a message names: once, in order, retried, or dead.
+"""Running one handler over a batch of events: each once, in order, retried, or dead.
 
-For each event the message names, starting the attempt (``start.lua``, just before it would run)
-decides whether it runs here: not if its pair is done or dead, running under a live lease
-elsewhere, waiting for a retry that is not due, or stale for its entity; an attempt started too
-often without finishing is dead-lettered as poison instead. The attempts that start run one after
-another, each under a lease its heartbeat renews, and each ending is recorded as soon as it is
-known (``finish.lua``), so a worker killed halfway re-runs only the events that had not finished:
+A task names a few events; starting them (``start.lua``, one round trip for the batch) takes
+the messages of the same handler waiting next on its queue too, up to ``CALHOOK_BATCH_MAX``
+events, and decides per event whether it runs here: not if its pair is done or dead, running
+under a live lease elsewhere, waiting for a retry that is not due, or stale for its entity; an
+attempt started too often without finishing is dead-lettered as poison instead. The batch then
+runs, each event under a lease the process's heartbeat renews:
+
+- a sync handler runs the events one after another on the task's thread;
+- an ``async def`` handler runs them concurrently on the process's event loop, at most its
+  ``concurrency`` at once in the whole process.
+
+Each ending is recorded as soon as it is known (:mod:`workers.bookkeeping` gathers the endings
+that arrive together into one round trip), so a worker killed halfway re-runs only the events
+whose ending was not yet recorded:
 
 - success → ``done``;
 - :class:`~workers.errors.Defer` → the same attempt waits (a rate limit), no step spent;
@@ -13,41 +21,55 @@ known (``finish.lua``), so a worker killed halfway re-runs only the events that 
 - anything else, after a few quick in-call retries for transient errors (tenacity; seconds,
   well inside the task time limit) → the next attempt waits for the schedule's next delay (or
   the handler's ``Retry-After``), and the dead-letter store once the schedule is exhausted.
+
+Two kinds of event wait for a later step of the same task: one started before without finishing
+(it may be what killed that run, so it starts alone, just before it runs, and only its own
+starts count towards poison), and one whose entity has an older event in the batch (it starts
+once that one has finished: events of one entity apply in version order). A batch that runs
+past half the soft time limit hands its remaining events back (deferred, no attempt spent)
+rather than be killed with them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
-import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from tenacity import (
+    AsyncRetrying,
     Retrying,
     retry_if_exception,
-    retry_if_exception_type,
     stop_after_attempt,
-    stop_after_delay,
     wait_exponential_jitter,
 )
 
 from calhook import logs
 from calhook.settings import Settings
+from calhook.store.connect import async_twin
 from calhook.store.keys import due_member
-from calhook.store.pairs import Ending, PairStore, Started
+from calhook.store.pairs import AsyncPairStore, Ending, PairStore, Started
 from calhook.store.queues import throughput_key
+from calhook.store.scripts import AsyncScripts
 from schemas import CalensoEvent, SchemaError, parse_event
+from workers.bookkeeping import Recorder
 from workers.errors import Defer, PermanentError, RetryLater, TransientError, UnknownHandler
 from workers.heartbeat import Heartbeat
-from workers.loop import process_loop
+from workers.loop import ProcessLoop, process_loop
 from workers.registry import Handler, HandlerContext, Registry
 
 log = logging.getLogger("calhook.worker")
+
+# Of the soft time limit, the share a batch may run before it hands back what it has not run.
+_BUDGET_SHARE = 0.5
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -66,87 +88,260 @@ class _Failure:
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """One step of a task: the handler, where its endings count, and until when it may run."""
+
+    handler: Handler | None
+    name: str
+    throughput: str
+    deadline: float
+
+
 class HandlerRunner:
     """Runs handler messages against one Redis; one per worker process."""
 
     def __init__(
-        self, pairs: PairStore, registry: Registry, heartbeat: Heartbeat, settings: Settings
+        self,
+        pairs: PairStore,
+        registry: Registry,
+        heartbeat: Heartbeat,
+        settings: Settings,
+        *,
+        loop: ProcessLoop = process_loop,
+        recorder: Callable[[], Recorder] | None = None,
     ) -> None:
         self._pairs = pairs
         self._registry = registry
         self._heartbeat = heartbeat
         self._settings = settings
+        self._loop = loop
+        self._make_recorder = recorder or self._default_recorder
+        self._recorders: dict[int, Recorder] = {}
+        self._caps: dict[tuple[int, str], asyncio.Semaphore] = {}
+        soft_s = max(1, settings.task_time_limit_s * 9 // 10)
+        self._budget_s = soft_s * _BUDGET_SHARE
+
+    def _default_recorder(self) -> Recorder:
+        # On the loop this runs on (the process's): a client belongs to the loop it was made on.
+        scripts = AsyncScripts(async_twin(self._pairs.client), self._pairs.scripts.clock)
+        owner = self._heartbeat.owner
+        return Recorder(AsyncPairStore(scripts), lambda: owner, self._settings.lease_s / 2)
+
+    def close(self) -> None:
+        """Close the clients of its recorders (tests; a worker's runner lives as long as its
+        process)."""
+        recorders, self._recorders = list(self._recorders.values()), {}
+        for recorder in recorders:
+            self._loop.run(recorder.aclose())
+
+    def _recorder(self) -> Recorder:
+        """The recorder of the running loop (a forked child has its own loop)."""
+        key = id(asyncio.get_running_loop())
+        if key not in self._recorders:
+            self._recorders[key] = self._make_recorder()
+        return self._recorders[key]
 
     def run(
         self, handler_name: str, event_ids: Sequence[str], seq: int | None = None, queue: str = ""
     ) -> dict[str, str]:
-        """Run one message of a handler; return each event's outcome (for logs and tests)."""
+        """Run one message of a handler, with the messages it takes along; return each event's
+        outcome (for logs and tests)."""
         with logs.bind(handler=handler_name):
             try:
                 h: Handler | None = self._registry.get(handler_name)
             except UnknownHandler:
                 h = None
+            batch = _Batch(
+                h,
+                handler_name,
+                throughput_key(h.queue if h else queue),
+                time.monotonic() + self._budget_s,
+            )
             outcomes: dict[str, str] = {}
-            # Each event starts just before it runs, not every event of the message at once: a
-            # pair started early would be running under a lease nobody renews while the others
-            # run, and a crash of an earlier event would count as a start of it (poison without
-            # having run). The message stays unacked meanwhile, so its later pairs are pending.
-            for event_id in event_ids:
-                [s] = self._pairs.start(
-                    handler_name,
-                    [event_id],
-                    self._heartbeat.owner,
-                    max_starts=self._settings.max_deliveries,
-                    seq=seq,
-                    queue=queue,
-                    defer_s=self._settings.order_wait_s,
-                )
-                if s.run:
-                    outcomes[s.event_id] = self._attempt(h, handler_name, queue, s)
-                else:
-                    outcomes[s.event_id] = _not_run(s)
+            started = self._start(batch, event_ids, seq, queue, most=self._settings.batch_max)
+            suspects: list[Started] = []
+            while True:
+                self._run_step(batch, started, outcomes)
+                suspects += [s for s in started if s.what == "suspect"]
+                later = sorted((s for s in started if s.what == "later"), key=lambda s: s.order)
+                if not later:
+                    break
+                started = self._start(batch, [s.event_id for s in later], None, queue, most=0)
+            # Suspects last, each started alone just before it runs: if one of them kills this
+            # run too, it alone has one more start counted.
+            for s in sorted(suspects, key=lambda s: s.order):
+                [alone] = self._start(batch, [s.event_id], None, queue, most=0, alone=True)
+                self._run_step(batch, [alone], outcomes)
             return outcomes
 
-    def _attempt(self, h: Handler | None, name: str, queue: str, s: Started) -> str:
-        member = due_member(s.event_id, name)
-        self._heartbeat.hold(member)
+    def _start(
+        self,
+        batch: _Batch,
+        event_ids: Sequence[str],
+        seq: int | None,
+        queue: str,
+        *,
+        most: int,
+        alone: bool = False,
+    ) -> list[Started]:
+        return self._pairs.start(
+            batch.name,
+            event_ids,
+            self._heartbeat.owner,
+            max_starts=self._settings.max_deliveries,
+            seq=seq,
+            queue=queue,
+            defer_s=self._settings.order_wait_s,
+            batch=not alone,
+            most=max(most, len(event_ids)),
+        )
+
+    def _run_step(
+        self, batch: _Batch, started: Sequence[Started], outcomes: dict[str, str]
+    ) -> None:
+        """Run what ``started`` says to run, and wait until every ending is recorded."""
+        for s in started:
+            if not s.run and not s.pending:
+                outcomes[s.event_id] = _not_run(s)
+        runs = [s for s in started if s.run]
+        if not runs:
+            return
+        members = [due_member(s.event_id, batch.name) for s in runs]
+        self._heartbeat.hold(*members)
+        began = time.perf_counter()
         try:
-            with logs.bind(event_id=s.event_id, attempt=s.attempt, type=s.type[:100]):
-                ending = self._run(h, name, s)
-                result = self._record(name, throughput_key(h.queue if h else queue), ending)
-                level = logging.INFO if ending.do in ("done", "defer") else logging.WARNING
-                if ending.do == "dead":
-                    level = logging.ERROR
-                message = "handler done" if ending.do == "done" else "handler failed"
-                if ending.do == "defer":
-                    message = "handler deferred"
-                if result != "ok":
-                    # Another copy finished it first, or took it over after this run stalled
-                    # past its lease: that copy's outcome stands.
-                    level, message = logging.WARNING, f"outcome not recorded ({result})"
-                log.log(level, message, extra={"outcome": ending.outcome, **ending.fields})
-                return ending.outcome
+            if batch.handler is not None and batch.handler.is_async:
+                results = self._loop.run(self._run_async(batch, batch.handler, runs))
+            else:
+                results = self._run_sync(batch, runs)
         finally:
-            self._heartbeat.release(member)
+            self._heartbeat.release(*members)
+        done: list[str] = []
+        for s, (ending, result) in zip(runs, results, strict=True):
+            outcomes[s.event_id] = ending.outcome
+            if ending.do == "done" and result == "ok":
+                done.append(s.event_id)
+            else:
+                _log_ending(s, ending, result)
+        if done:
+            # One line per batch for the events that went well; each event's story (its
+            # attempt, its duration) is in its trail.
+            log.info(
+                "handler done",
+                extra={
+                    "event_ids": done,
+                    "events": len(done),
+                    "outcome": "ok",
+                    "duration_ms": _ms(time.perf_counter() - began),
+                },
+            )
 
-    def _record(self, name: str, throughput: str, ending: Ending) -> str:
-        """Record the ending, through a Redis blip: the effect happened, so losing its outcome
-        would run it again. Tried for half a lease (the heartbeat keeps the pair meanwhile)."""
-        for try_ in Retrying(
-            stop=stop_after_delay(self._settings.lease_s / 2),
-            wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
-            retry=retry_if_exception_type(redis.RedisError),
-            reraise=True,
-        ):
-            with try_:
-                return self._pairs.finish(name, self._heartbeat.owner, throughput, [ending])[0]
-        raise AssertionError("unreachable")  # pragma: no cover
+    # --- sync handlers: one after another on this thread -------------------------------------
 
-    def _run(self, h: Handler | None, name: str, s: Started) -> Ending:
+    def _run_sync(self, batch: _Batch, runs: Sequence[Started]) -> list[tuple[Ending, str]]:
+        endings: list[Ending] = []
+        recorded: list[Future[str]] = []
+        for s in runs:
+            if time.monotonic() > batch.deadline:
+                ending = _handed_back(s)
+            else:
+                with logs.bind(event_id=s.event_id, attempt=s.attempt, type=s.type[:100]):
+                    ending = self._run(batch, s)
+                if ending.fields.get("error") == "SoftTimeLimitExceeded":
+                    # The hard limit is near: what is left goes back rather than die with us.
+                    batch = _Batch(batch.handler, batch.name, batch.throughput, 0.0)
+            endings.append(ending)
+            # Recorded while the next event runs; waited for below.
+            recorded.append(self._loop.submit(self._record(batch, ending)))
+        return [(e, f.result()) for e, f in zip(endings, recorded, strict=True)]
+
+    async def _record(self, batch: _Batch, ending: Ending) -> str:
+        return await self._recorder().record(batch.name, batch.throughput, ending)
+
+    def _run(self, batch: _Batch, s: Started) -> Ending:
         started = time.perf_counter()
+        prepared = self._prepare(batch, s)
+        if isinstance(prepared, Ending):
+            return prepared
+        h, event, ctx = prepared
+        quick = self._quick_retries(h)
+        try:
+            for try_ in Retrying(
+                stop=stop_after_attempt(quick + 1),
+                wait=wait_exponential_jitter(multiplier=0.2, max=2.0),
+                retry=retry_if_exception(_is_transient),
+                reraise=True,
+            ):
+                with try_:
+                    h.fn(event, ctx)
+        except Exception as exc:
+            return self._failed(h, s, exc, time.perf_counter() - started)
+        return _done(s, time.perf_counter() - started)
+
+    # --- async handlers: concurrently on the process's event loop ----------------------------
+
+    async def _run_async(
+        self, batch: _Batch, h: Handler, runs: Sequence[Started]
+    ) -> list[tuple[Ending, str]]:
+        cap = self._cap(h)
+
+        async def one(s: Started) -> tuple[Ending, str]:
+            async with cap:
+                if time.monotonic() > batch.deadline:
+                    ending = _handed_back(s)
+                else:
+                    # The loop's tasks do not inherit the task thread's log context.
+                    with logs.bind(
+                        handler=batch.name,
+                        event_id=s.event_id,
+                        attempt=s.attempt,
+                        type=s.type[:100],
+                    ):
+                        ending = await self._run_one_async(batch, h, s)
+            return ending, await self._record(batch, ending)
+
+        return list(await asyncio.gather(*(one(s) for s in runs)))
+
+    async def _run_one_async(self, batch: _Batch, h: Handler, s: Started) -> Ending:
+        started = time.perf_counter()
+        prepared = self._prepare(batch, s)
+        if isinstance(prepared, Ending):
+            return prepared
+        _, event, ctx = prepared
+        fn: Callable[[Any, HandlerContext], Awaitable[None]] = h.fn  # type: ignore[assignment]
+        try:
+            async with asyncio.timeout(max(batch.deadline - time.monotonic(), 0.001)):
+                async for try_ in AsyncRetrying(
+                    stop=stop_after_attempt(self._quick_retries(h) + 1),
+                    wait=wait_exponential_jitter(multiplier=0.2, max=2.0),
+                    retry=retry_if_exception(_is_transient),
+                    reraise=True,
+                ):
+                    with try_:
+                        await fn(event, ctx)
+        except Exception as exc:
+            return self._failed(h, s, exc, time.perf_counter() - started)
+        return _done(s, time.perf_counter() - started)
+
+    def _cap(self, h: Handler) -> asyncio.Semaphore:
+        """The handler's concurrency cap on the running loop, shared by every task of the
+        process."""
+        key = (id(asyncio.get_running_loop()), h.name)
+        if key not in self._caps:
+            self._caps[key] = asyncio.Semaphore(h.concurrency or self._settings.async_concurrency)
+        return self._caps[key]
+
+    # --- shared by both ----------------------------------------------------------------------
+
+    def _prepare(
+        self, batch: _Batch, s: Started
+    ) -> Ending | tuple[Handler, CalensoEvent, HandlerContext]:
+        """The event and its context, or the ending of an event that cannot run."""
+        h = batch.handler
         if h is None:
             # Kept, not dropped: replay once the module is loaded by the workers of this queue.
-            error = f"UnknownHandler: no handler named {name!r} is loaded"
+            error = f"UnknownHandler: no handler named {batch.name!r} is loaded"
             return Ending(
                 s.event_id, "dead", "dead_unknown_handler", reason="unknown_handler", error=error
             )
@@ -162,46 +357,29 @@ class HandlerRunner:
                 error=f"schema: {exc}"[:2000],
                 traceback=_trace(exc),
             )
-        ctx = HandlerContext(s.event_id, h.name, s.endpoint, s.received_at, s.attempt)
-        try:
-            self._call(h, event, ctx)
-        except Exception as exc:
-            duration_s = time.perf_counter() - started
-            failure = self._failure(h, s.attempt, exc)
-            fields: dict[str, object] = {"error": _name(exc), "duration_ms": _ms(duration_s)}
-            if failure.delay_s is not None:
-                fields["retry_in_s"] = round(failure.delay_s, 3)
-                fields["next_attempt_at"] = round(time.time() + failure.delay_s, 3)
-            return Ending(
-                s.event_id,
-                failure.do,
-                failure.outcome,
-                fields,
-                delay_s=failure.delay_s,
-                duration_s=duration_s if failure.do != "defer" else None,
-                reason=failure.reason,
-                error=f"{type(exc).__name__}: {exc}"[:2000],
-                traceback=_trace(exc) if failure.do == "dead" else "",
-            )
-        duration_s = time.perf_counter() - started
-        return Ending(
-            s.event_id, "done", "ok", {"duration_ms": _ms(duration_s)}, duration_s=duration_s
-        )
+        return h, event, HandlerContext(s.event_id, h.name, s.endpoint, s.received_at, s.attempt)
 
-    def _call(self, h: Handler, event: CalensoEvent, ctx: HandlerContext) -> None:
+    def _quick_retries(self, h: Handler) -> int:
         quick = h.retry.quick_retries
-        quick = self._settings.quick_retries if quick is None else quick
-        for try_ in Retrying(
-            stop=stop_after_attempt(quick + 1),
-            wait=wait_exponential_jitter(multiplier=0.2, max=2.0),
-            retry=retry_if_exception(_is_transient),
-            reraise=True,
-        ):
-            with try_:
-                if h.is_async:
-                    process_loop.run(h.fn(event, ctx))  # type: ignore[arg-type]
-                else:
-                    h.fn(event, ctx)
+        return self._settings.quick_retries if quick is None else quick
+
+    def _failed(self, h: Handler, s: Started, exc: Exception, duration_s: float) -> Ending:
+        failure = self._failure(h, s.attempt, exc)
+        fields: dict[str, object] = {"error": _name(exc), "duration_ms": _ms(duration_s)}
+        if failure.delay_s is not None:
+            fields["retry_in_s"] = round(failure.delay_s, 3)
+            fields["next_attempt_at"] = round(time.time() + failure.delay_s, 3)
+        return Ending(
+            s.event_id,
+            failure.do,
+            failure.outcome,
+            fields,
+            delay_s=failure.delay_s,
+            duration_s=duration_s if failure.do != "defer" else None,
+            reason=failure.reason,
+            error=f"{type(exc).__name__}: {exc}"[:2000],
+            traceback=_trace(exc) if failure.do == "dead" else "",
+        )
 
     def _failure(self, h: Handler, attempt: int, exc: Exception) -> _Failure:
         if isinstance(exc, Defer):
@@ -217,6 +395,29 @@ class HandlerRunner:
             jitter = self._settings.retry_jitter
             delay_s = schedule[attempt - 1] * (1 + random.uniform(-jitter, jitter))  # noqa: S311
         return _Failure("retry", "retry_scheduled", delay_s)
+
+
+def _done(s: Started, duration_s: float) -> Ending:
+    return Ending(s.event_id, "done", "ok", {"duration_ms": _ms(duration_s)}, duration_s=duration_s)
+
+
+def _handed_back(s: Started) -> Ending:
+    """An event its batch had no time left for: it waits for the next task, no attempt spent."""
+    return Ending(s.event_id, "defer", "deferred", {"why": "batch out of time"}, delay_s=0.0)
+
+
+def _log_ending(s: Started, ending: Ending, result: str) -> None:
+    """One line for an event that did not simply succeed."""
+    level = logging.INFO if ending.do in ("done", "defer") else logging.WARNING
+    if ending.do == "dead":
+        level = logging.ERROR
+    message = {"done": "handler done", "defer": "handler deferred"}.get(ending.do, "handler failed")
+    if result != "ok":
+        # Another copy finished it first, or took it over after this run stalled past its
+        # lease: that copy's outcome stands.
+        level, message = logging.WARNING, f"outcome not recorded ({result})"
+    fields = {"event_id": s.event_id, "attempt": s.attempt, "type": s.type[:100]}
+    log.log(level, message, extra={**fields, "outcome": ending.outcome, **ending.fields})
 
 
 def _not_run(s: Started) -> str:

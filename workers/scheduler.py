@@ -48,7 +48,7 @@ def sweep_once(pairs: PairStore, settings: Settings, now_s: float | None = None)
     while True:
         swept = pairs.sweep(
             limit=_SWEEP_LIMIT,
-            batch_max=settings.handler_batch_max,
+            batch_max=settings.batch_max,
             hold_s=settings.task_time_limit_s + settings.recovery_s,
             now_s=now_s,
         )

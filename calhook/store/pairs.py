@@ -25,7 +25,7 @@ from calhook.store.keys import (
     FINAL_STATES,
     event_key,
 )
-from calhook.store.scripts import Scripts
+from calhook.store.scripts import AsyncScripts, Scripts
 from calhook.store.stats import bucket_of
 
 
@@ -44,11 +44,26 @@ class Started:
     endpoint: str = ""
     received_at: float = 0.0
     type: str = ""
+    version: str = ""
 
     @property
     def run(self) -> bool:
         """Whether this run owns the attempt and must run it now."""
         return self.what == "run"
+
+    @property
+    def pending(self) -> bool:
+        """Whether this run still has to start it, on its own or after an older event."""
+        return self.what in ("suspect", "later")
+
+    @property
+    def order(self) -> tuple[int, int, str]:
+        """Where a pending event's version stands (``workers.ordering.Version.order``)."""
+        created, _, rest = self.version.partition("|")
+        kind, _, event_id = rest.partition("|")
+        if not created:
+            return (0, 0, self.event_id)
+        return (int(created), int(kind), event_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +81,14 @@ class Ending:
     error: str = ""
     traceback: str = ""
 
-    def encode(self) -> bytes:
+    def encode(self, pair: str | None = None, throughput_key: str | None = None) -> bytes:
+        """As ``finish.lua`` reads it; ``pair`` and ``throughput_key`` when one call records
+        the endings of several runs."""
         entry: dict[str, Any] = {"id": self.event_id, "do": self.do, "outcome": self.outcome}
+        if pair is not None:
+            entry["pair"] = pair
+        if throughput_key is not None:
+            entry["tp"] = throughput_key
         if self.fields:
             entry["fields"] = self.fields
         if self.delay_s is not None:
@@ -161,6 +182,30 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def started_rows(event_ids: Sequence[str], rows: Sequence[Any]) -> list[Started]:
+    """``start.lua``'s answer, per event."""
+    started = []
+    for event_id, row in zip(event_ids, rows, strict=True):
+        what = _text(row[0])
+        if what == "run":
+            started.append(
+                Started(
+                    event_id,
+                    what,
+                    int(row[1]),
+                    _text(row[2]),
+                    _text(row[3]),
+                    float(row[4]),
+                    _text(row[5]),
+                )
+            )
+        elif len(row) > 1:
+            started.append(Started(event_id, what, version=_text(row[1])))
+        else:
+            started.append(Started(event_id, what))
+    return started
+
+
 class PairStore:
     """The transitions of pairs, on one synchronous client."""
 
@@ -195,30 +240,32 @@ class PairStore:
         seq: int | None,
         queue: str,
         defer_s: float,
+        batch: bool = False,
+        most: int = 0,
     ) -> list[Started]:
-        """Start the attempts of ``event_ids`` for ``pair`` under ``owner``; one round trip."""
-        raw = self.scripts.call(
+        """Start the attempts of ``event_ids`` for ``pair`` under ``owner``; one round trip.
+
+        ``batch``: a run of many events (``lua/start.lua``): the messages of ``pair`` waiting
+        next on ``queue`` join it while it has at most ``most`` events, and an event that may
+        have killed an earlier run, or that follows an older one of its entity, is left for
+        later (``suspect``, ``later``). The result covers ``event_ids`` and then the events
+        taken from those messages.
+        """
+        taken, rows = self.scripts.call(
             "start",
-            [pair, owner, max_starts, seq or "", queue, int(defer_s * 1000), *event_ids],
+            [
+                pair,
+                owner,
+                max_starts,
+                seq or "",
+                queue,
+                int(defer_s * 1000),
+                "batch" if batch else "one",
+                most,
+                *event_ids,
+            ],
         )
-        started = []
-        for event_id, row in zip(event_ids, raw, strict=True):
-            what = _text(row[0])
-            if what == "run":
-                started.append(
-                    Started(
-                        event_id,
-                        what,
-                        int(row[1]),
-                        _text(row[2]),
-                        _text(row[3]),
-                        float(row[4]),
-                        _text(row[5]),
-                    )
-                )
-            else:
-                started.append(Started(event_id, what))
-        return started
+        return started_rows([*event_ids, *(_text(t) for t in taken)], rows)
 
     def finish(
         self, pair: str, owner: str, throughput_key: str, endings: Sequence[Ending]
@@ -304,3 +351,23 @@ class PairStore:
                 int(due) / 1000 if due else None,
             )
         return pairs
+
+
+class AsyncPairStore:
+    """The transitions a worker's event loop makes (starting and finishing attempts), on an
+    asyncio client: the same scripts as :class:`PairStore`."""
+
+    def __init__(self, scripts: AsyncScripts) -> None:
+        self.scripts = scripts
+
+    async def finish_many(
+        self, owner: str, endings: Sequence[tuple[str, str, Ending]]
+    ) -> list[str]:
+        """Record endings of any runs of ``owner``, each ``(pair, throughput key, ending)``; per
+        ending 'ok', 'late' or 'lost' (:meth:`PairStore.finish`). One round trip."""
+        if not endings:
+            return []
+        raw = await self.scripts.call(
+            "finish", ["", owner, "", *(e.encode(pair, tp) for pair, tp, e in endings)]
+        )
+        return [_text(r) for r in raw]

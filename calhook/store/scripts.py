@@ -79,6 +79,7 @@ class AsyncScripts:
     """The same, on the ingress's asyncio client."""
 
     def __init__(self, client: AsyncRedis, clock: Clock) -> None:
+        self.client = client
         self.clock = clock
         self._scripts = {name: client.register_script(source(name)) for name in NAMES}
 

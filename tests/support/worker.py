@@ -66,14 +66,21 @@ class CalhookProcess:
         return any(self.ready_marker in line.get("msg", "") for line in self.lines())
 
     def lines(self) -> list[dict[str, Any]]:
-        """The JSON log lines written so far (the Celery banner and other text is skipped)."""
+        """The JSON log lines written so far (the Celery banner and other text is skipped). A
+        line for a batch (``event_ids``) stands for each of its events: it is read as one line
+        per event, with that event's ``event_id``."""
         found = []
         for raw in self.log_path.read_text(errors="replace").splitlines():
             if raw.startswith("{"):
                 try:
-                    found.append(json.loads(raw))
+                    line = json.loads(raw)
                 except json.JSONDecodeError:
                     continue
+                ids = line.get("event_ids")
+                if isinstance(ids, list) and "event_id" not in line:
+                    found += [{**line, "event_id": event_id} for event_id in ids]
+                else:
+                    found.append(line)
         return found
 
     def signal(self, sig: signal.Signals) -> None:

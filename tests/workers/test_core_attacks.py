@@ -280,7 +280,7 @@ class Worker:
             self.heartbeat,
             settings.zone,
             max_starts=settings.max_deliveries,
-            handler_batch_max=settings.handler_batch_max,
+            batch_max=settings.batch_max,
         )
 
     def beat(self) -> list[str]:
@@ -298,6 +298,7 @@ class Worker:
 
     def stop(self) -> None:
         self.heartbeat.stop()
+        self.runner.close()
 
 
 def attack_registry(*handlers: Handler) -> Registry:
@@ -527,13 +528,13 @@ def test_a_scheduler_clock_ahead_of_the_workers_does_not_run_a_live_pair_twice(
 
 @pytest.fixture
 def batch_settings(make_settings: Callable[..., Settings]) -> Settings:
-    return make_settings(lease_s=LEASE_S, recovery_s=RECOVER_S, handler_batch_max=3)
+    return make_settings(lease_s=LEASE_S, recovery_s=RECOVER_S, batch_max=3)
 
 
 def test_a_handler_message_of_several_events_does_not_run_a_later_one_twice(
     db: redis.Redis, batch_settings: Settings
 ) -> None:
-    """With CALHOOK_HANDLER_BATCH_MAX > 1 one message names two events. The first takes
+    """With CALHOOK_BATCH_MAX > 1 one message names two events. The first takes
     longer than the lease (a slow CRM, its quick retries) while the heartbeat renews what the
     worker holds, and the scheduler sweeps all along; another worker takes whatever the sweep
     queues. The second event must still run once: no pair of the message may sit started
@@ -575,7 +576,7 @@ def test_events_of_a_batch_whose_handler_never_started_are_not_poisoned_by_their
     db: redis.Redis, batch_settings: Settings
 ) -> None:
     """Poison must count only runs that started the handler and never finished. With
-    CALHOOK_HANDLER_BATCH_MAX > 1 one message names three events, and the first kills its
+    CALHOOK_BATCH_MAX > 1 one message names three events, and the first kills its
     worker every time. The two others must end done, each run once, not dead as poison
     (when start.lua started the whole message at once, each crash counted for all three).
     """

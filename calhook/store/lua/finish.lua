@@ -1,15 +1,17 @@
 -- Record how the attempts of one run ended, with their trail entries and counters.
 -- ARGV[7] pair, ARGV[8] owner, ARGV[9] the throughput key of this 10 s, ARGV[10..] one JSON
--- object per event: {id, do = done|retry|defer|dead, outcome (the trail's and the counters'
+-- object per event: {id, pair and tp (this entry's pair and throughput key, when one call records
+-- the endings of several runs of the process), do = done|retry|defer|dead, outcome (the trail's and the counters'
 -- word), delay (ms from now, for retry and defer), fields (more of the trail entry), bucket and dur
 -- (its duration histogram), reason, error, traceback (for a dead letter)}.
 -- 'done' counts from whoever ran it (the effect happened); the other endings only from the
 -- owner of a live run, so a copy that lost its lease cannot undo or re-arm anything.
 -- Returns per event 'ok', 'late' (already final) or 'lost' (not this run's any more).
-local pair, owner, tput = ARGV[7], ARGV[8], ARGV[9]
+local owner = ARGV[8]
 local out = {}
 for i = 10, #ARGV do
   local e = cjson.decode(ARGV[i])
+  local pair, tput = e.pair or ARGV[7], e.tp or ARGV[9]
   local id = e.id
   local ev = K.ev .. id
   local got = redis.call('HMGET', ev, f(pair, 's'), f(pair, 'o'), f(pair, 'q'), f(pair, 'a'))
