@@ -58,6 +58,10 @@ def sessions(
             headers={"User-Agent": "calhook", **(headers or {})},
             # Every call stands alone: no cookie of one event's answer rides along with another.
             cookie_jar=aiohttp.DummyCookieJar(),
+            # HTTP(S)_PROXY and NO_PROXY apply, as they did with httpx: many companies reach
+            # outside APIs only through a proxy. (aiohttp looks them up per request in a
+            # thread, a cost a remote call does not notice.)
+            trust_env=True,
         )
 
     return LoopLocal(make, _close)
