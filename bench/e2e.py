@@ -1,10 +1,13 @@
 """End-to-end benchmark: from POST to every handler done, beside a bare Celery no-op task.
 
-*Drain*: N events are accepted by the ingress while no worker runs; then one worker host starts
-and the clock runs from its first completed handler to the N-th (the worker's start-up is not
-counted). The bare baseline is the same with N ``send_task`` messages and a no-op task.
-*Latency*: with the worker running, events are offered at a fixed rate; each event's latency is
-from its 202 to its last handler's completion, read afterwards from its trail in Redis.
+*Drain*: N events are accepted by the ingress while no worker runs (a backlog: the case where
+batches form). Their queue is then renamed out of sight, the worker host starts, and once every
+worker process is consuming (blocked on its queues) the backlog is renamed back; the clock runs
+from that moment to the N-th completed handler, so the workers' start-up is not counted. The
+bare baseline is the same with N ``send_task`` messages of a no-op task.
+*Latency*: with the workers consuming, events are offered at a fixed rate; each event's latency
+is from its 202 to its last handler's completion, read afterwards from its trail in Redis (whose
+clock the scripts use: whole milliseconds).
 """
 
 from __future__ import annotations
@@ -26,11 +29,17 @@ import redis
 from bench.fixtures import fixture_bodies
 from bench.ingress import SECRET
 from bench.loadgen import percentile, write_bodies
-from bench.procs import BIN, ROOT, Child, wait_for_port
-from calhook.constants import trail_key
+from bench.procs import BIN, CALHOOK, CELERY, ROOT, Child, wait_for_port
+from calhook.constants import DISPATCH_QUEUE, trail_key
 from calhook.redis_server import RedisServer, free_port
 
 DONE_KEY = "bench:done"
+# Where a backlog waits while the workers start (the benchmark's own key, not calhook's).
+HELD = "bench:held:"
+POLL_S = 0.005
+STALL_S = 60.0
+# The backlog is posted at this rate (the ingress takes twice that on this machine).
+POST_RATE = 2000
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,7 @@ class Scenario:
     """One worker host: its worker processes as (queues, pool, concurrency), and the load."""
 
     name: str
-    handler: str  # "noop" or "io"
+    handler: str  # BENCH_HANDLER: "noop", "io" or "io_async" (bench/handlers.py)
     workers: tuple[tuple[str, str, int], ...]
     events: int
     latency_rate: int
@@ -72,33 +81,65 @@ def _post(port: int, bodies: Path, rate: float, seconds: float, work: Path) -> d
     return result
 
 
-def _wait_done(
-    client: redis.Redis, n: int, timeout_s: float, queue: str | None = None
-) -> tuple[float, float]:
-    """Poll until ``n`` handlers are done: (start, time of the n-th completion).
+def _wait_done(client: redis.Redis, n: int, children: list[Child]) -> float:
+    """Poll until ``n`` handlers are done; the time (perf_counter) the n-th was seen. Fails when
+    no handler finished for ``STALL_S`` (a broken worker requeues forever)."""
+    seen, progressed = -1, time.monotonic()
+    while True:
+        done = int(client.get(DONE_KEY) or 0)
+        if done >= n:
+            return time.perf_counter()
+        if done != seen:
+            seen, progressed = done, time.monotonic()
+        elif time.monotonic() - progressed > STALL_S:
+            logs = ", ".join(str(c.log_path) for c in children)
+            raise RuntimeError(f"{done} of {n} handlers done, none for {STALL_S} s; see {logs}")
+        time.sleep(POLL_S)
 
-    The start is when ``queue`` (preloaded with the events) first shrinks, i.e. when the
-    worker took its first message; without a queue, the first completion.
-    """
+
+def wait_consuming(client: redis.Redis, children: list[Child], timeout_s: float = 60.0) -> None:
+    """Wait until every worker process of the host is blocked on its queues (kombu's Redis
+    transport consumes with BRPOP on one connection per worker), i.e. ready to take work."""
     deadline = time.monotonic() + timeout_s
-    start = 0.0
-    initial = client.llen(queue) if queue else 0
     while time.monotonic() < deadline:
-        now = time.perf_counter()
-        if not start and (client.llen(queue) < initial if queue else client.get(DONE_KEY)):
-            start = now
-        if int(client.get(DONE_KEY) or 0) >= n:
-            return start or now, now
-        time.sleep(0.002)
-    raise RuntimeError(f"only {client.get(DONE_KEY)!r} of {n} handlers done in {timeout_s} s")
+        for child in children:
+            if child.proc.poll() is not None:
+                code = child.proc.returncode
+                raise RuntimeError(f"{child.name} exited with {code}; see {child.log_path}")
+        consumers = sum(1 for c in client.client_list() if c.get("cmd") == "brpop")
+        if consumers >= len(children):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{len(children)} workers were not all consuming after {timeout_s} s")
+
+
+def _drain(
+    client: redis.Redis,
+    queue: str,
+    n: int,
+    specs: tuple[tuple[str, str, int], ...],
+    env: dict[str, str],
+    work: Path,
+    bare: bool = False,
+) -> float:
+    """Drain the backlog waiting on ``queue`` with a worker host; return events/s, counted from
+    the moment the backlog became visible to workers that were all consuming."""
+    held = f"{HELD}{queue}"
+    client.rename(queue, held)
+    with _workers(specs, env, work, bare) as children:
+        wait_consuming(client, children)
+        start = time.perf_counter()
+        client.rename(held, queue)
+        last = _wait_done(client, n, children)
+    return n / (last - start)
 
 
 def _worker_argv(queues: str, pool: str, concurrency: int, bare: bool) -> list[str]:
     if bare:
-        return [str(BIN / "celery"), "-A", "bench.bare_celery", "worker", "-Q", queues,
+        return [*CELERY, "-A", "bench.bare_celery", "worker", "-Q", queues,
                 "-P", pool, "-c", str(concurrency), "--without-mingle", "--without-gossip",
                 "-l", "WARNING"]  # fmt: skip
-    return [str(BIN / "calhook"), "worker", "-Q", queues, "-P", pool, "-c", str(concurrency),
+    return [*CALHOOK, "worker", "-Q", queues, "-P", pool, "-c", str(concurrency),
             "--", "--without-gossip"]  # fmt: skip
 
 
@@ -118,7 +159,7 @@ def _workers(
 def _ingress(env: dict[str, str], work: Path) -> Iterator[int]:
     """A `calhook serve` on a free port, until the block exits; yields the port."""
     port = free_port()
-    argv = [str(BIN / "calhook"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [*CALHOOK, "serve", "--host", "127.0.0.1", "--port", str(port)]
     with Child("e2e-ingress", argv, env, work) as ingress:
         wait_for_port(port, ingress.proc)
         yield port
@@ -130,11 +171,10 @@ def drain_calhook(scenario: Scenario, work: Path, slow_url: str) -> dict[str, An
         client = redis.Redis.from_url(server.url)
         env = _env(server.url, work, scenario.handler, slow_url)
         with _ingress(env, work) as port:
-            posted = _post(port, bodies, 2000, scenario.events / 2000, work)
+            posted = _post(port, bodies, POST_RATE, scenario.events / POST_RATE, work)
         accepted = posted["statuses"].get("202", 0)
-        with _workers(scenario.workers, env, work):
-            first, last = _wait_done(client, accepted, 600, queue="dispatch")
-    return {"events": accepted, "rate": accepted / (last - first)}
+        rate = _drain(client, DISPATCH_QUEUE, accepted, scenario.workers, env, work)
+    return {"events": accepted, "rate": rate}
 
 
 def drain_bare(scenario: Scenario, work: Path, slow_url: str) -> dict[str, Any]:
@@ -147,9 +187,8 @@ def drain_bare(scenario: Scenario, work: Path, slow_url: str) -> dict[str, Any]:
         sender = Celery("bare-sender", broker=server.url)
         for _ in range(scenario.events):
             sender.send_task("bare.noop", args=[payload], queue="bare")
-        with _workers(scenario.bare_workers, env, work, bare=True):
-            first, last = _wait_done(client, scenario.events, 600, queue="bare")
-    return {"events": scenario.events, "rate": scenario.events / (last - first)}
+        rate = _drain(client, "bare", scenario.events, scenario.bare_workers, env, work, True)
+    return {"events": scenario.events, "rate": rate}
 
 
 def latency(scenario: Scenario, work: Path, slow_url: str) -> dict[str, Any]:
@@ -158,11 +197,11 @@ def latency(scenario: Scenario, work: Path, slow_url: str) -> dict[str, Any]:
     with RedisServer(work / f"redis-{time.time_ns()}") as server:
         client = redis.Redis.from_url(server.url)
         env = _env(server.url, work, scenario.handler, slow_url)
-        with _ingress(env, work) as port, _workers(scenario.workers, env, work):
-            time.sleep(3)  # the worker connects
+        with _ingress(env, work) as port, _workers(scenario.workers, env, work) as children:
+            wait_consuming(client, children)
             posted = _post(port, bodies, scenario.latency_rate, scenario.latency_seconds, work)
             acks: list[tuple[str, float]] = [tuple(a) for a in posted["acks"]]
-            _wait_done(client, len(acks), 300)
+            _wait_done(client, len(acks), children)
         latencies = []
         with client.pipeline(transaction=False) as pipe:
             for event_id, _ in acks:

@@ -22,7 +22,7 @@ import redis
 
 from bench.fixtures import fixture_bodies, large_body
 from bench.loadgen import write_bodies
-from bench.procs import BIN, CORES, LOAD_CORE, SERVER_CORE, Child, wait_for_port
+from bench.procs import BIN, CALHOOK, CORES, LOAD_CORE, SERVER_CORE, Child, wait_for_port
 from calhook.redis_server import RedisServer, free_port
 
 SECRET = "bench-secret-0123456789abcdef"  # noqa: S105 (a local benchmark's)
@@ -40,7 +40,7 @@ class Config:
 
 def _server_argv(kind: str, port: int) -> list[str]:
     if kind == "calhook":
-        return [str(BIN / "calhook"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+        return [*CALHOOK, "serve", "--host", "127.0.0.1", "--port", str(port)]
     return [str(BIN / "python"), "-m", f"bench.{kind}", str(port)]
 
 

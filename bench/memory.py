@@ -27,7 +27,7 @@ from bench.e2e import _env, _workers
 from bench.fixtures import fixture_bodies
 from bench.ingress import SECRET
 from bench.loadgen import write_bodies
-from bench.procs import BIN, ROOT, Child, wait_for_port
+from bench.procs import BIN, CALHOOK, ROOT, Child, wait_for_port
 from calhook.redis_server import RedisServer, free_port
 
 SAMPLE_S = 2.0
@@ -44,7 +44,7 @@ def run(seconds: float, rate: int, workers: tuple[tuple[str, str, int], ...], pr
             env = _env(server.url, work, "noop", "")
             env.update(TIME_LIMITS)
             port = free_port()
-            argv = [str(BIN / "calhook"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+            argv = [*CALHOOK, "serve", "--host", "127.0.0.1", "--port", str(port)]
             with (
                 Child("mem-ingress", argv, env, work) as ingress,
                 _workers(workers, env, work) as worker_children,

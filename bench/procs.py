@@ -17,6 +17,9 @@ import psutil  # type: ignore[import-untyped]  # no stubs in the dev dependencie
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# `python -m`, as the tests start them: it does not depend on the console scripts' #! lines.
+CALHOOK = (str(BIN / "python"), "-m", "calhook")
+CELERY = (str(BIN / "python"), "-m", "celery")
 CORES = sorted(os.sched_getaffinity(0))
 # The server under test gets its own core; the load generator and Redis share the other one.
 SERVER_CORE = CORES[0]
