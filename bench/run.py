@@ -24,11 +24,12 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]  # no stubs in the dev dependencies
 
-from bench import e2e, ingress, memory, report
+from bench import e2e, footprint, ingress, memory, report
 from bench.procs import CORES
 from calhook.redis_server import find_server_binary
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PARTS = ("ingress", "e2e", "memory", "footprint")
 
 # The worker host of each end-to-end scenario: (queues, pool, concurrency) per worker process.
 # One worker process per core: each Celery worker's consumer (its main process: BRPOP, unacked
@@ -36,9 +37,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # processes were faster than one with two children for calhook and for the bare task alike.
 NOOP_WORKERS = (("dispatch,bench", "prefork", 1), ("dispatch,bench", "prefork", 1))
 BARE_WORKERS = (("bare", "prefork", 1), ("bare", "prefork", 1))
-# A handler that waits on I/O: threads, so one process waits on many calls at once (the GIL is
-# released while waiting); a prefork child waits on one.
+# A sync handler that waits on I/O: threads, so one process waits on many calls at once (the GIL
+# is released while waiting); a prefork child waits on one.
 IO_WORKERS = (("dispatch,bench", "threads", 48), ("dispatch,bench", "threads", 48))
+# An async handler: each process runs the events of a batch concurrently on its own event loop
+# (workers/loop.py); a pool thread only hands a batch to the loop and waits for it, so a few
+# threads keep several batches of up to 64 in flight per process (4 x 64 x 2 = 512 on the host,
+# where a 50 ms call at 2,000 events/s needs 100) and leave room for the dispatch tasks. With
+# batches of one event, the same host has only 8 calls in flight.
+ASYNC_WORKERS = (("dispatch,bench", "threads", 4), ("dispatch,bench", "threads", 4))
 
 
 def machine(command: str) -> dict[str, str]:
@@ -67,13 +74,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="short runs, one round")
-    parser.add_argument("--only", default="ingress,e2e,memory", help="comma-separated parts")
+    parser.add_argument(
+        "--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--readme", action="store_true", help="also quote the report in README.md's Performance"
     )
     args = parser.parse_args()
     parts = set(args.only.split(","))
+    if parts - set(PARTS):
+        sys.exit(f"unknown parts: {', '.join(sorted(parts - set(PARTS)))}")
     if shutil.which("wrk") is None and "ingress" in parts:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
     quick = args.quick
@@ -82,13 +93,15 @@ def main() -> None:
     def progress(line: str) -> None:
         print(f"[{time.monotonic() - started:6.0f} s] {line}", flush=True)
 
+    # Each drain is a backlog of this many events: large enough for batches to form and for a
+    # drain at 2,000 events/s to last seconds.
+    backlog = 500 if quick else 5000
+    rate, seconds = (50, 2.0) if quick else (100, 6.0)
     scenarios = [
-        e2e.Scenario("noop", "noop", NOOP_WORKERS, events=500 if quick else 2000,
-                     latency_rate=50 if quick else 100, latency_seconds=2 if quick else 6,
-                     bare_workers=BARE_WORKERS),
-        e2e.Scenario("io", "io", IO_WORKERS, events=500 if quick else 2000,
-                     latency_rate=50 if quick else 100, latency_seconds=2 if quick else 6),
-    ]  # fmt: skip
+        e2e.Scenario("noop", "noop", NOOP_WORKERS, backlog, rate, seconds, BARE_WORKERS),
+        e2e.Scenario("io", "io", IO_WORKERS, backlog, rate, seconds),
+        e2e.Scenario("io_async", "io_async", ASYNC_WORKERS, backlog, rate, seconds),
+    ]
     results: dict[str, Any] = {}
     if "ingress" in parts:
         config = ingress.Config(
@@ -99,6 +112,8 @@ def main() -> None:
         results["e2e"] = e2e.run(scenarios, 1 if quick else 3, progress)
     if "memory" in parts:
         results["memory"] = memory.run(20 if quick else 300, 150, NOOP_WORKERS, progress)
+    if "footprint" in parts:
+        results["footprint"] = footprint.run(500 if quick else 2000, NOOP_WORKERS, progress)
 
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.run" + (" --quick" if quick else "")
