@@ -34,7 +34,7 @@ def test_a_quick_bench_run_measures_every_part(tmp_path: Path) -> None:
         cwd=ROOT, check=True, timeout=540,
     )  # fmt: skip
     report = (tmp_path / "RESULTS.md").read_text()
-    for heading in ("## Targets", "## Ingress", "## End to end", "## Memory"):
+    for heading in ("## Targets", "## Ingress", "## End to end", "## Memory", "## Redis footprint"):
         assert heading in report
     assert (tmp_path / "ingress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -44,9 +44,23 @@ def test_a_quick_bench_run_measures_every_part(tmp_path: Path) -> None:
             for run in runs:
                 assert run["errors"] == 0, (server, point, run)
                 assert run["rate"] > 0, (server, point, run)
+    assert set(results["e2e"]) == {"noop", "io", "io_async"}
     for scenario, steps in results["e2e"].items():
         for step, runs in steps.items():
             assert all(run.get("rate", 1) > 0 for run in runs), (scenario, step)
+        # Every event of the backlog was accepted and drained.
+        assert all(run["events"] > 0 for run in steps["drain"]), scenario
         # Every event offered in the latency run was accepted and its handler's end was read.
         assert all(run["measured"] == run["events"] > 0 for run in steps["latency"]), scenario
+    assert results["e2e"]["noop"]["bare_drain"]
     assert results["memory"]["ingress"]["peak_mb"] > 0
+
+    footprint = results["footprint"]
+    queued, finished = footprint["queued"], footprint["finished"]
+    # A queued event holds at least its body; a finished one none (it leaves with the last pair).
+    assert queued["kinds"]["body"]["per_event"] >= footprint["body_bytes"]
+    assert finished["kinds"]["body"]["keys"] == 0
+    assert finished["kinds"]["messages"]["keys"] == 0
+    for kind in ("state", "dedup", "trail"):
+        assert finished["kinds"][kind]["keys"] == footprint["events"], kind
+    assert footprint["day"]["steady"] > footprint["day"]["first_day"] > 0
