@@ -301,7 +301,8 @@ def markdown(results: dict[str, Any], machine: dict[str, str], describe: dict[st
             "answering after 50 ms (httpx, a pool thread per call); *io_async*: the same call "
             "as an `async def` on aiohttp, the events of a batch concurrent on the worker "
             "process's event loop. *Latency*: events offered at a fixed rate with the workers "
-            "consuming, from the 202 to the handler's trail entry (Redis's clock, whole ms).",
+            "consuming (after a second of the same load, not counted), from the 202 to the "
+            "handler's trail entry (Redis's clock, whole ms).",
             "",
             *e2e_table(results["e2e"], describe),
             "",
