@@ -96,6 +96,7 @@ def _dispatcher() -> Dispatcher:
         settings.zone,
         max_starts=settings.max_deliveries,
         batch_max=settings.batch_max,
+        runner=_runner(),
     )
 
 
@@ -121,6 +122,14 @@ def _requeue_on_error() -> Iterator[None]:
         raise Reject(exc, requeue=True) from exc
 
 
+@functools.cache
+def _consumed(app: Celery) -> frozenset[str]:
+    """The queues this worker consumes (its ``-Q``): a dispatch runs the new messages of their
+    handlers itself when nothing waits before them. Empty outside a worker started with -Q."""
+    selected = app.amqp.queues.consume_from
+    return frozenset(selected) if selected else frozenset()
+
+
 def _register_tasks(app: Celery) -> None:
     # shared=False: the tasks belong to this app; Celery would otherwise add them to every app
     # created later in the process (a second app, a test's), as a duplicate name.
@@ -140,7 +149,7 @@ def _register_tasks(app: Celery) -> None:
             if ids is None and legacy.is_legacy(_unknown):
                 legacy.take_over(_pairs(), _unknown, None, DISPATCH_QUEUE)
                 return
-            _dispatcher().dispatch(ids or [], seq)
+            _dispatcher().dispatch(ids or [], seq, run_here=_consumed(self.app))
 
     @app.task(name=HANDLER_TASK, bind=True, shared=False)
     def handle(

@@ -12,13 +12,19 @@ message per handler for the events it applies to. Dispatch is deterministic, so 
 the same event (a redelivery after a crash) decides the same and writes nothing. An event whose
 dispatch started before without finishing is dispatched alone, so that only its own starts count
 towards poison.
+
+A worker that consumes a handler's queue as well runs that handler's new message itself, in the
+same task, when nothing else waits on the queue: under light load an event then costs one Celery
+task instead of two (its latency halves); under a backlog the message waits its turn.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Sequence
+import time
+from collections import Counter
+from collections.abc import Collection, Sequence
 from datetime import tzinfo
 
 import orjson
@@ -31,6 +37,7 @@ from schemas import PLANNED_TYPES, CalensoEvent, SchemaError, family_of, parse_e
 from workers.heartbeat import Heartbeat
 from workers.ordering import version_of
 from workers.registry import Handler, Registry
+from workers.runner import HandlerRunner
 
 log = logging.getLogger("calhook.dispatch")
 
@@ -66,16 +73,26 @@ class Dispatcher:
         *,
         max_starts: int,
         batch_max: int,
+        runner: HandlerRunner | None = None,
     ) -> None:
         self._pairs = pairs
+        self._runner = runner
         self._registry = registry
         self._heartbeat = heartbeat
         self._zone = zone
         self._max_starts = max_starts
         self._batch_max = batch_max
 
-    def dispatch(self, event_ids: Sequence[str], seq: int | None = None) -> dict[str, list[str]]:
-        """Route the events; return the handler names of each routed event (for logs, tests)."""
+    def dispatch(
+        self,
+        event_ids: Sequence[str],
+        seq: int | None = None,
+        *,
+        run_here: Collection[str] = (),
+    ) -> dict[str, list[str]]:
+        """Route the events; return the handler names of each routed event (for logs, tests).
+        ``run_here``: the queues this worker consumes, whose new messages it may run itself."""
+        began = time.monotonic()
         started = self._start(event_ids, seq, batch=True)
         routed = self._fan_out([s for s in started if s.run])
         for s in started:
@@ -84,7 +101,27 @@ class Dispatcher:
             elif not s.run:
                 level = logging.ERROR if s.what == "poison" else logging.INFO
                 log.log(level, "not dispatched", extra={"event_id": s.event_id, "why": s.what})
+        if run_here and self._runner is not None and routed:
+            self._run_here(routed, run_here, began + self._runner.budget_s)
         return routed
+
+    def _run_here(
+        self, routed: dict[str, list[str]], run_here: Collection[str], deadline: float
+    ) -> None:
+        """Run the new messages of handlers on ``run_here`` queues that nothing waits before."""
+        assert self._runner is not None
+        pushed: Counter[tuple[str, str]] = Counter()
+        for names in routed.values():
+            for name in names:
+                h = self._registry.get(name)
+                if h.queue in run_here:
+                    pushed[(name, h.queue)] += 1
+        # In the order fan_out pushed them: the first is the oldest, at the head of its queue.
+        for (name, queue), events in pushed.items():
+            messages = -(-events // self._batch_max)
+            if time.monotonic() >= deadline or self._pairs.client.llen(queue) > messages:
+                continue
+            self._runner.run(name, [], None, queue, deadline=deadline)
 
     def _start(
         self, event_ids: Sequence[str], seq: int | None, *, batch: bool = False

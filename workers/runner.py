@@ -38,17 +38,19 @@ import random
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from tenacity import (
     AsyncRetrying,
     Retrying,
     retry_if_exception,
+    retry_if_exception_type,
     stop_after_attempt,
+    stop_after_delay,
     wait_exponential_jitter,
 )
 
@@ -70,6 +72,10 @@ log = logging.getLogger("calhook.worker")
 
 # Of the soft time limit, the share a batch may run before it hands back what it has not run.
 _BUDGET_SHARE = 0.5
+# A sync handler's endings are recorded together, in one round trip, once the oldest of them has
+# waited this long (and at the end of the batch): fast handlers share a round trip, and a handler
+# slower than this has each ending recorded before the next event runs.
+_RECORD_WITHIN_S = 0.005
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -128,6 +134,11 @@ class HandlerRunner:
         owner = self._heartbeat.owner
         return Recorder(AsyncPairStore(scripts), lambda: owner, self._settings.lease_s / 2)
 
+    @property
+    def budget_s(self) -> float:
+        """How long one task may run its batches before it hands back what is left."""
+        return self._budget_s
+
     def close(self) -> None:
         """Close the clients of its recorders (tests; a worker's runner lives as long as its
         process)."""
@@ -143,10 +154,18 @@ class HandlerRunner:
         return self._recorders[key]
 
     def run(
-        self, handler_name: str, event_ids: Sequence[str], seq: int | None = None, queue: str = ""
+        self,
+        handler_name: str,
+        event_ids: Sequence[str],
+        seq: int | None = None,
+        queue: str = "",
+        *,
+        deadline: float | None = None,
     ) -> dict[str, str]:
-        """Run one message of a handler, with the messages it takes along; return each event's
-        outcome (for logs and tests)."""
+        """Run one message of a handler, with the messages it takes along (with no
+        ``event_ids``: the messages of the handler waiting next on ``queue``); return each
+        event's outcome (for logs and tests). ``deadline`` (``time.monotonic()``): when the
+        batch hands back what it has not run, if sooner than its own budget."""
         with logs.bind(handler=handler_name):
             try:
                 h: Handler | None = self._registry.get(handler_name)
@@ -156,7 +175,7 @@ class HandlerRunner:
                 h,
                 handler_name,
                 throughput_key(h.queue if h else queue),
-                time.monotonic() + self._budget_s,
+                min(time.monotonic() + self._budget_s, deadline or float("inf")),
             )
             outcomes: dict[str, str] = {}
             started = self._start(batch, event_ids, seq, queue, most=self._settings.batch_max)
@@ -241,20 +260,44 @@ class HandlerRunner:
 
     def _run_sync(self, batch: _Batch, runs: Sequence[Started]) -> list[tuple[Ending, str]]:
         endings: list[Ending] = []
-        recorded: list[Future[str]] = []
-        for s in runs:
-            if time.monotonic() > batch.deadline:
-                ending = _handed_back(s)
-            else:
-                with logs.bind(event_id=s.event_id, attempt=s.attempt, type=s.type[:100]):
-                    ending = self._run(batch, s)
-                if ending.fields.get("error") == "SoftTimeLimitExceeded":
-                    # The hard limit is near: what is left goes back rather than die with us.
-                    batch = _Batch(batch.handler, batch.name, batch.throughput, 0.0)
-            endings.append(ending)
-            # Recorded while the next event runs; waited for below.
-            recorded.append(self._loop.submit(self._record(batch, ending)))
-        return [(e, f.result()) for e, f in zip(endings, recorded, strict=True)]
+        results: list[str] = []
+        since = 0.0  # when the oldest ending not yet recorded was known
+        try:
+            for s in runs:
+                if len(results) < len(endings) and time.monotonic() - since >= _RECORD_WITHIN_S:
+                    results += self._record_sync(batch, endings[len(results) :])
+                if time.monotonic() > batch.deadline:
+                    ending = _handed_back(s)
+                else:
+                    with logs.bind(event_id=s.event_id, attempt=s.attempt, type=s.type[:100]):
+                        ending = self._run(batch, s)
+                    if ending.fields.get("error") == "SoftTimeLimitExceeded":
+                        # The hard limit is near: what is left goes back rather than die with us.
+                        batch = _Batch(batch.handler, batch.name, batch.throughput, 0.0)
+                if len(results) == len(endings):
+                    since = time.monotonic()
+                endings.append(ending)
+        finally:
+            # Also when the task is torn down halfway (a shutdown, a time limit): what ran is
+            # recorded, and only the rest runs again.
+            if len(results) < len(endings):
+                results += self._record_sync(batch, endings[len(results) :])
+        return list(zip(endings, results, strict=True))
+
+    def _record_sync(self, batch: _Batch, endings: Sequence[Ending]) -> list[str]:
+        """Record endings, through a Redis blip: the effects happened, so losing their outcomes
+        would run them again. Tried for half a lease (the heartbeat keeps the pairs meanwhile)."""
+        for try_ in Retrying(
+            stop=stop_after_delay(self._settings.lease_s / 2),
+            wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
+            retry=retry_if_exception_type(redis.RedisError),
+            reraise=True,
+        ):
+            with try_:
+                return self._pairs.finish(
+                    batch.name, self._heartbeat.owner, batch.throughput, endings
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _record(self, batch: _Batch, ending: Ending) -> str:
         return await self._recorder().record(batch.name, batch.throughput, ending)
