@@ -32,6 +32,7 @@ from bench.loadgen import percentile, write_bodies
 from bench.procs import BIN, CALHOOK, CELERY, ROOT, Child, wait_for_port
 from calhook.constants import DISPATCH_QUEUE, trail_key
 from calhook.redis_server import RedisServer, free_port
+from calhook.store.stats import outcomes
 
 DONE_KEY = "bench:done"
 # Where a backlog waits while the workers start (the benchmark's own key, not calhook's).
@@ -148,12 +149,22 @@ def _worker_argv(queues: str, pool: str, concurrency: int, bare: bool) -> list[s
 def _workers(
     specs: tuple[tuple[str, str, int], ...], env: dict[str, str], work: Path, bare: bool = False
 ) -> Iterator[list[Child]]:
+    """The worker processes of a host (yielded) and, beside calhook's, a `calhook scheduler`
+    as every deployment runs one: without it a retried or lost pair would never run again."""
     with ExitStack() as stack:
         children = []
         for n, (queues, pool, concurrency) in enumerate(specs):
             argv = _worker_argv(queues, pool, concurrency, bare)
             children.append(stack.enter_context(Child(f"e2e-worker-{n}", argv, env, work)))
+        if not bare:
+            stack.enter_context(Child("e2e-scheduler", [*CALHOOK, "scheduler"], env, work))
         yield children
+
+
+def not_ok(client: redis.Redis) -> int:
+    """Attempts that did not end ``ok`` (retries, dead letters): a drain that needed them is
+    not the measurement it claims to be."""
+    return sum(count for _, outcome, count in outcomes(client) if outcome != "ok")
 
 
 @contextmanager
@@ -175,7 +186,8 @@ def drain_calhook(scenario: Scenario, work: Path, slow_url: str) -> dict[str, An
             posted = _post(port, bodies, POST_RATE, scenario.events / POST_RATE, work)
         accepted = posted["statuses"].get("202", 0)
         rate = _drain(client, DISPATCH_QUEUE, accepted, scenario.workers, env, work)
-    return {"events": accepted, "rate": rate}
+        failed = not_ok(client)
+    return {"events": accepted, "rate": rate, "not_ok": failed}
 
 
 def drain_bare(scenario: Scenario, work: Path, slow_url: str) -> dict[str, Any]:
@@ -208,6 +220,7 @@ def latency(scenario: Scenario, work: Path, slow_url: str) -> dict[str, Any]:
             posted = _post(port, bodies, scenario.latency_rate, scenario.latency_seconds, work)
             acks: list[tuple[str, float]] = [tuple(a) for a in posted["acks"]]
             _wait_done(client, len(acks), children)
+        failed = not_ok(client)
         latencies = []
         with client.pipeline(transaction=False) as pipe:
             for event_id, _ in acks:
@@ -224,6 +237,7 @@ def latency(scenario: Scenario, work: Path, slow_url: str) -> dict[str, Any]:
         "measured": len(latencies),
         "p50_ms": percentile(latencies, 0.5) * 1000,
         "p99_ms": percentile(latencies, 0.99) * 1000,
+        "not_ok": failed,
     }
 
 

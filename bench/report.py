@@ -77,6 +77,24 @@ def e2e_table(results: dict[str, dict[str, Figures]], describe: dict[str, str]) 
     return lines
 
 
+def _not_ok_note(results: dict[str, dict[str, Figures]]) -> list[str]:
+    """A line naming the runs whose handlers did not all end ``ok`` the first time."""
+    runs = [
+        f"{name} {step} round {i + 1}: {run['not_ok']}"
+        for name, steps in results.items()
+        for step, figures in steps.items()
+        for i, run in enumerate(figures)
+        if run.get("not_ok")
+    ]
+    if not runs:
+        return []
+    return [
+        "Attempts that did not end `ok` (retried by the scheduler that runs beside every calhook "
+        f"host; those runs measured more than the handler): {'; '.join(runs)}.",
+        "",
+    ]
+
+
 def memory_table(memory: dict[str, Any]) -> list[str]:
     lines = [
         f"{memory['seconds']:.0f} s at {memory['rate']} events/s through ingress and worker; "
@@ -296,7 +314,8 @@ def markdown(results: dict[str, Any], machine: dict[str, str], describe: dict[st
             "handler's end. The bare baseline, run right after, drains as many `send_task` "
             "messages of a no-op task with calhook's broker settings (late ack, prefetch 1). "
             "Every handler and the bare task count completions with one Redis INCR. calhook "
-            "runs at its default log level (INFO), the bare worker at Celery's (WARNING). "
+            "runs at its default log level (INFO) with a `calhook scheduler` beside it, as "
+            "deployed; the bare worker at Celery's level (WARNING). "
             "*noop*: the no-op handler; *io*: a sync handler that waits on a local server "
             "answering after 50 ms (httpx, a pool thread per call); *io_async*: the same call "
             "as an `async def` on aiohttp, the events of a batch concurrent on the worker "
@@ -306,6 +325,7 @@ def markdown(results: dict[str, Any], machine: dict[str, str], describe: dict[st
             "",
             *e2e_table(results["e2e"], describe),
             "",
+            *_not_ok_note(results["e2e"]),
         ]
     if "memory" in results:
         out += ["## Memory", "", *memory_table(results["memory"]), ""]
