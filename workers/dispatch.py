@@ -198,5 +198,8 @@ class Dispatcher:
             s.event_id,
             event.type[:100],
             received,
-            handlers=[(h.name, h.queue, *_order(h, event, s.event_id)) for h in handlers],
+            handlers=[
+                (h.name, h.queue, *_order(h, event, s.event_id), "async" if h.is_async else "")
+                for h in handlers
+            ],
         )

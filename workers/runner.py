@@ -319,8 +319,10 @@ class HandlerRunner:
                 with try_:
                     h.fn(event, ctx)
         except Exception as exc:
-            return self._failed(h, s, exc, time.perf_counter() - started)
-        return _done(s, time.perf_counter() - started)
+            duration_s = time.perf_counter() - started
+            return self._failed(h, s, exc, duration_s, cost_s=duration_s)
+        duration_s = time.perf_counter() - started
+        return _done(s, duration_s, cost_s=duration_s)
 
     # --- async handlers: concurrently on the process's event loop ----------------------------
 
@@ -364,8 +366,9 @@ class HandlerRunner:
                     with try_:
                         await fn(event, ctx)
         except Exception as exc:
-            return self._failed(h, s, exc, time.perf_counter() - started)
-        return _done(s, time.perf_counter() - started)
+            return self._failed(h, s, exc, time.perf_counter() - started, cost_s=0.0)
+        # The events of a batch wait together: one more costs the batch next to nothing.
+        return _done(s, time.perf_counter() - started, cost_s=0.0)
 
     def _cap(self, h: Handler) -> asyncio.Semaphore:
         """The handler's concurrency cap on the running loop, shared by every task of the
@@ -406,7 +409,9 @@ class HandlerRunner:
         quick = h.retry.quick_retries
         return self._settings.quick_retries if quick is None else quick
 
-    def _failed(self, h: Handler, s: Started, exc: Exception, duration_s: float) -> Ending:
+    def _failed(
+        self, h: Handler, s: Started, exc: Exception, duration_s: float, *, cost_s: float
+    ) -> Ending:
         failure = self._failure(h, s.attempt, exc)
         fields: dict[str, object] = {"error": _name(exc), "duration_ms": _ms(duration_s)}
         if failure.delay_s is not None:
@@ -422,6 +427,7 @@ class HandlerRunner:
             reason=failure.reason,
             error=f"{type(exc).__name__}: {exc}"[:2000],
             traceback=_trace(exc) if failure.do == "dead" else "",
+            cost_s=cost_s,
         )
 
     def _failure(self, h: Handler, attempt: int, exc: Exception) -> _Failure:
@@ -440,8 +446,15 @@ class HandlerRunner:
         return _Failure("retry", "retry_scheduled", delay_s)
 
 
-def _done(s: Started, duration_s: float) -> Ending:
-    return Ending(s.event_id, "done", "ok", {"duration_ms": _ms(duration_s)}, duration_s=duration_s)
+def _done(s: Started, duration_s: float, cost_s: float) -> Ending:
+    return Ending(
+        s.event_id,
+        "done",
+        "ok",
+        {"duration_ms": _ms(duration_s)},
+        duration_s=duration_s,
+        cost_s=cost_s,
+    )
 
 
 def _handed_back(s: Started) -> Ending:

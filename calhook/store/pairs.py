@@ -80,6 +80,9 @@ class Ending:
     reason: str = ""
     error: str = ""
     traceback: str = ""
+    # What one more event adds to a batch of this handler (s): its duration for a sync handler,
+    # 0 for an async one; how many events the handler's messages name follows it.
+    cost_s: float | None = None
 
     def encode(self, pair: str | None = None, throughput_key: str | None = None) -> bytes:
         """As ``finish.lua`` reads it; ``pair`` and ``throughput_key`` when one call records
@@ -97,6 +100,8 @@ class Ending:
         if self.duration_s is not None:
             entry["bucket"] = bucket_of(self.duration_s)
             entry["dur"] = self.duration_s
+        if self.cost_s is not None:
+            entry["cost"] = round(self.cost_s, 6)
         if self.do == "dead":
             entry["reason"] = self.reason
             entry["traceback"] = self.traceback
@@ -107,13 +112,13 @@ class Ending:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Dispatch's decision for one event: its handlers (name, queue, order entity, version),
-    or the reason it is parked."""
+    """Dispatch's decision for one event: its handlers (name, queue, order entity, version and
+    'async' for an async handler), or the reason it is parked."""
 
     event_id: str
     type: str
     received: bytes
-    handlers: Sequence[tuple[str, str, str, str]] = ()
+    handlers: Sequence[tuple[str, ...]] = ()
     park_reason: str = ""
     park_errors: Sequence[dict[str, str]] = ()
     # Pairs added to an event dispatched elsewhere (calhook 0.1), with the body it carried.

@@ -10,8 +10,8 @@ that a dispatching worker runs a handler's new message itself only when nothing 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import contextlib
+import datetime as dt
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,7 +23,7 @@ import redis
 
 from calhook.constants import DISPATCH_QUEUE
 from calhook.settings import Settings
-from calhook.store.keys import due_member
+from calhook.store.keys import due_member, duration_key
 from calhook.store.pairs import PairStore
 from calhook.store.scripts import Scripts
 from schemas import UnknownEvent
@@ -82,6 +82,13 @@ def worker_of(
         worker.stop()
 
 
+def known_fast(db: redis.Redis, *handlers: str) -> None:
+    """As if ``handlers`` had run before, fast: their messages name up to the batch size (a
+    handler of unknown cost starts with one event per message)."""
+    for name in handlers:
+        db.hset(duration_key(name), "cost", "0.00001")
+
+
 def backlog(core: PairStore, batches: int, per_batch: int, **data: Any) -> list[str]:
     """``batches`` ingress batches of ``per_batch`` events: one dispatch message each."""
     ids: list[str] = []
@@ -96,6 +103,7 @@ def test_a_backlog_is_dispatched_and_handled_in_one_task_each_with_one_start_api
     runs: Counter[str] = Counter()
     handler = attack_handler("a.count", lambda event, ctx: runs.update([ctx.event_id]))
     with worker_of(db, batch_settings, timeline, handler) as worker:
+        known_fast(db, "a.count")
         ids = backlog(worker.pairs, batches=10, per_batch=4)
         assert db.llen(DISPATCH_QUEUE) == 10
         counting = CountingScripts(db, worker.pairs.scripts.clock)
@@ -128,6 +136,7 @@ def test_a_task_takes_only_the_messages_of_its_own_handler_and_at_most_the_batch
     done: list[str] = []
     first = attack_handler("a.first", lambda event, ctx: done.append(ctx.event_id))
     with worker_of(db, settings, timeline, first) as worker:
+        known_fast(db, "a.first")
         # Four events per message, one handler message per dispatch message.
         for _ in range(3):
             accept_batch(worker.pairs, [attack_body() for _ in range(4)])
@@ -150,6 +159,7 @@ def test_a_message_of_another_handler_stops_the_take(
 
     handlers = (attack_handler("a.one", record("one")), attack_handler("a.two", record("two")))
     with worker_of(db, batch_settings, timeline, *handlers) as worker:
+        known_fast(db, "a.one", "a.two")
         for _ in range(2):
             accept_batch(worker.pairs, [attack_body()])
             worker.take(DISPATCH_QUEUE)
@@ -178,6 +188,7 @@ def test_one_event_failing_in_a_batch_neither_reruns_nor_holds_back_the_others(
             raise RuntimeError("the destination refused this one")
 
     with worker_of(db, batch_settings, timeline, attack_handler("a.apply", apply)) as worker:
+        known_fast(db, "a.apply")
         ids = accept_batch(worker.pairs, [attack_body() for _ in range(6)])
         bad.append(ids[2])
         worker.take(DISPATCH_QUEUE)
@@ -212,6 +223,7 @@ def test_a_worker_killed_mid_batch_runs_again_only_what_had_not_finished(
     handler = attack_handler("a.apply", apply)
     scheduler = process(db, batch_settings, timeline)
     with worker_of(db, batch_settings, timeline, handler) as first:
+        known_fast(db, "a.apply")
         ids = accept_batch(first.pairs, [attack_body() for _ in range(6)])
         killer.append(ids[2])
         first.take(DISPATCH_QUEUE)
@@ -245,6 +257,7 @@ def test_events_of_one_entity_in_a_batch_apply_in_version_order(
 
     handler = attack_handler("a.apply", apply, order_key=version, ordered=True)
     with worker_of(db, batch_settings, timeline, handler) as worker:
+        known_fast(db, "a.apply")
         bodies = [
             orjson.dumps({"type": ATTACK_TYPE, "created": f"2025-05-01 10:00:0{n}", "data": {}})
             for n in (3, 1, 2)
@@ -313,6 +326,7 @@ def test_a_dispatching_worker_runs_a_handlers_new_message_itself_when_nothing_wa
     done: list[str] = []
     handler = attack_handler("a.apply", lambda event, ctx: done.append(ctx.event_id))
     with worker_of(db, batch_settings, timeline, handler) as worker:
+        known_fast(db, "a.apply")
         ids = accept_batch(worker.pairs, [attack_body() for _ in range(3)])
         worker.take(DISPATCH_QUEUE, run_here=[QUEUE])
 
@@ -336,8 +350,9 @@ def test_a_dispatching_worker_runs_a_handlers_new_message_itself_when_nothing_wa
 def test_a_batch_out_of_time_hands_back_what_it_has_not_run_without_spending_an_attempt(
     db: redis.Redis, make_settings: Callable[..., Settings], timeline: Timeline
 ) -> None:
-    """A one-second task time limit leaves a batch about half a second (half the soft limit);
-    events of 0.3 s each: two run, the others go back to wait, their attempt unspent."""
+    """A one-second task time limit leaves a batch about half a second (half the soft limit).
+    A handler known to be fast turns slow (0.3 s an event): two run, the others go back to
+    wait, their attempt unspent."""
     settings = make_settings(lease_s=LEASE_S, recovery_s=RECOVER_S, task_time_limit_s=1)
     runs: Counter[str] = Counter()
 
@@ -347,6 +362,7 @@ def test_a_batch_out_of_time_hands_back_what_it_has_not_run_without_spending_an_
 
     scheduler = process(db, settings, timeline)
     with worker_of(db, settings, timeline, attack_handler("a.slow", slow)) as worker:
+        known_fast(db, "a.slow")
         ids = accept_batch(worker.pairs, [attack_body() for _ in range(4)])
         worker.take(DISPATCH_QUEUE)
         outcomes = worker.take(QUEUE)
@@ -358,3 +374,37 @@ def test_a_batch_out_of_time_hands_back_what_it_has_not_run_without_spending_an_
         assert db.zscore("calhook:due", due_member(event_id, "a.slow")) is not None
     assert runs == Counter(ids[:2])
     assert audit(db) == []
+
+
+def test_a_sync_handlers_messages_name_what_it_runs_in_about_20_ms(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline
+) -> None:
+    """A sync handler runs its batch one event after another: a slow one gets an event per
+    message (and keeps its pool's parallelism), a fast one full messages, one of unknown cost
+    one event until its first ending; an async handler's events run at once: full messages."""
+
+    async def remote(event: UnknownEvent, ctx: HandlerContext) -> None:
+        await asyncio.sleep(0)
+
+    handlers = [
+        attack_handler("a.new", lambda event, ctx: None, queue="new"),
+        attack_handler("a.slow", lambda event, ctx: None, queue="slow"),
+        attack_handler("a.mid", lambda event, ctx: None, queue="mid"),
+        attack_handler("a.fast", lambda event, ctx: None, queue="fast"),
+        attack_handler("a.async", remote, queue="async"),
+    ]
+    db.hset(duration_key("a.slow"), "cost", "0.05")
+    db.hset(duration_key("a.mid"), "cost", "0.004")
+    known_fast(db, "a.fast")
+    with worker_of(db, batch_settings, timeline, *handlers) as worker:
+        accept_batch(worker.pairs, [attack_body() for _ in range(12)])
+        worker.take(DISPATCH_QUEUE)
+
+    def sizes(queue: str) -> list[int]:
+        return [len(m["ids"]) for m in messages(db, queue)]
+
+    assert sizes("new") == [1] * 12
+    assert sizes("slow") == [1] * 12
+    assert sizes("mid") == [2, 5, 5]  # 20 ms / 4 ms, the last message first
+    assert sizes("fast") == [12]
+    assert sizes("async") == [12]

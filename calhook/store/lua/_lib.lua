@@ -115,14 +115,29 @@ local function add_to_group(groups, pair, queue, id)
   table.insert(groups.ids[g], id)
 end
 
+-- How many events one message of `pair` names, at most `batch_max`: a sync handler runs a
+-- batch one event after another, so its batch holds what it runs in about BATCH_S by its recent
+-- cost per event (the handler's 'cost' in its duration hash, kept by finish.lua); a slow sync
+-- handler gets one event per message, and so keeps its Celery pool's parallelism. An async
+-- handler's events run at once (cost 0); a handler of unknown cost starts with one.
+local BATCH_S = 0.02
+local function batch_size(pair, batch_max)
+  if pair == K.dispatch_pair then return batch_max end
+  local cost = tonumber(redis.call('HGET', K.duration .. pair, 'cost') or '')
+  if not cost then return 1 end
+  if cost <= 0 then return batch_max end
+  return math.max(1, math.min(batch_max, math.floor(BATCH_S / cost)))
+end
+
 local function flush(groups, batch_max)
   for _, g in ipairs(groups.keys) do
     local sep = string.find(g, '\n', 1, true)
     local pair, queue = string.sub(g, 1, sep - 1), string.sub(g, sep + 1)
     local ids = groups.ids[g]
-    for j = 1, #ids, batch_max do
+    local size = batch_size(pair, batch_max)
+    for j = 1, #ids, size do
       local chunk = {}
-      for k = j, math.min(j + batch_max - 1, #ids) do chunk[#chunk + 1] = ids[k] end
+      for k = j, math.min(j + size - 1, #ids) do chunk[#chunk + 1] = ids[k] end
       enqueue(queue, pair, chunk)
     end
   end

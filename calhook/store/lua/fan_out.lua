@@ -1,7 +1,8 @@
 -- What dispatch decided for the events of one run: route each to its handlers, or park it.
 -- ARGV[7] the dispatch queue's throughput key of this 10 s, ARGV[8] most events per handler
 -- message, ARGV[9..] one JSON object per event: {id, type, received (trail entry), then either
--- route = {{handler, queue, entity or '', version or ''}, ...} or park = {reason, errors}}, or
+-- route = {{handler, queue, entity or '', version or '', 'async' or ''}, ...} or park = {reason,
+-- errors}}, or
 -- {id, add = true, body, route} to add pairs to an event dispatched by calhook 0.1.
 -- Dispatch is deterministic, so whichever run of it finishes first decides; a later one is
 -- 'late' and writes nothing. Returns per event 'ok' or 'late'.
@@ -53,6 +54,11 @@ for i = 9, #ARGV do
       local names = {}
       for _, h in ipairs(e.route) do
         local name, queue = h[1], h[2]
+        if h[5] == 'async' then
+          -- The events of an async handler's batch run at once: its messages are full from the
+          -- start (batch_size).
+          redis.call('HSETNX', K.duration .. name, 'cost', '0')
+        end
         if not redis.call('HGET', ev, f(name, 's')) then
           redis.call('HSET', ev, f(name, 'a'), 1, f(name, 'n'), 0, f(name, 'q'), queue)
           if h[3] ~= '' then redis.call('HSET', ev, f(name, 'e'), h[3], f(name, 'v'), h[4]) end

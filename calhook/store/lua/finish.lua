@@ -3,7 +3,8 @@
 -- object per event: {id, pair and tp (this entry's pair and throughput key, when one call records
 -- the endings of several runs of the process), do = done|retry|defer|dead, outcome (the trail's and the counters'
 -- word), delay (ms from now, for retry and defer), fields (more of the trail entry), bucket and dur
--- (its duration histogram), reason, error, traceback (for a dead letter)}.
+-- (its duration histogram), cost (s one more event adds to a batch: its duration for a sync
+-- handler, 0 for an async one), reason, error, traceback (for a dead letter)}.
 -- 'done' counts from whoever ran it (the effect happened); the other endings only from the
 -- owner of a live run, so a copy that lost its lease cannot undo or re-arm anything.
 -- Returns per event 'ok', 'late' (already final) or 'lost' (not this run's any more).
@@ -47,6 +48,13 @@ for i = 10, #ARGV do
     if e.bucket then
       redis.call('HINCRBY', K.duration .. pair, e.bucket, 1)
       redis.call('HINCRBYFLOAT', K.duration .. pair, 'sum', e.dur)
+    end
+    if e.cost then
+      -- What one more event adds to a batch of this handler (a moving average): how many
+      -- events its messages name (batch_size).
+      local old = tonumber(redis.call('HGET', K.duration .. pair, 'cost') or '')
+      local cost = old and (0.8 * old + 0.2 * e.cost) or e.cost
+      redis.call('HSET', K.duration .. pair, 'cost', string.format('%.6f', cost))
     end
   end
   out[#out + 1] = r

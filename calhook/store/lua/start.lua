@@ -17,6 +17,7 @@
 local pair, owner, max_starts = ARGV[7], ARGV[8], tonumber(ARGV[9])
 local seq, queue, defer_ms = tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
 local batch, most = ARGV[13] == 'batch', tonumber(ARGV[14])
+if batch then most = math.min(most, math.max(#ARGV - 14, batch_size(pair, most))) end
 
 -- A number from before a Redis rollback (AOF lost its last writes) is above what calhook:seq
 -- says was pushed: it would make every message still waiting look taken, so it is ignored.
