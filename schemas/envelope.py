@@ -84,20 +84,34 @@ def parse_envelope(body: object) -> Envelope:
     string or empty, or when ``data`` is missing or not an object. Unknown top-level keys are
     ignored. ``created`` and ``source`` are kept as raw text.
     """
-    if not isinstance(body, Mapping):
+    event_type, created, source, data = envelope_fields(body)
+    # model_construct skips re-validating a body that was just checked; ``data`` can be large.
+    return Envelope.model_construct(type=event_type, created=created, source=source, data=data)
+
+
+def envelope_fields(body: object) -> tuple[str, str | None, str | None, dict[str, Any]]:
+    """Check ``body`` as :func:`parse_envelope` does; return ``(type, created, source, data)``.
+
+    For :func:`schemas.parse_event`, which needs the fields but not an :class:`Envelope` (building
+    one costs more than the checks).
+    """
+    # Exact types are tested before the Mapping ABC, whose isinstance is slow: decoded JSON is
+    # always a dict, and this runs on every parse.
+    if type(body) is not dict and not isinstance(body, Mapping):
         problem = f"the body must be a JSON object, got {json_type_name(body)}"
         raise EnvelopeError(problem, [_error("", problem, "dict_type")])
     event_type = body.get("type", _ABSENT)
     data = body.get("data", _ABSENT)
+    if type(event_type) is str and event_type.strip() and type(data) is dict:
+        return event_type, _text(body.get("created")), _text(body.get("source")), data
     errors = [e for e in (_check_type(event_type), _check_data(data)) if e is not None]
     if errors:
         raise EnvelopeError("; ".join(e["msg"] for e in errors), errors)
     assert isinstance(event_type, str)
     assert isinstance(data, Mapping)
-    # model_construct skips re-validating a body that was just checked; ``data`` can be large.
-    return Envelope.model_construct(
-        type=event_type,
-        created=_text(body.get("created")),
-        source=_text(body.get("source")),
-        data=data if isinstance(data, dict) else dict(data),
+    return (
+        event_type,
+        _text(body.get("created")),
+        _text(body.get("source")),
+        data if isinstance(data, dict) else dict(data),
     )

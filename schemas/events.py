@@ -75,7 +75,11 @@ class CalensoEvent(BaseModel):
     @model_validator(mode="after")
     def _check_identified(self) -> Self:
         required = self._required_identifiers()
-        if not required or any(self._has(part, field) for part, field in required):
+        # A loop rather than any(generator): this runs on every parse.
+        for part, field in required:
+            if self._has(part, field):
+                return self
+        if not required:
             return self
         part, field = required[0]
         alternatives = ", ".join(f"{p}.{f}" for p, f in required[1:])

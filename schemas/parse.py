@@ -8,10 +8,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas._flat import resolve
+from schemas._flat_cache import resolve
 from schemas._lenient import CREATED_TZ
 from schemas.catalogue import family_of
-from schemas.envelope import Envelope, parse_envelope
+from schemas.envelope import Envelope, envelope_fields
 from schemas.errors import ErrorDetail, PayloadError, strip_validation_errors, summarise
 from schemas.events import MODEL_BY_FAMILY, CalensoEvent, Shape, UnknownEvent
 
@@ -22,7 +22,12 @@ def detect_shape(data: Mapping[str, Any]) -> Shape:
     Only a label for the parsed event: field lookup tries both shapes whatever this says.
     """
     for value in data.values():
-        if isinstance(value, Mapping):
+        kind = type(value)
+        # Scalars first, by exact type: isinstance against the Mapping ABC is slow, and a flat
+        # payload is nothing but scalars.
+        if kind is str or value is None or kind is int or kind is float or kind is bool:
+            continue
+        if kind is dict or isinstance(value, Mapping):
             return "nested"
         if isinstance(value, list) and any(isinstance(item, Mapping) for item in value):
             return "nested"
@@ -34,32 +39,44 @@ def parse_event(
 ) -> CalensoEvent:
     """Parse a delivery into the canonical model of its family.
 
-    ``envelope`` is an :class:`Envelope` or the decoded body (then checked with
-    :func:`parse_envelope`). A naive ``created`` is read in ``created_tz``; every datetime on the
-    result is aware. A type outside the catalogue gives an :class:`UnknownEvent`, never an error.
+    ``envelope`` is an :class:`Envelope` or the decoded body (then checked as
+    :func:`parse_envelope` checks it). A naive ``created`` is read in ``created_tz``; every
+    datetime on the result is aware. A type outside the catalogue gives an
+    :class:`UnknownEvent`, never an error.
 
     Raises :class:`EnvelopeError` for envelope problems and :class:`PayloadError` when ``data``
     fails its family's schema or ``created`` is missing or unparseable.
     """
     if not isinstance(created_tz, tzinfo):
         raise TypeError("created_tz must be a tzinfo, e.g. zoneinfo.ZoneInfo('Europe/Zurich')")
-    if not isinstance(envelope, Envelope):
-        envelope = parse_envelope(envelope)
-    family = family_of(envelope.type)
+    # ``type() is dict`` first: isinstance against a pydantic model class is slow.
+    if type(envelope) is not dict and isinstance(envelope, Envelope):
+        event_type, created, source, data = (
+            envelope.type,
+            envelope.created,
+            envelope.source,
+            envelope.data,
+        )
+    else:
+        event_type, created, source, data = envelope_fields(envelope)
+    family = family_of(event_type)
     model = MODEL_BY_FAMILY[family] if family is not None else UnknownEvent
     fields: dict[str, Any] = {
-        "type": envelope.type,
+        "type": event_type,
         "family": family,
-        "source": envelope.source,
-        "shape": detect_shape(envelope.data),
-        "raw_data": envelope.data,
+        "source": source,
+        "shape": detect_shape(data),
+        "raw_data": data,
     }
-    if envelope.created is not None:
-        fields["created"] = envelope.created
-    fields.update(resolve(model, envelope.data))
+    if created is not None:
+        fields["created"] = created
+    fields.update(resolve(model, data))
     errors: list[ErrorDetail] | None = None
     try:
-        return model.model_validate(fields, context={CREATED_TZ: created_tz})
+        # The validator itself rather than model_validate, which only adds argument checks.
+        return model.__pydantic_validator__.validate_python(  # type: ignore[no-any-return]
+            fields, context={CREATED_TZ: created_tz}
+        )
     except ValidationError as exc:
         errors = strip_validation_errors(exc)
     # Raised outside the except block so the ValidationError, whose text quotes input values,
