@@ -31,6 +31,7 @@ from calhook.store.keys import (
     UNACKED,
     UNACKED_INDEX,
     WAITING,
+    duration_key,
 )
 from ingest.app import WRITER
 from tests.faults.rig import Rig, gather_posts, rig
@@ -257,11 +258,18 @@ async def test_a_worker_killed_while_an_ordered_handler_runs_keeps_the_entity_in
         assert r.runs()[f"{older}:{ORDERED_HANDLER}"] == (states[older].state == DONE)
 
 
+def known_fast(r: Rig, handler: str) -> None:
+    """As if ``handler`` had run fast before: its messages name a batch (one of unknown cost
+    starts with one event per message; calhook/store/lua/_lib.lua ``batch_size``)."""
+    r.redis.hset(duration_key(handler), "cost", "0.00001")
+
+
 async def test_a_batch_longer_than_the_lease_runs_each_event_once(tmp_path: Path) -> None:
     # One message names up to CALHOOK_BATCH_MAX events; the batch runs them one after
     # another, longer in all than CALHOOK_LEASE_S, on a worker whose heartbeat is alive.
     long_tasks = {"CALHOOK_TASK_TIME_LIMIT_S": "30", "CALHOOK_VISIBILITY_TIMEOUT_S": "40"}
     async with rig(tmp_path, CALHOOK_BATCH_MAX="6", **long_tasks) as r:
+        known_fast(r, "slow")  # it was fast until now: its messages name up to six events
         r.start_worker(queues="dispatch,audit")
         ids = await gather_posts(r, SLOW_TYPE, {"sleep_s": 1.5}, 6)
         await await_for(lambda: r.all_in(ids, "slow", QUEUED), what="the slow pairs queued")
@@ -280,6 +288,7 @@ async def test_a_poison_event_in_a_batch_dead_letters_only_itself(tmp_path: Path
     # One event of a handler's message kills its worker every time it runs; the other events of
     # the same message are fine. Only the first is poison: the others never killed anything.
     async with rig(tmp_path, CALHOOK_BATCH_MAX="8") as r:
+        known_fast(r, "crash")  # its messages name up to eight events
         r.start_worker(queues="dispatch,audit")
         bad, *good = await asyncio.gather(
             *(r.post(CRASH_TYPE, {"crash": i == 0}, i) for i in range(8))
