@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark in one go and write bench/results/.
 
-    python -m bench.run            # the full run (about 12 minutes)
+    python -m bench.run            # the full run (about 15 minutes on a quiet machine)
     python -m bench.run --quick    # a short smoke run of every part (about 2 minutes)
     python -m bench.run --only ingress,e2e
     python -m bench.run --readme   # and quote the report in README.md's Performance section
