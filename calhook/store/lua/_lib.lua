@@ -120,7 +120,7 @@ end
 -- cost per event (the handler's 'cost' in its duration hash, kept by finish.lua); a slow sync
 -- handler gets one event per message, and so keeps its Celery pool's parallelism. An async
 -- handler's events run at once (cost 0); a handler of unknown cost starts with one.
-local BATCH_S = 0.02
+local BATCH_S = 0.05
 local function batch_size(pair, batch_max)
   if pair == K.dispatch_pair then return batch_max end
   local cost = tonumber(redis.call('HGET', K.duration .. pair, 'cost') or '')
