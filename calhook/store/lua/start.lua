@@ -146,4 +146,14 @@ for i, id in ipairs(ids) do
   end
 end
 for _, i in ipairs(others) do out[i] = start_one(ids[i]) end
+-- An event taken from a further message that waits for a later step of this run stays queued
+-- while its message is gone: the message this run holds (kombu's unacked) carries it now, so
+-- the sweep sees it pending while the run can still start it, not lost (queued again).
+if seq and queue ~= '' then
+  for i = #ids - #taken_ids + 1, #ids do
+    if out[i][1] == 'suspect' or out[i][1] == 'later' then
+      redis.call('HSET', K.ev .. ids[i], f(pair, 'g'), queue .. '.' .. seq)
+    end
+  end
+end
 return {taken_ids, out}
