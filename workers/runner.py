@@ -346,7 +346,15 @@ class HandlerRunner:
                         ending = await self._run_one_async(batch, h, s)
             return ending, await self._record(batch, ending)
 
-        return list(await asyncio.gather(*(one(s) for s in runs)))
+        results = await asyncio.gather(*(one(s) for s in runs), return_exceptions=True)
+        # An event that tore the task down (not an Exception: it has no ending) waits for the
+        # others: they run on this loop, and their leases are renewed until the task returns.
+        endings: list[tuple[Ending, str]] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            endings.append(result)
+        return endings
 
     async def _run_one_async(self, batch: _Batch, h: Handler, s: Started) -> Ending:
         started = time.perf_counter()
@@ -366,6 +374,12 @@ class HandlerRunner:
                     with try_:
                         await fn(event, ctx)
         except Exception as exc:
+            return self._failed(h, s, exc, time.perf_counter() - started, cost_s=0.0)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the batch is cancelled (its task torn down)
+            # Raised by the handler itself (a library's inner task): a failure like any other.
             return self._failed(h, s, exc, time.perf_counter() - started, cost_s=0.0)
         # The events of a batch wait together: one more costs the batch next to nothing.
         return _done(s, time.perf_counter() - started, cost_s=0.0)
@@ -410,7 +424,7 @@ class HandlerRunner:
         return self._settings.quick_retries if quick is None else quick
 
     def _failed(
-        self, h: Handler, s: Started, exc: Exception, duration_s: float, *, cost_s: float
+        self, h: Handler, s: Started, exc: BaseException, duration_s: float, *, cost_s: float
     ) -> Ending:
         failure = self._failure(h, s.attempt, exc)
         fields: dict[str, object] = {"error": _name(exc), "duration_ms": _ms(duration_s)}
@@ -430,7 +444,7 @@ class HandlerRunner:
             cost_s=cost_s,
         )
 
-    def _failure(self, h: Handler, attempt: int, exc: Exception) -> _Failure:
+    def _failure(self, h: Handler, attempt: int, exc: BaseException) -> _Failure:
         if isinstance(exc, Defer):
             return _Failure("defer", "deferred", max(exc.after_s, 0.05))
         if isinstance(exc, (PermanentError, *h.retry.permanent)):

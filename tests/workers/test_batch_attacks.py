@@ -199,3 +199,70 @@ def test_a_worker_killed_after_its_start_popped_more_messages_loses_and_repeats_
     assert starts == dict.fromkeys(ids, 1)
     assert audit(db) == []
     assert db.zcard(DUE) == 0
+
+
+# --- async batches --------------------------------------------------------------------------
+
+
+def test_an_async_handler_raising_cancelled_error_fails_that_event_alone(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline
+) -> None:
+    """A library inside an async handler raises CancelledError on its own (nobody cancelled
+    the batch). That event failed like any other (its retry scheduled); its neighbours run and
+    are recorded, and the task waits for them, their leases renewed, rather than fail at once
+    and leave them running on the loop unrenewed (run again by the sweep after the lease)."""
+    bad: list[str] = []
+    done: list[str] = []
+
+    async def call(event: UnknownEvent, ctx: HandlerContext) -> None:
+        if ctx.event_id in bad:
+            raise asyncio.CancelledError
+        await asyncio.sleep(0.2)
+        done.append(ctx.event_id)
+
+    scheduler = process(db, batch_settings, timeline)
+    with worker_of(db, batch_settings, timeline, attack_handler("a.call", call)) as worker:
+        ids = accept_batch(worker.pairs, [attack_body() for _ in range(3)])
+        bad.append(ids[0])
+        worker.take(DISPATCH_QUEUE)
+        outcomes = worker.take(QUEUE)
+
+    assert outcomes == {**dict.fromkeys(ids, "ok"), ids[0]: "retry_scheduled"}
+    assert sorted(done) == sorted(ids[1:])
+    assert [state(scheduler, e, "a.call") for e in ids] == ["waiting", "done", "done"]
+    assert audit(db) == []
+
+
+def test_an_async_batch_torn_down_by_one_event_waits_for_the_others_first(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline
+) -> None:
+    """One event of an async batch raises a BaseException the runner does not handle (the
+    task is torn down with it). The other events are already running on the process's loop:
+    the task must not end (and stop renewing their leases) before they have ended and their
+    endings are recorded."""
+
+    class Boom(BaseException):
+        """Not an Exception: it tears the task down."""
+
+    bad: list[str] = []
+
+    async def call(event: UnknownEvent, ctx: HandlerContext) -> None:
+        if ctx.event_id in bad:
+            raise Boom
+        await asyncio.sleep(0.2)
+
+    scheduler = process(db, batch_settings, timeline)
+    with worker_of(db, batch_settings, timeline, attack_handler("a.call", call)) as worker:
+        ids = accept_batch(worker.pairs, [attack_body() for _ in range(3)])
+        bad.append(ids[0])
+        worker.take(DISPATCH_QUEUE)
+        with pytest.raises(Boom):
+            worker.take(QUEUE)
+        # as the task ends: the others are recorded, the one torn down waits for its lease
+        assert [state(scheduler, e, "a.call") for e in ids] == ["running", "done", "done"]
+        assert worker.heartbeat._held == set()
+
+    timeline.t += LEASE_S + 1
+    sweep_once(scheduler, batch_settings)
+    assert [copies(db, QUEUE, e) for e in ids] == [1, 0, 0]
+    assert audit(db) == []
