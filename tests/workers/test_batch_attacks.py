@@ -106,6 +106,19 @@ def ack(db: redis.Redis, raw: bytes) -> None:
     db.zrem(UNACKED_INDEX, tag)
 
 
+def age(db: redis.Redis, timeline: Timeline, s: float) -> None:
+    """``s`` seconds pass: the timeline moves on, and every key's TTL runs down with it (as in
+    test_core_attacks.py: an entity's lock is a PX lease)."""
+    timeline.t += s
+    keys = list(db.scan_iter(count=1000))
+    ttls = [db.pttl(key) for key in keys]
+    for key, ttl in zip(keys, ttls, strict=True):
+        if ttl > s * 1000:
+            db.pexpire(key, ttl - int(s * 1000))
+        elif ttl >= 0:
+            db.delete(key)
+
+
 def run_all(worker: Worker, queue: str = QUEUE) -> dict[str, str]:
     """Take every message of ``queue`` with ``worker``; every event's last outcome."""
     outcomes: dict[str, str] = {}
@@ -265,4 +278,51 @@ def test_an_async_batch_torn_down_by_one_event_waits_for_the_others_first(
     timeline.t += LEASE_S + 1
     sweep_once(scheduler, batch_settings)
     assert [copies(db, QUEUE, e) for e in ids] == [1, 0, 0]
+    assert audit(db) == []
+
+
+# --- order inside a batch -------------------------------------------------------------------
+
+
+def test_a_later_event_does_not_overtake_the_older_suspect_of_its_entity(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline
+) -> None:
+    """Two updates of one entity in one message. The older one kills its worker; the
+    scheduler is down, so nobody keeps the entity for the cut run, and its lock runs out. kombu
+    hands the message back (visibility timeout): the older event is now a suspect (it starts
+    alone, at the end of the task) and the newer one would be `later`. The newer one must not
+    be applied before the older one has run again: it waits behind it, as it waits behind an
+    older event whose entity is busy, rather than start as soon as the suspect is set aside
+    (and then the older one is skipped as stale)."""
+    applied: list[str] = []
+    tries: Counter[str] = Counter()
+    order: list[str] = []
+
+    def apply(event: UnknownEvent, ctx: HandlerContext) -> None:
+        tries[ctx.event_id] += 1
+        if ctx.event_id == order[0] and tries[ctx.event_id] == 1:
+            raise Killed
+        applied.append(ctx.event_id)
+
+    handler = attack_handler("a.apply", apply, order_key=entity_version, ordered=True)
+    scheduler = process(db, batch_settings, timeline)
+    with worker_of(db, batch_settings, timeline, handler) as first:
+        known_fast(db, "a.apply")
+        order += accept_batch(first.pairs, [versioned(1), versioned(2)])
+        first.take(DISPATCH_QUEUE)
+        [raw] = db.lrange(QUEUE, 0, -1)
+        with pytest.raises(Killed):
+            first.take(QUEUE)
+
+    age(db, timeline, LEASE_S + RECOVER_S + 1)
+    db.rpush(QUEUE, raw)  # kombu's restore_visible: back at the tail
+    with worker_of(db, batch_settings, timeline, handler) as second:
+        run_all(second)
+        for _ in range(3):
+            timeline.t += batch_settings.order_wait_s + 1
+            sweep_once(scheduler, batch_settings)
+            run_all(second)
+
+    assert applied == order
+    assert [state(scheduler, e, "a.apply") for e in order] == ["done", "done"]
     assert audit(db) == []

@@ -94,10 +94,16 @@ local function start_one(id)
     f(pair, 'v'))
   local q, attempt, n = got[1], got[2], tonumber(got[3] or '0') + 1
   local entity, version = got[4], got[5] or ''
-  if batch and n > 1 then return {'suspect', version} end
+  if batch and n > 1 then
+    -- It starts alone, at the end of this run: the others of its entity wait behind it.
+    if entity and first_of[entity] and first_of[entity][1] == id then
+      first_of[entity][3] = true
+    end
+    return {'suspect', version}
+  end
   if batch and entity and first_of[entity] and first_of[entity][1] ~= id then
-    -- Its entity's first event in this run was deferred (another run holds the entity): this
-    -- one waits behind it rather than overtake it.
+    -- Its entity's first event in this run was deferred (another run holds the entity) or is
+    -- a suspect (it starts alone, last): this one waits behind it rather than overtake it.
     if first_of[entity][3] then
       to_waiting(ev, id, pair, q, s, NOW + defer_ms + 1, owner)
       return {'deferred'}
