@@ -13,9 +13,10 @@ the same event (a redelivery after a crash) decides the same and writes nothing.
 dispatch started before without finishing is dispatched alone, so that only its own starts count
 towards poison.
 
-A worker that consumes a handler's queue as well runs that handler's new message itself, in the
-same task, when nothing else waits on the queue: under light load an event then costs one Celery
-task instead of two (its latency halves); under a backlog the message waits its turn.
+A worker that consumes a handler's queue as well runs that handler's new pairs itself, in the
+same task, when nothing waits on the queue (``fan_out.lua`` then queues no message for them):
+under light load an event costs one Celery task instead of two; under a backlog the handler's
+message waits its turn.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections import Counter
 from collections.abc import Collection, Sequence
 from datetime import tzinfo
 
@@ -91,37 +91,20 @@ class Dispatcher:
         run_here: Collection[str] = (),
     ) -> dict[str, list[str]]:
         """Route the events; return the handler names of each routed event (for logs, tests).
-        ``run_here``: the queues this worker consumes, whose new messages it may run itself."""
-        began = time.monotonic()
+        ``run_here``: the queues this worker consumes; the new pairs of their handlers it runs
+        itself when nothing waits on their queue."""
+        deadline = time.monotonic() + (self._runner.budget_s if self._runner else 0.0)
+        here = [h.name for h in self._registry if h.queue in run_here] if self._runner else []
         started = self._start(event_ids, seq, batch=True)
-        routed = self._fan_out([s for s in started if s.run])
+        routed = self._fan_out([s for s in started if s.run], here, deadline)
         for s in started:
             if s.what == "suspect":
-                routed |= self._fan_out([s for s in self._start([s.event_id], None) if s.run])
+                alone = [s for s in self._start([s.event_id], None) if s.run]
+                routed |= self._fan_out(alone, here, deadline)
             elif not s.run:
                 level = logging.ERROR if s.what == "poison" else logging.INFO
                 log.log(level, "not dispatched", extra={"event_id": s.event_id, "why": s.what})
-        if run_here and self._runner is not None and routed:
-            self._run_here(routed, run_here, began + self._runner.budget_s)
         return routed
-
-    def _run_here(
-        self, routed: dict[str, list[str]], run_here: Collection[str], deadline: float
-    ) -> None:
-        """Run the new messages of handlers on ``run_here`` queues that nothing waits before."""
-        assert self._runner is not None
-        pushed: Counter[tuple[str, str]] = Counter()
-        for names in routed.values():
-            for name in names:
-                h = self._registry.get(name)
-                if h.queue in run_here:
-                    pushed[(name, h.queue)] += 1
-        # In the order fan_out pushed them: the first is the oldest, at the head of its queue.
-        for (name, queue), events in pushed.items():
-            messages = -(-events // self._batch_max)
-            if time.monotonic() >= deadline or self._pairs.client.llen(queue) > messages:
-                continue
-            self._runner.run(name, [], None, queue, deadline=deadline)
 
     def _start(
         self, event_ids: Sequence[str], seq: int | None, *, batch: bool = False
@@ -138,11 +121,15 @@ class Dispatcher:
             most=self._batch_max if batch else len(event_ids),
         )
 
-    def _fan_out(self, started: Sequence[Started]) -> dict[str, list[str]]:
+    def _fan_out(
+        self, started: Sequence[Started], here: Sequence[str], deadline: float
+    ) -> dict[str, list[str]]:
         if not started:
             return {}
         routes = [self._route(s) for s in started]
-        results = self._pairs.fan_out(throughput_key(DISPATCH_QUEUE), self._batch_max, routes)
+        results, inline = self._pairs.fan_out_here(
+            throughput_key(DISPATCH_QUEUE), self._batch_max, routes, here
+        )
         routed: dict[str, list[str]] = {}
         for route, result in zip(routes, results, strict=True):
             if result != "ok":
@@ -162,6 +149,10 @@ class Dispatcher:
         if routed:
             # One line per batch; each event's handlers are in its trail.
             log.info("dispatched", extra={"event_ids": list(routed), "events": len(routed)})
+        for name, queue, ids in inline:
+            # Nothing waited on the handler's queue: run its new pairs here, in this task.
+            assert self._runner is not None
+            self._runner.run(name, ids, None, queue, deadline=deadline)
         return routed
 
     def _route(self, s: Started) -> Route:

@@ -15,7 +15,7 @@ one message per pair and nothing while an equivalent message is pending.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,12 +283,32 @@ class PairStore:
         )
         return [_text(r) for r in raw]
 
-    def fan_out(self, throughput_key: str, batch_max: int, routes: Sequence[Route]) -> list[str]:
+    def fan_out(
+        self,
+        throughput_key: str,
+        batch_max: int,
+        routes: Sequence[Route],
+        run_here: Collection[str] = (),
+    ) -> list[str]:
         """Route or park each event; per event 'ok' or 'late'. One round trip."""
-        raw = self.scripts.call(
-            "fan_out", [throughput_key, batch_max, *(r.encode() for r in routes)]
+        return self.fan_out_here(throughput_key, batch_max, routes, run_here)[0]
+
+    def fan_out_here(
+        self,
+        throughput_key: str,
+        batch_max: int,
+        routes: Sequence[Route],
+        run_here: Collection[str],
+    ) -> tuple[list[str], list[tuple[str, str, list[str]]]]:
+        """:meth:`fan_out`, and the (handler, queue, event ids) of the handlers among
+        ``run_here`` whose new pairs the caller runs itself (their queues were empty: no
+        message is queued for them)."""
+        raw, inline = self.scripts.call(
+            "fan_out",
+            [throughput_key, batch_max, ",".join(run_here), *(r.encode() for r in routes)],
         )
-        return [_text(r) for r in raw]
+        groups = [(_text(g[0]), _text(g[1]), [_text(i) for i in g[2:]]) for g in inline]
+        return [_text(r) for r in raw], groups
 
     def renew(self, owner: str, members: Iterable[str]) -> list[str]:
         """Extend the leases of ``members`` held by ``owner``; return those it no longer holds."""

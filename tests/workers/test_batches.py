@@ -408,3 +408,37 @@ def test_a_sync_handlers_messages_name_what_it_runs_in_about_50_ms(
     assert sizes("mid") == [2, 5, 5]  # 50 ms / 10 ms, the last message first
     assert sizes("fast") == [12]
     assert sizes("async") == [12]
+
+
+def test_pairs_a_dispatch_kept_to_run_itself_are_queued_by_the_sweep_if_it_dies_first(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline
+) -> None:
+    """fan_out queues no message for the pairs the dispatching worker runs itself. If that
+    worker dies between the fan-out and their start, the sweep finds them queued with no
+    message (none waiting, none held) after CALHOOK_RECOVERY_S and queues one: run once."""
+
+    class Killed(BaseException):
+        """The worker process dies here."""
+
+    runs: Counter[str] = Counter()
+    handler = attack_handler("a.apply", lambda event, ctx: runs.update([ctx.event_id]))
+    scheduler = process(db, batch_settings, timeline)
+    with worker_of(db, batch_settings, timeline, handler) as worker:
+        known_fast(db, "a.apply")
+        ids = accept_batch(worker.pairs, [attack_body() for _ in range(3)])
+
+        def die(*args: Any, **kwargs: Any) -> dict[str, str]:
+            raise Killed
+
+        worker.runner.run = die  # type: ignore[method-assign]
+        with pytest.raises(Killed):
+            worker.take(DISPATCH_QUEUE, run_here=[QUEUE])
+    assert db.llen(QUEUE) == 0
+    assert [state(scheduler, e, "a.apply") for e in ids] == ["queued"] * 3
+
+    timeline.t += RECOVER_S + 1
+    assert sweep_once(scheduler, batch_settings) > 0
+    with worker_of(db, batch_settings, timeline, handler) as second:
+        assert second.take(QUEUE) == dict.fromkeys(ids, "ok")
+    assert runs == Counter(ids)
+    assert audit(db) == []

@@ -1,15 +1,22 @@
 -- What dispatch decided for the events of one run: route each to its handlers, or park it.
 -- ARGV[7] the dispatch queue's throughput key of this 10 s, ARGV[8] most events per handler
--- message, ARGV[9..] one JSON object per event: {id, type, received (trail entry), then either
+-- message, ARGV[9] the handlers this run may run itself, comma-separated (their queues are
+-- consumed by its worker), ARGV[10..] one JSON object per event: {id, type, received (trail entry), then either
 -- route = {{handler, queue, entity or '', version or '', 'async' or ''}, ...} or park = {reason,
 -- errors}}, or
 -- {id, add = true, body, route} to add pairs to an event dispatched by calhook 0.1.
 -- Dispatch is deterministic, so whichever run of it finishes first decides; a later one is
--- 'late' and writes nothing. Returns per event 'ok' or 'late'.
+-- 'late' and writes nothing. Returns {per event 'ok' or 'late', {handler, queue, ids...} for each
+-- handler whose new pairs this run runs itself}: those of ARGV[9] whose queue is empty, so that
+-- nothing waits before them (under light load one Celery task per event instead of two). They
+-- get no message: if the run dies before starting them, the sweep queues one (their message
+-- number is unset, below calhook:taken).
 local tput, batch_max = ARGV[7], tonumber(ARGV[8])
+local here = {}
+for name in string.gmatch(ARGV[9], '[^,]+') do here[name] = true end
 local D = K.dispatch_pair
 local out, groups = {}, new_groups()
-for i = 9, #ARGV do
+for i = 10, #ARGV do
   local e = cjson.decode(ARGV[i])
   local id = e.id
   local ev = K.ev .. id
@@ -76,5 +83,22 @@ for i = 9, #ARGV do
     out[#out + 1] = 'ok'
   end
 end
-flush(groups, batch_max)
-return out
+local inline = {}
+local kept = new_groups()
+for _, g in ipairs(groups.keys) do
+  local sep = string.find(g, '\n', 1, true)
+  local pair, queue = string.sub(g, 1, sep - 1), string.sub(g, sep + 1)
+  if here[pair] and redis.call('LLEN', queue) == 0 then
+    local entry = {pair, queue}
+    for _, id in ipairs(groups.ids[g]) do
+      redis.call('ZADD', K.due, NOW + RECOVER, member(id, pair))
+      entry[#entry + 1] = id
+    end
+    inline[#inline + 1] = entry
+  else
+    kept.keys[#kept.keys + 1] = g
+    kept.ids[g] = groups.ids[g]
+  end
+end
+flush(kept, batch_max)
+return {out, inline}
