@@ -38,7 +38,7 @@ import random
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -102,6 +102,9 @@ class _Batch:
     name: str
     throughput: str
     deadline: float
+    # Which step of the task (its later events start in later steps): what a step hands back
+    # is due that many ms from now, so the versions of one entity come back in their order.
+    step: int = 0
 
 
 class HandlerRunner:
@@ -186,6 +189,7 @@ class HandlerRunner:
                 later = sorted((s for s in started if s.what == "later"), key=lambda s: s.order)
                 if not later:
                     break
+                batch = replace(batch, step=batch.step + 1)
                 started = self._start(batch, [s.event_id for s in later], None, queue, most=0)
             # Suspects last, each started alone just before it runs: if one of them kills this
             # run too, it alone has one more start counted.
@@ -264,16 +268,23 @@ class HandlerRunner:
         since = 0.0  # when the oldest ending not yet recorded was known
         try:
             for s in runs:
-                if len(results) < len(endings) and time.monotonic() - since >= _RECORD_WITHIN_S:
-                    results += self._record_sync(batch, endings[len(results) :])
-                if time.monotonic() > batch.deadline:
-                    ending = _handed_back(s)
-                else:
-                    with logs.bind(event_id=s.event_id, attempt=s.attempt, type=s.type[:100]):
-                        ending = self._run(batch, s)
-                    if ending.fields.get("error") == "SoftTimeLimitExceeded":
-                        # The hard limit is near: what is left goes back rather than die with us.
-                        batch = _Batch(batch.handler, batch.name, batch.throughput, 0.0)
+                try:
+                    if len(results) < len(endings) and time.monotonic() - since >= _RECORD_WITHIN_S:
+                        results += self._record_sync(batch, endings[len(results) :])
+                    if time.monotonic() > batch.deadline:
+                        ending = _handed_back(s, batch.step)
+                    else:
+                        with logs.bind(event_id=s.event_id, attempt=s.attempt, type=s.type[:100]):
+                            ending = self._run(batch, s)
+                        if ending.fields.get("error") == "SoftTimeLimitExceeded":
+                            # The hard limit is near: what is left goes back rather than die
+                            # with us.
+                            batch = replace(batch, deadline=0.0)
+                except SoftTimeLimitExceeded:
+                    # Struck outside the handler (recording endings, reading the event): this
+                    # event has not run; it and the rest go back too.
+                    batch = replace(batch, deadline=0.0)
+                    ending = _handed_back(s, batch.step)
                 if len(results) == len(endings):
                     since = time.monotonic()
                 endings.append(ending)
@@ -334,7 +345,7 @@ class HandlerRunner:
         async def one(s: Started) -> tuple[Ending, str]:
             async with cap:
                 if time.monotonic() > batch.deadline:
-                    ending = _handed_back(s)
+                    ending = _handed_back(s, batch.step)
                 else:
                     # The loop's tasks do not inherit the task thread's log context.
                     with logs.bind(
@@ -471,9 +482,12 @@ def _done(s: Started, duration_s: float, cost_s: float) -> Ending:
     )
 
 
-def _handed_back(s: Started) -> Ending:
-    """An event its batch had no time left for: it waits for the next task, no attempt spent."""
-    return Ending(s.event_id, "defer", "deferred", {"why": "batch out of time"}, delay_s=0.0)
+def _handed_back(s: Started, step: int) -> Ending:
+    """An event its batch had no time left for: it waits for the next task, no attempt spent
+    (due ``step`` ms from now: a later version of an entity after an older one)."""
+    return Ending(
+        s.event_id, "defer", "deferred", {"why": "batch out of time"}, delay_s=step / 1000
+    )
 
 
 def _log_ending(s: Started, ending: Ending, result: str) -> None:

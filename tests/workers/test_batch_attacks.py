@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ from tests.support.core_rig import (
     process,
     state,
 )
+from workers.errors import PermanentError
 from workers.ordering import UPDATE, Version
 from workers.registry import HandlerContext
 from workers.scheduler import sweep_once
@@ -81,6 +83,10 @@ def known_fast(db: redis.Redis, *handlers: str) -> None:
 def entity_version(event: UnknownEvent, event_id: str) -> Version:
     """Every attack event updates one entity, in the order of its `created`."""
     return Version("thing:1", int(event.created.timestamp()), UPDATE, event_id)
+
+
+def created_s(second: int) -> int:
+    return int(dt.datetime(2025, 5, 1, 10, 0, second, tzinfo=dt.UTC).timestamp())
 
 
 def versioned(second: int) -> bytes:
@@ -325,4 +331,235 @@ def test_a_later_event_does_not_overtake_the_older_suspect_of_its_entity(
 
     assert applied == order
     assert [state(scheduler, e, "a.apply") for e in order] == ["done", "done"]
+    assert audit(db) == []
+
+
+# --- dispatch batches -------------------------------------------------------------------------
+
+
+def test_a_dispatch_batch_with_a_killer_routes_every_other_event_once_and_poisons_the_killer(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline
+) -> None:
+    """Three ingress batches of three events; one dispatch task takes them all, and routing the
+    fifth kills its worker, every time. Every run after the first finds the nine (then the
+    rest) started before: suspects, each dispatched alone. The killer ends dead as poison after
+    CALHOOK_MAX_DELIVERIES starts; every other event is routed exactly once (one handler
+    message names it) and handled once."""
+    handled: Counter[str] = Counter()
+    handler = attack_handler("a.apply", lambda event, ctx: handled.update([ctx.event_id]))
+    registry = attack_registry(handler)
+    scheduler = process(db, batch_settings, timeline)
+    killer: list[str] = []
+    workers: list[Worker] = []
+
+    def new_worker() -> Worker:
+        worker = Worker(db, process(db, batch_settings, timeline), registry, batch_settings)
+        route = worker.dispatcher._route
+
+        def routing(s: Any) -> Any:
+            if s.event_id == killer[0]:
+                raise Killed
+            return route(s)
+
+        worker.dispatcher._route = routing  # type: ignore[method-assign]
+        workers.append(worker)
+        return worker
+
+    try:
+        known_fast(db, "a.apply")
+        ids: list[str] = []
+        for _ in range(3):
+            ids += accept_batch(scheduler, [attack_body() for _ in range(3)])
+        killer.append(ids[4])
+        for _ in range(30):
+            if not db.llen(DISPATCH_QUEUE):
+                timeline.t += LEASE_S + RECOVER_S + 1
+                if not sweep_once(scheduler, batch_settings):
+                    break
+                continue
+            with contextlib.suppress(Killed):
+                new_worker().take(DISPATCH_QUEUE)
+        innocent = [e for e in ids if e != killer[0]]
+        assert sorted(e for m in messages(db, QUEUE) for e in m["ids"]) == sorted(innocent)
+        run_all(new_worker())
+    finally:
+        for w in workers:
+            w.stop()
+
+    record = RecordStore(db, DEAD_KIND).get(f"{killer[0]}.@dispatch", with_body=False) or {}
+    assert record.get("reason") == "poison"
+    assert scheduler.states(killer[0])["@dispatch"].starts == batch_settings.max_deliveries
+    assert handled == Counter(innocent)
+    assert audit(db) == []
+
+
+LOCK = "calhook:order:a.apply:thing:1:lock"
+
+
+def ordered_run(
+    db: redis.Redis,
+    settings: Settings,
+    timeline: Timeline,
+    apply: Callable[[UnknownEvent, HandlerContext], None],
+    seconds: list[int],
+    before: Callable[[Worker, list[str]], None] = lambda worker, ids: None,
+) -> list[str]:
+    """Updates of one entity (created at ``seconds``) accepted in one batch, so one handler
+    message; ``before`` runs once they are queued; then the worker runs the queue, and the
+    scheduler and the worker go on until nothing is left. The event ids, in version order."""
+    handler = attack_handler("a.apply", apply, order_key=entity_version, ordered=True)
+    scheduler = process(db, settings, timeline)
+    with worker_of(db, settings, timeline, handler) as worker:
+        known_fast(db, "a.apply")
+        ids = accept_batch(worker.pairs, [versioned(s) for s in seconds])
+        worker.take(DISPATCH_QUEUE)
+        before(worker, ids)
+        run_all(worker)
+        for _ in range(10):
+            age(db, timeline, max(settings.order_wait_s, LEASE_S / 10) + 1)
+            sweep_once(scheduler, settings)
+            run_all(worker)
+    return [ids[seconds.index(s)] for s in sorted(seconds)]
+
+
+def test_three_versions_whose_oldest_finds_its_entity_busy_all_wait_then_apply_in_order(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline
+) -> None:
+    """Three updates of one entity in one message, newest first; another worker holds the
+    entity (a live lock). The oldest waits, the two others wait behind it; once the other
+    worker lets go, all three apply, oldest first, each once."""
+    applied: list[str] = []
+
+    def busy(worker: Worker, ids: list[str]) -> None:
+        db.set(LOCK, "elsewhere/a.apply|other", px=3_600_000)
+
+    def apply(event: UnknownEvent, ctx: HandlerContext) -> None:
+        applied.append(ctx.event_id)
+
+    ids = ordered_run(db, batch_settings, timeline, apply, [3, 1, 2], busy)
+    assert applied == []  # the lock is held all along: nothing ran
+    db.delete(LOCK)
+    scheduler = process(db, batch_settings, timeline)
+    with worker_of(
+        db,
+        batch_settings,
+        timeline,
+        attack_handler("a.apply", apply, order_key=entity_version, ordered=True),
+    ) as worker:
+        for _ in range(5):
+            age(db, timeline, batch_settings.order_wait_s + 1)
+            sweep_once(scheduler, batch_settings)
+            run_all(worker)
+    assert applied == ids
+    assert audit(db) == []
+
+
+@pytest.mark.parametrize("how", ["stale", "dead", "retried"])
+def test_three_versions_whose_oldest_ends_without_applying_let_the_others_apply_in_order(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline, how: str
+) -> None:
+    """The oldest of three updates of one entity in one message is stale (a newer version
+    was applied before), or ends dead (a permanent error), or fails (its retry waits): the two
+    others apply in version order, each once; a retried oldest is stale when its turn
+    comes (a newer version was applied). Every pair ends final, the counters right."""
+    applied: list[str] = []
+    oldest: list[str] = []
+
+    def apply(event: UnknownEvent, ctx: HandlerContext) -> None:
+        if ctx.event_id == oldest[0] and how == "dead":
+            raise PermanentError("refused")
+        if ctx.event_id == oldest[0] and how == "retried":
+            raise RuntimeError("try again")
+        applied.append(ctx.event_id)
+
+    def setup(worker: Worker, ids: list[str]) -> None:
+        oldest.append(ids[1])
+        if how == "stale":
+            db.hset(
+                "calhook:order:a.apply:thing:1",
+                mapping={"created_s": created_s(1), "kind": UPDATE, "event_id": "~"},
+            )
+
+    ids = ordered_run(db, batch_settings, timeline, apply, [3, 1, 2], setup)
+    assert applied == ids[1:]
+    final = {"stale": "stale", "dead": "dead", "retried": "stale"}[how]
+    scheduler = process(db, batch_settings, timeline)
+    assert [state(scheduler, e, "a.apply") for e in ids] == [final, "done", "done"]
+    assert audit(db) == []
+
+
+
+def test_a_batch_out_of_time_with_later_events_left_hands_them_back_and_frees_the_entity(
+    db: redis.Redis, make_settings: Callable[..., Settings], timeline: Timeline
+) -> None:
+    """A one-second task time limit leaves a batch about half a second; the oldest of three
+    updates of one entity takes longer. The two `later` ones are handed back (no attempt
+    spent), the entity's lock is free, and they apply after it, in order, once each."""
+    settings = make_settings(
+        lease_s=LEASE_S, recovery_s=RECOVER_S, batch_max=64, task_time_limit_s=1
+    )
+    applied: list[str] = []
+    slow: list[str] = []
+
+    def apply(event: UnknownEvent, ctx: HandlerContext) -> None:
+        if not slow:
+            slow.append(ctx.event_id)
+            time.sleep(0.6)
+        applied.append(ctx.event_id)
+
+    def check(worker: Worker, ids: list[str]) -> None:
+        outcomes = worker.take(QUEUE)
+        assert sorted(outcomes.values()) == ["deferred", "deferred", "ok"]
+        assert not db.exists(LOCK)
+        for e in ids:
+            if outcomes[e] == "deferred":
+                pair = worker.pairs.states(e)["a.apply"]
+                assert (pair.state, pair.attempt, pair.starts) == ("waiting", 1, 0)
+
+    ids = ordered_run(db, settings, timeline, apply, [3, 1, 2], check)
+    assert applied == ids
+    assert audit(db) == []
+
+
+def test_a_soft_time_limit_between_two_events_hands_back_the_rest_of_the_batch(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline
+) -> None:
+    """Celery's soft time limit strikes while a sync batch records the endings it has (between
+    two events, not inside a handler). What ran is recorded; what has not run is handed back
+    at once (waiting, no attempt spent, no start counted), as when the limit strikes inside a
+    handler, rather than left started under leases nobody renews (run again only after the
+    lease, each as a suspect with one more start counted)."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    runs: Counter[str] = Counter()
+
+    def apply(event: UnknownEvent, ctx: HandlerContext) -> None:
+        runs[ctx.event_id] += 1
+        time.sleep(0.01)  # longer than the 5 ms window: the batch records between events
+
+    scheduler = process(db, batch_settings, timeline)
+    with worker_of(db, batch_settings, timeline, attack_handler("a.apply", apply)) as worker:
+        known_fast(db, "a.apply")
+        ids = accept_batch(worker.pairs, [attack_body() for _ in range(4)])
+        worker.take(DISPATCH_QUEUE)
+        finish = worker.pairs.finish
+        struck: list[bool] = []
+
+        def finish_struck(*args: Any, **kw: Any) -> list[str]:
+            if not struck:
+                struck.append(True)
+                raise SoftTimeLimitExceeded
+            return finish(*args, **kw)
+
+        worker.pairs.finish = finish_struck  # type: ignore[method-assign]
+        with contextlib.suppress(SoftTimeLimitExceeded):
+            worker.take(QUEUE)
+
+    ran = [e for e in ids if runs[e]]
+    rest = [e for e in ids if not runs[e]]
+    assert ran and rest
+    assert {state(scheduler, e, "a.apply") for e in ran} == {"done"}
+    for e in rest:
+        pair = scheduler.states(e)["a.apply"]
+        assert (pair.state, pair.attempt, pair.starts) == ("waiting", 1, 0)
     assert audit(db) == []
