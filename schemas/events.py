@@ -75,9 +75,11 @@ class CalensoEvent(BaseModel):
     @model_validator(mode="after")
     def _check_identified(self) -> Self:
         required = self._required_identifiers()
-        # A loop rather than any(generator): this runs on every parse.
+        # A plain loop rather than any() over a generator of method calls: this runs on every
+        # parse. An identifier counts when it is neither None nor "".
         for part, field in required:
-            if self._has(part, field):
+            value = getattr(getattr(self, part, None), field, None)
+            if value is not None and value != "":
                 return self
         if not required:
             return self
@@ -90,10 +92,6 @@ class CalensoEvent(BaseModel):
         # A ValidationError raised here keeps the (part, field) location, which a plain
         # ValueError would lose; pydantic merges it into the caller's error.
         raise ValidationError.from_exception_data(type(self).__name__, [detail])
-
-    def _has(self, part: str, field: str) -> bool:
-        value = getattr(getattr(self, part, None), field, None)
-        return value is not None and value != ""
 
 
 class AppointmentEvent(CalensoEvent):
