@@ -25,12 +25,19 @@ def redis_client() -> redis.Redis:
 
 
 def _new_async_client() -> redis.asyncio.Redis:
-    return redis.asyncio.Redis.from_url(
-        get_settings().require_redis_url(),
+    settings = get_settings()
+    # A pool that waits for a free connection rather than failing: redis-py's default pool
+    # raises MaxConnectionsError past 100, which an async handler running more events at once
+    # (CALHOOK_ASYNC_CONCURRENCY) would turn into failed attempts.
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        settings.require_redis_url(),
+        max_connections=max(100, settings.async_concurrency),
+        timeout=10,
         socket_timeout=10,
         socket_connect_timeout=10,
         health_check_interval=30,
     )
+    return redis.asyncio.Redis.from_pool(pool)
 
 
 async def _close(client: redis.asyncio.Redis) -> None:
