@@ -126,7 +126,8 @@ class Dispatcher:
     ) -> dict[str, list[str]]:
         if not started:
             return {}
-        routes = [self._route(s) for s in started]
+        parsed: dict[str, CalensoEvent] = {}
+        routes = [self._route(s, parsed) for s in started]
         results, inline = self._pairs.fan_out_here(
             throughput_key(DISPATCH_QUEUE), self._batch_max, routes, here
         )
@@ -152,10 +153,11 @@ class Dispatcher:
         for name, queue, ids in inline:
             # Nothing waited on the handler's queue: run its new pairs here, in this task.
             assert self._runner is not None
-            self._runner.run(name, ids, None, queue, deadline=deadline)
+            self._runner.run(name, ids, None, queue, deadline=deadline, parsed=parsed)
         return routed
 
-    def _route(self, s: Started) -> Route:
+    def _route(self, s: Started, parsed: dict[str, CalensoEvent]) -> Route:
+        """Dispatch's decision for one started event; a parsed event goes into ``parsed``."""
         received = orjson.dumps(
             {
                 "at": s.received_at,
@@ -185,6 +187,7 @@ class Dispatcher:
             else:
                 reason = ParkReason.NO_HANDLER
             return Route(s.event_id, event.type[:100], received, park_reason=reason)
+        parsed[s.event_id] = event
         return Route(
             s.event_id,
             event.type[:100],

@@ -37,8 +37,8 @@ import logging
 import random
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -105,6 +105,8 @@ class _Batch:
     # Which step of the task (its later events start in later steps): what a step hands back
     # is due that many ms from now, so the versions of one entity come back in their order.
     step: int = 0
+    # Events already parsed by this process (a dispatch running its handlers' pairs itself).
+    parsed: Mapping[str, CalensoEvent] = field(default_factory=dict)
 
 
 class HandlerRunner:
@@ -164,11 +166,13 @@ class HandlerRunner:
         queue: str = "",
         *,
         deadline: float | None = None,
+        parsed: Mapping[str, CalensoEvent] | None = None,
     ) -> dict[str, str]:
         """Run one message of a handler, with the messages it takes along (with no
         ``event_ids``: the messages of the handler waiting next on ``queue``); return each
         event's outcome (for logs and tests). ``deadline`` (``time.monotonic()``): when the
-        batch hands back what it has not run, if sooner than its own budget."""
+        batch hands back what it has not run, if sooner than its own budget. ``parsed``: events
+        this process parsed already (models are frozen), not parsed again."""
         with logs.bind(handler=handler_name):
             try:
                 h: Handler | None = self._registry.get(handler_name)
@@ -179,6 +183,7 @@ class HandlerRunner:
                 handler_name,
                 throughput_key(h.queue if h else queue),
                 min(time.monotonic() + self._budget_s, deadline or float("inf")),
+                parsed=parsed or {},
             )
             outcomes: dict[str, str] = {}
             started = self._start(batch, event_ids, seq, queue, most=self._settings.batch_max)
@@ -417,7 +422,9 @@ class HandlerRunner:
                 s.event_id, "dead", "dead_unknown_handler", reason="unknown_handler", error=error
             )
         try:
-            event = parse_event(orjson.loads(s.body), created_tz=self._settings.zone)
+            event = batch.parsed.get(s.event_id) or parse_event(
+                orjson.loads(s.body), created_tz=self._settings.zone
+            )
         except (SchemaError, orjson.JSONDecodeError) as exc:
             return Ending(
                 s.event_id,

@@ -442,3 +442,23 @@ def test_pairs_a_dispatch_kept_to_run_itself_are_queued_by_the_sweep_if_it_dies_
         assert second.take(QUEUE) == dict.fromkeys(ids, "ok")
     assert runs == Counter(ids)
     assert audit(db) == []
+
+
+def test_a_dispatch_running_its_handlers_pairs_itself_does_not_parse_the_events_again(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dispatch parsed each event (models are frozen); the pairs it runs itself get that
+    event, not a second parse."""
+    seen: list[str] = []
+    handler = attack_handler("a.apply", lambda event, ctx: seen.append(ctx.event_id))
+    with worker_of(db, batch_settings, timeline, handler) as worker:
+        known_fast(db, "a.apply")
+        ids = accept_batch(worker.pairs, [attack_body() for _ in range(3)])
+
+        def no_second_parse(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("parsed again")
+
+        monkeypatch.setattr("workers.runner.parse_event", no_second_parse)
+        worker.take(DISPATCH_QUEUE, run_here=[QUEUE])
+    assert sorted(seen) == sorted(ids)
+    assert audit(db) == []
