@@ -462,3 +462,19 @@ def test_a_dispatch_running_its_handlers_pairs_itself_does_not_parse_the_events_
         worker.take(DISPATCH_QUEUE, run_here=[QUEUE])
     assert sorted(seen) == sorted(ids)
     assert audit(db) == []
+
+
+def test_a_dispatch_runs_itself_one_batch_of_a_slow_sync_handler_and_queues_the_rest(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline
+) -> None:
+    """A slow sync handler's batch is one event: the dispatch runs one itself and queues the
+    others, one per message, for the other threads and workers."""
+    done: list[str] = []
+    handler = attack_handler("a.slow", lambda event, ctx: done.append(ctx.event_id))
+    db.hset(duration_key("a.slow"), "cost", "0.05")
+    with worker_of(db, batch_settings, timeline, handler) as worker:
+        ids = accept_batch(worker.pairs, [attack_body() for _ in range(4)])
+        worker.take(DISPATCH_QUEUE, run_here=[QUEUE])
+    assert len(done) == 1
+    assert sorted([*done, *(m["ids"][0] for m in messages(db, QUEUE))]) == sorted(ids)
+    assert [len(m["ids"]) for m in messages(db, QUEUE)] == [1, 1, 1]

@@ -88,16 +88,25 @@ local kept = new_groups()
 for _, g in ipairs(groups.keys) do
   local sep = string.find(g, '\n', 1, true)
   local pair, queue = string.sub(g, 1, sep - 1), string.sub(g, sep + 1)
+  local ids = groups.ids[g]
   if here[pair] and redis.call('LLEN', queue) == 0 then
-    local entry = {pair, queue}
-    for _, id in ipairs(groups.ids[g]) do
-      redis.call('ZADD', K.due, NOW + RECOVER, member(id, pair))
-      entry[#entry + 1] = id
+    -- One batch of it (a slow sync handler's is one event); the rest is queued as usual.
+    local entry, rest = {pair, queue}, {}
+    local size = batch_size(pair, batch_max)
+    for j, id in ipairs(ids) do
+      if j <= size then
+        redis.call('ZADD', K.due, NOW + RECOVER, member(id, pair))
+        entry[#entry + 1] = id
+      else
+        rest[#rest + 1] = id
+      end
     end
     inline[#inline + 1] = entry
-  else
+    ids = rest
+  end
+  if #ids > 0 then
     kept.keys[#kept.keys + 1] = g
-    kept.ids[g] = groups.ids[g]
+    kept.ids[g] = ids
   end
 end
 flush(kept, batch_max)
