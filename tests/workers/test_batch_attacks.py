@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import threading
 import time
+from base64 import b64encode
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,8 +22,7 @@ import redis
 from calhook.constants import DISPATCH_QUEUE
 from calhook.messages import read_task_message
 from calhook.settings import Settings
-from calhook.store.keys import DUE, UNACKED, UNACKED_INDEX, due_member, duration_key
-from calhook.store.pairs import PairStore
+from calhook.store.keys import DUE, STATS_OUTCOMES, UNACKED, UNACKED_INDEX, duration_key
 from calhook.store.records import DEAD as DEAD_KIND
 from calhook.store.records import RecordStore
 from schemas import UnknownEvent
@@ -43,7 +44,7 @@ from tests.support.core_rig import (
 )
 from workers.errors import PermanentError
 from workers.ordering import UPDATE, Version
-from workers.registry import HandlerContext
+from workers.registry import Handler, HandlerContext
 from workers.scheduler import sweep_once
 
 QUEUE = "attack"
@@ -356,12 +357,12 @@ def test_a_dispatch_batch_with_a_killer_routes_every_other_event_once_and_poison
         worker = Worker(db, process(db, batch_settings, timeline), registry, batch_settings)
         route = worker.dispatcher._route
 
-        def routing(s: Any) -> Any:
+        def routing(s: Any, *parsed: Any) -> Any:
             if s.event_id == killer[0]:
                 raise Killed
-            return route(s)
+            return route(s, *parsed)
 
-        worker.dispatcher._route = routing  # type: ignore[method-assign]
+        worker.dispatcher._route = routing  # type: ignore[method-assign,assignment]
         workers.append(worker)
         return worker
 
@@ -488,7 +489,6 @@ def test_three_versions_whose_oldest_ends_without_applying_let_the_others_apply_
     assert audit(db) == []
 
 
-
 def test_a_batch_out_of_time_with_later_events_left_hands_them_back_and_frees_the_entity(
     db: redis.Redis, make_settings: Callable[..., Settings], timeline: Timeline
 ) -> None:
@@ -557,9 +557,264 @@ def test_a_soft_time_limit_between_two_events_hands_back_the_rest_of_the_batch(
 
     ran = [e for e in ids if runs[e]]
     rest = [e for e in ids if not runs[e]]
-    assert ran and rest
+    assert ran
+    assert rest
     assert {state(scheduler, e, "a.apply") for e in ran} == {"done"}
     for e in rest:
         pair = scheduler.states(e)["a.apply"]
         assert (pair.state, pair.attempt, pair.starts) == ("waiting", 1, 0)
+    assert audit(db) == []
+
+
+# --- what a take must leave on the queue ------------------------------------------------------
+
+
+def foreign_message(kwargs: dict[str, Any], *, base64_body: bool, task: str) -> bytes:
+    """A message calhook's scripts did not push: kombu's (base64 body), or calhook 0.1's."""
+    body = orjson.dumps([[], kwargs, {"callbacks": None}])
+    return orjson.dumps(
+        {
+            "body": (b64encode(body) if base64_body else body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {"lang": "py", "task": task, "id": "legacy-1"},
+            "properties": {
+                "body_encoding": "base64" if base64_body else "utf-8",
+                "delivery_tag": "legacy-1",
+                "delivery_info": {"exchange": "", "routing_key": QUEUE},
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize("base64_body", [True, False])
+def test_a_take_stops_at_a_legacy_message_behind_it_and_leaves_it_for_its_own_task(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline, base64_body: bool
+) -> None:
+    """Behind two messages of a handler waits a message of calhook 0.1 for the same handler
+    (kombu's base64 body, or a plain one carrying the event instead of ids). The batch takes
+    the second message and stops there: the legacy message stays, whole, for the task that
+    takes it over; the batch's events run once each."""
+    from calhook.constants import HANDLER_TASK
+
+    runs: Counter[str] = Counter()
+    handler = attack_handler("a.apply", lambda event, ctx: runs.update([ctx.event_id]))
+    with worker_of(db, batch_settings, timeline, handler) as worker:
+        known_fast(db, "a.apply")
+        ids: list[str] = []
+        for _ in range(2):
+            ids += accept_batch(worker.pairs, [attack_body()])
+            worker.take(DISPATCH_QUEUE)
+        legacy = {"handler": "a.apply", "event_id": "old-1", "body": "{}", "received_at": 1.0}
+        raw = foreign_message(legacy, base64_body=base64_body, task=HANDLER_TASK)
+        db.lpush(QUEUE, raw)  # the newest: taken after the two
+        assert worker.take(QUEUE) == {ids[0]: "ok", ids[1]: "ok"}
+
+    assert db.lrange(QUEUE, 0, -1) == [raw]
+    assert runs == Counter(ids)
+    assert audit(db) == []
+
+
+@pytest.mark.parametrize("behind", ["another handler", "the same handler"])
+def test_a_dispatch_does_not_run_inline_a_message_with_an_older_one_waiting_before_it(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline, behind: str
+) -> None:
+    """A dispatching worker that consumes the handler queue runs a handler's new message itself
+    only when nothing waits before it. With an older message at the tail (another handler's,
+    or an older update of the same entity for the same handler) the new one waits its turn:
+    then each event runs once, the same entity's versions in order."""
+    applied: list[tuple[str, str]] = []
+
+    def record(name: str) -> Callable[[UnknownEvent, HandlerContext], None]:
+        return lambda event, ctx: applied.append((name, ctx.event_id))
+
+    one = attack_handler("a.apply", record("one"), order_key=entity_version, ordered=True)
+    two = Handler("a.two", frozenset({"test.other"}), QUEUE, record("two"))
+    with worker_of(db, batch_settings, timeline, one, two) as worker:
+        known_fast(db, "a.apply", "a.two")
+        if behind == "another handler":
+            other = {"type": "test.other", "created": "2025-05-01 10:00:00", "data": {}}
+            older = accept_batch(worker.pairs, [orjson.dumps(other)], event_type="test.other")
+        else:
+            older = accept_batch(worker.pairs, [versioned(1)])
+        worker.take(DISPATCH_QUEUE)
+        assert db.llen(QUEUE) == 1
+        newer = accept_batch(worker.pairs, [versioned(2)])
+        worker.take(DISPATCH_QUEUE, run_here=[QUEUE])
+        assert applied == []
+        run_all(worker)
+
+    first = "two" if behind == "another handler" else "one"
+    assert applied == [(first, older[0]), ("one", newer[0])]
+    assert audit(db) == []
+
+
+def test_two_async_batches_of_one_handler_share_its_concurrency_cap(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline
+) -> None:
+    """Two tasks of the process (two threads) run a batch of the same async handler each: at
+    most its `concurrency` events run at once in the process, every event once."""
+    in_flight = 0
+    most = 0
+    done: Counter[str] = Counter()
+
+    async def call(event: UnknownEvent, ctx: HandlerContext) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.03)
+        in_flight -= 1
+        done[ctx.event_id] += 1
+
+    handler = attack_handler("a.call", call, concurrency=3)
+    with worker_of(db, batch_settings, timeline, handler) as worker:
+        ids: list[str] = []
+        for _ in range(2):
+            ids += accept_batch(worker.pairs, [attack_body() for _ in range(6)])
+            worker.take(DISPATCH_QUEUE)
+        taken = [read_task_message(raw)[2] for raw in db.lrange(QUEUE, 0, -1)]
+        db.delete(QUEUE)
+        results: list[dict[str, str]] = []
+        threads = [
+            threading.Thread(
+                target=lambda k=k: results.append(
+                    worker.runner.run("a.call", k["ids"], k["seq"], QUEUE)
+                )
+            )
+            for k in taken
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+
+    assert most == 3
+    assert done == Counter(ids)
+    assert sorted(len(r) for r in results) == [6, 6]
+    assert audit(db) == []
+
+
+def test_an_async_batch_whose_recording_reply_is_lost_records_each_ending_once(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline
+) -> None:
+    """The group commit's call runs in Redis but its reply is lost (a dropped connection): the
+    Recorder calls again. Nothing is recorded twice (a second done is late), every pair is
+    done, the counters right, and the task still ends."""
+    runs: Counter[str] = Counter()
+
+    async def call(event: UnknownEvent, ctx: HandlerContext) -> None:
+        runs[ctx.event_id] += 1
+        await asyncio.sleep(0)
+
+    scheduler = process(db, batch_settings, timeline)
+    with worker_of(db, batch_settings, timeline, attack_handler("a.call", call)) as worker:
+        make = worker.runner._make_recorder
+        lost: list[bool] = []
+
+        def recorder() -> Any:
+            made = make()
+            finish_many = made._store.finish_many
+
+            async def reply_lost(*args: Any) -> list[str]:
+                got = await finish_many(*args)
+                if not lost:
+                    lost.append(True)
+                    raise redis.ConnectionError("connection reset")
+                return got
+
+            made._store.finish_many = reply_lost  # type: ignore[method-assign,assignment]
+            return made
+
+        worker.runner._make_recorder = recorder
+        ids = accept_batch(worker.pairs, [attack_body() for _ in range(5)])
+        worker.take(DISPATCH_QUEUE)
+        outcomes = worker.take(QUEUE)
+
+    assert lost == [True]
+    assert outcomes == dict.fromkeys(ids, "ok")
+    assert runs == Counter(ids)
+    assert {state(scheduler, e, "a.call") for e in ids} == {"done"}
+    assert int(db.hget(STATS_OUTCOMES, "a.call\tok") or 0) == len(ids)
+    assert audit(db) == []
+
+
+# --- how many events a message names ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cost", "sizes"), [("0", [5]), ("0.000000", [5]), ("1e9", [1] * 5), ("5", [1] * 5)]
+)
+def test_a_handlers_cost_of_zero_fills_its_messages_and_a_huge_one_names_one_event_each(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline, cost: str, sizes: list[int]
+) -> None:
+    handler = attack_handler("a.apply", lambda event, ctx: None)
+    db.hset(duration_key("a.apply"), "cost", cost)
+    with worker_of(db, batch_settings, timeline, handler) as worker:
+        accept_batch(worker.pairs, [attack_body() for _ in range(5)])
+        worker.take(DISPATCH_QUEUE)
+        assert [len(m["ids"]) for m in messages(db, QUEUE)] == sizes
+        assert len(run_all(worker)) == 5
+    assert audit(db) == []
+
+
+def test_a_handler_turned_slow_takes_no_more_messages_than_its_first_and_loses_none(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline
+) -> None:
+    """Messages of eight events were queued while the handler was fast; it turns slow (its
+    cost says one event per message now). A task runs the message it took and takes no other
+    (eight more would not fit); the next tasks take the rest; every event runs once."""
+    runs: Counter[str] = Counter()
+    handler = attack_handler("a.apply", lambda event, ctx: runs.update([ctx.event_id]))
+    with worker_of(db, batch_settings, timeline, handler) as worker:
+        known_fast(db, "a.apply")
+        ids: list[str] = []
+        for _ in range(3):
+            ids += accept_batch(worker.pairs, [attack_body() for _ in range(8)])
+            worker.take(DISPATCH_QUEUE)
+        assert [len(m["ids"]) for m in messages(db, QUEUE)] == [8, 8, 8]
+        db.hset(duration_key("a.apply"), "cost", "5")
+        assert len(worker.take(QUEUE)) == 8
+        assert db.llen(QUEUE) == 2
+        run_all(worker)
+    assert runs == Counter(ids)
+    assert audit(db) == []
+
+
+def test_a_sweep_recovering_many_expired_runs_queues_each_once_in_full_messages(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline
+) -> None:
+    """A worker running 150 events of an async handler dies; after the lease one sweep queues
+    them, 64 to a message (an async handler's messages are full), each once; they run once
+    more each (each a suspect, alone)."""
+    runs: Counter[str] = Counter()
+    killer: list[str] = []
+
+    async def call(event: UnknownEvent, ctx: HandlerContext) -> None:
+        runs[ctx.event_id] += 1
+        if not killer:
+            killer.append(ctx.event_id)
+            raise Killed
+
+    scheduler = process(db, batch_settings, timeline)
+    handler = attack_handler("a.call", call)
+    with worker_of(db, batch_settings, timeline, handler) as worker:
+        ids: list[str] = []
+        for _ in range(3):
+            ids += accept_batch(worker.pairs, [attack_body() for _ in range(50)])
+        run_all(worker, DISPATCH_QUEUE)
+        assert db.llen(QUEUE) == 3
+        for _ in range(3):
+            with contextlib.suppress(Killed):
+                worker.take(QUEUE)
+    dead_run = {e for e in ids if state(scheduler, e, "a.call") == "running"}
+    timeline.t += LEASE_S + 1
+    assert sweep_once(scheduler, batch_settings) == len(dead_run)
+    sizes = sorted(len(m["ids"]) for m in messages(db, QUEUE))
+    assert sum(sizes) == len(dead_run)
+    assert max(sizes) <= 64
+    assert sorted(e for m in messages(db, QUEUE) for e in m["ids"]) == sorted(dead_run)
+    with worker_of(db, batch_settings, timeline, handler) as second:
+        run_all(second)
+    assert {state(scheduler, e, "a.call") for e in ids} == {"done"}
+    assert all(runs[e] == (2 if e in dead_run else 1) for e in ids)
     assert audit(db) == []
