@@ -8,6 +8,7 @@ their I/O together. After a fork (Celery's prefork pool) the child starts its ow
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from collections.abc import Coroutine
@@ -15,6 +16,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("calhook.worker")
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -23,6 +25,19 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     except ImportError:  # pragma: no cover - the `fast` extra is not installed
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _run_forever(loop: asyncio.AbstractEventLoop) -> None:
+    """Run ``loop`` for the life of the process. A handler that raises SystemExit or
+    KeyboardInterrupt makes asyncio re-raise it out of the loop: the loop runs on, rather than
+    leave every later async batch of the process waiting for a loop that stopped."""
+    while True:
+        try:
+            loop.run_forever()
+        except BaseException:
+            log.exception("the event loop stopped on an exception; it runs on")
+            continue
+        return
 
 
 class ProcessLoop:
@@ -41,7 +56,7 @@ class ProcessLoop:
                 if self._pid != os.getpid() or self._loop is None:
                     loop = _new_loop()
                     threading.Thread(
-                        target=loop.run_forever, name="calhook-loop", daemon=True
+                        target=_run_forever, args=(loop,), name="calhook-loop", daemon=True
                     ).start()
                     self._loop, self._pid = loop, os.getpid()
         return self._loop

@@ -478,3 +478,25 @@ def test_a_dispatch_runs_itself_one_batch_of_a_slow_sync_handler_and_queues_the_
     assert len(done) == 1
     assert sorted([*done, *(m["ids"][0] for m in messages(db, QUEUE))]) == sorted(ids)
     assert [len(m["ids"]) for m in messages(db, QUEUE)] == [1, 1, 1]
+
+
+def test_an_async_handler_raising_system_exit_does_not_stop_the_process_loop(
+    db: redis.Redis, batch_settings: Settings, timeline: Timeline
+) -> None:
+    """asyncio re-raises SystemExit out of the loop; the process's loop runs on, so the next
+    async batch of the process still runs."""
+    exits: list[str] = []
+
+    async def call(event: UnknownEvent, ctx: HandlerContext) -> None:
+        if not exits:
+            exits.append(ctx.event_id)
+            raise SystemExit(3)
+
+    with worker_of(db, batch_settings, timeline, attack_handler("a.call", call)) as worker:
+        accept_batch(worker.pairs, [attack_body()])
+        worker.take(DISPATCH_QUEUE)
+        with contextlib.suppress(BaseException):
+            worker.take(QUEUE)
+        later_ids = accept_batch(worker.pairs, [attack_body()])
+        worker.take(DISPATCH_QUEUE)
+        assert worker.take(QUEUE) == dict.fromkeys(later_ids, "ok")
