@@ -252,6 +252,13 @@ def _one_node_builder(node: int, names: tuple[str, ...], keys: tuple[Key, ...]) 
     return build
 
 
+def _single_object_builder(name: str, build_object: Builder) -> Builder:
+    def build(nodes: Nodes) -> dict[str, Any]:
+        return {name: build_object(nodes)}
+
+    return build
+
+
 def _parts_builder(parts: tuple[Part, ...]) -> Builder:
     def build(nodes: Nodes) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -288,6 +295,10 @@ class _Compiler:
         return index
 
     def builder(self, resolved: dict[str, Any]) -> Builder:
+        if len(resolved) == 1:
+            ((name, value),) = resolved.items()
+            if type(value) is dict:  # a customer or lead event: one sub-object, nothing else
+                return _single_object_builder(name, self.builder(value))
         items: list[_Run | Part] = []
         for name, value in resolved.items():
             if isinstance(value, _STAND_INS):

@@ -10,10 +10,19 @@ from pydantic import ValidationError
 
 from schemas._flat_cache import resolve
 from schemas._lenient import CREATED_TZ
-from schemas.catalogue import family_of
+from schemas.catalogue import KNOWN_TYPES, Family, family_of
 from schemas.envelope import Envelope, envelope_fields
 from schemas.errors import ErrorDetail, PayloadError, strip_validation_errors, summarise
 from schemas.events import MODEL_BY_FAMILY, CalensoEvent, Shape, UnknownEvent
+
+# Family and model of every catalogued type in one lookup (MODEL_BY_FAMILY[family] hashes an
+# Enum member, which is a Python-level call).
+_KNOWN: dict[str, tuple[Family, type[CalensoEvent]]] = {
+    event_type: (family, MODEL_BY_FAMILY[family])
+    for event_type in KNOWN_TYPES
+    if (family := family_of(event_type)) is not None
+}
+_UNKNOWN: tuple[None, type[CalensoEvent]] = (None, UnknownEvent)
 
 
 def detect_shape(data: Mapping[str, Any]) -> Shape:
@@ -59,8 +68,7 @@ def parse_event(
         )
     else:
         event_type, created, source, data = envelope_fields(envelope)
-    family = family_of(event_type)
-    model = MODEL_BY_FAMILY[family] if family is not None else UnknownEvent
+    family, model = _KNOWN.get(event_type, _UNKNOWN)
     fields: dict[str, Any] = {
         "type": event_type,
         "family": family,
