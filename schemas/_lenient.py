@@ -163,7 +163,18 @@ def _to_utc(value: Any) -> datetime | None:
         return None
     if moment.tzinfo is None:
         return _with_zone(moment, UTC)
-    return moment.astimezone(UTC)
+    return _in_utc(moment)
+
+
+def _in_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC; a time that UTC cannot hold (year 1 east of it, 9999 west of it) is a
+    validation error, not an OverflowError escaping the parse."""
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise PydanticCustomError(
+            "datetime_range", "Input should be a timestamp in range"
+        ) from None
 
 
 def _to_local(value: Any) -> datetime | None:
@@ -180,7 +191,7 @@ def _to_created(value: Any, info: ValidationInfo) -> datetime:
         raise PydanticCustomError("datetime_parsing", "Input should be a timestamp, not empty")
     if moment.tzinfo is None:
         moment = _with_zone(moment, _created_tz(info))
-    return moment.astimezone(UTC)
+    return _in_utc(moment)
 
 
 def _created_tz(info: ValidationInfo) -> tzinfo:

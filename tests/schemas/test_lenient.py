@@ -330,3 +330,25 @@ def test_created_tz_does_not_touch_utc_fields() -> None:
 def test_created_tz_must_be_a_tzinfo() -> None:
     with pytest.raises(TypeError, match="tzinfo"):
         parse_event(_appointment(), created_tz="Europe/Zurich")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("created", "zone"),
+    [("0001-01-01 00:00:00", "Europe/Zurich"), ("9999-12-31 23:59:59", "America/New_York")],
+)
+def test_a_created_out_of_range_in_utc_is_a_payload_error(created: str, zone: str) -> None:
+    """Found by the schema review: year 1 east of UTC (or 9999 west of it) cannot be expressed
+    in UTC; an OverflowError escaped parse_event instead of a PayloadError."""
+    body = {"type": "customer.created", "created": created, "data": {"customer": {"uuid": "c"}}}
+    with pytest.raises(PayloadError):
+        parse_event(body, created_tz=ZoneInfo(zone))
+
+
+def test_a_utc_field_out_of_range_is_a_payload_error() -> None:
+    body = {
+        "type": "appointment.booking.created",
+        "created": "2025-05-01 10:00:00",
+        "data": {"appointment": {"uuid": "a", "start_utc": "0001-01-01T00:00:00+01:00"}},
+    }
+    with pytest.raises(PayloadError):
+        parse_event(body)
