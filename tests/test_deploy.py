@@ -15,6 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import kubernetes_validate
@@ -202,6 +203,17 @@ def test_the_address_keda_reads_is_in_the_workers_environment() -> None:
         for trigger in obj["spec"]["triggers"]:
             if "addressFromEnv" in trigger["metadata"]:
                 assert trigger["metadata"]["addressFromEnv"] in names
+
+
+def test_keda_reads_the_redis_and_database_of_redis_url() -> None:
+    (settings,) = by_kind("ConfigMap").values()
+    url = urlsplit(settings["data"]["REDIS_URL"])
+    database = url.path.strip("/") or "0"
+    for obj in by_kind("ScaledObject").values():
+        for trigger in obj["spec"]["triggers"]:
+            metadata = trigger["metadata"]
+            assert settings["data"][metadata["addressFromEnv"]] == f"{url.hostname}:{url.port}"
+            assert metadata["databaseIndex"] == database
 
 
 def test_a_worker_deployment_serves_every_queue() -> None:
