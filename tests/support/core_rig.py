@@ -8,10 +8,11 @@ session worker's reach; the fixtures are in tests/workers/conftest.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from calhook.store.keys import (
     body_key,
     dedup_key,
     due_member,
+    duration_key,
     event_key,
     pairs_key,
 )
@@ -263,3 +265,22 @@ def attack_registry(*handlers: Handler) -> Registry:
 
 def attack_handler(name: str, fn: Callable[[Any, HandlerContext], Any], **kw: Any) -> Handler:
     return Handler(name, frozenset({ATTACK_TYPE}), kw.pop("queue", "attack"), fn, **kw)
+
+
+@contextlib.contextmanager
+def worker_of(
+    db: redis.Redis, settings: Settings, timeline: Timeline, *handlers: Handler
+) -> Iterator[Worker]:
+    """A :class:`Worker` serving ``handlers`` on the test's timeline, stopped afterwards."""
+    worker = Worker(db, process(db, settings, timeline), attack_registry(*handlers), settings)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+def known_fast(db: redis.Redis, *handlers: str) -> None:
+    """As if ``handlers`` had run before, fast: their messages name up to the batch size (a
+    handler of unknown cost starts with one event per message)."""
+    for name in handlers:
+        db.hset(duration_key(name), "cost", "0.00001")

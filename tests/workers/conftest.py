@@ -10,7 +10,7 @@ import redis
 from calhook.settings import Settings
 from calhook.store.connect import pair_store
 from calhook.store.pairs import PairStore
-from tests.support.core_rig import DB, LEASE_S, RECOVER_S
+from tests.support.core_rig import DB, LEASE_S, RECOVER_S, Timeline
 
 
 @pytest.fixture
@@ -35,3 +35,15 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
 @pytest.fixture
 def core(db: redis.Redis, settings: Settings) -> PairStore:
     return pair_store(db, settings)
+
+
+@pytest.fixture
+def batch_settings(make_settings: Callable[..., Settings]) -> Settings:
+    """Leases and recovery of a minute, batches of up to 64 (tests/workers/test_batch*.py)."""
+    return make_settings(lease_s=LEASE_S, recovery_s=RECOVER_S, batch_max=64)
+
+
+@pytest.fixture
+def timeline() -> Timeline:
+    """The one clock of a step-by-step test (tests/support/core_rig.py)."""
+    return Timeline()

@@ -12,7 +12,7 @@ import threading
 import time
 from base64 import b64encode
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -38,9 +38,11 @@ from tests.support.core_rig import (
     attack_registry,
     audit,
     copies,
+    known_fast,
     messages,
     process,
     state,
+    worker_of,
 )
 from workers.errors import PermanentError
 from workers.ordering import UPDATE, Version
@@ -52,33 +54,6 @@ QUEUE = "attack"
 
 class Killed(BaseException):
     """The worker process dies here: no finish, no ack (the test stops using that Worker)."""
-
-
-@pytest.fixture
-def batch_settings(make_settings: Callable[..., Settings]) -> Settings:
-    return make_settings(lease_s=LEASE_S, recovery_s=RECOVER_S, batch_max=64)
-
-
-@pytest.fixture
-def timeline() -> Timeline:
-    return Timeline()
-
-
-@contextlib.contextmanager
-def worker_of(
-    db: redis.Redis, settings: Settings, timeline: Timeline, *handlers: Any
-) -> Iterator[Worker]:
-    worker = Worker(db, process(db, settings, timeline), attack_registry(*handlers), settings)
-    try:
-        yield worker
-    finally:
-        worker.stop()
-
-
-def known_fast(db: redis.Redis, *handlers: str) -> None:
-    """As if ``handlers`` had run before, fast: their messages name up to the batch size."""
-    for name in handlers:
-        db.hset(duration_key(name), "cost", "0.00001")
 
 
 def entity_version(event: UnknownEvent, event_id: str) -> Version:

@@ -14,7 +14,7 @@ import contextlib
 import datetime as dt
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -32,15 +32,15 @@ from tests.support.core_rig import (
     LEASE_S,
     RECOVER_S,
     Timeline,
-    Worker,
     accept_batch,
     attack_body,
     attack_handler,
-    attack_registry,
     audit,
+    known_fast,
     messages,
     process,
     state,
+    worker_of,
 )
 from workers.ordering import UPDATE, Version
 from workers.registry import HandlerContext
@@ -59,34 +59,6 @@ class CountingScripts(Scripts):
     ) -> Any:
         self.calls[name] += 1
         return super().call(name, args, keys, now_s)
-
-
-@pytest.fixture
-def batch_settings(make_settings: Callable[..., Settings]) -> Settings:
-    return make_settings(lease_s=LEASE_S, recovery_s=RECOVER_S, batch_max=64)
-
-
-@pytest.fixture
-def timeline() -> Timeline:
-    return Timeline()
-
-
-@contextlib.contextmanager
-def worker_of(
-    db: redis.Redis, settings: Settings, timeline: Timeline, *handlers: Any
-) -> Iterator[Worker]:
-    worker = Worker(db, process(db, settings, timeline), attack_registry(*handlers), settings)
-    try:
-        yield worker
-    finally:
-        worker.stop()
-
-
-def known_fast(db: redis.Redis, *handlers: str) -> None:
-    """As if ``handlers`` had run before, fast: their messages name up to the batch size (a
-    handler of unknown cost starts with one event per message)."""
-    for name in handlers:
-        db.hset(duration_key(name), "cost", "0.00001")
 
 
 def backlog(core: PairStore, batches: int, per_batch: int, **data: Any) -> list[str]:
