@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
+from calhook import redis_url
 from calhook.constants import DEDUP_TTL_S_DEFAULT
 
 _ENDPOINT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -129,7 +130,9 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("REDIS_URL"),
-        description="Broker Redis. Unset: `calhook dev` and the tests start an embedded server.",
+        description="Broker Redis: redis://host:6379/0, or a master through Sentinel: "
+        "redis+sentinel://host1:26379,host2:26379/master_name/0 (see calhook/redis_url.py). "
+        "Unset: `calhook dev` and the tests start an embedded server.",
     )
     # Ingress
     host: str = Field("0.0.0.0", description="Address the ingress binds to.")  # noqa: S104
@@ -196,6 +199,22 @@ class Settings(BaseSettings):
     )
     redis_timeout_s: float = Field(
         0.25, gt=0, description="Deadline of a Redis write from the ingress; the spool after it."
+    )
+    ack_durability: Literal["written", "fsynced", "replicated"] = Field(
+        "written",
+        description="When the ingress answers 202: `written` once Redis has the event in memory; "
+        "`fsynced` once it is also in the master's append-only file on disk (WAITAOF, Redis 7.2+ "
+        "or Valkey); `replicated` once it is also on CALHOOK_ACK_REPLICAS replicas (their AOF with "
+        "WAITAOF; their memory with WAIT on older servers). Unconfirmed in time: the spool.",
+    )
+    ack_replicas: int = Field(
+        1, ge=1, description="Replicas that must confirm a write under `replicated`."
+    )
+    ack_timeout_s: float = Field(
+        1.5,
+        gt=0,
+        description="How long the ingress waits for `fsynced`/`replicated` confirmation of a batch "
+        "before it spools the batch instead (above a second with appendfsync everysec).",
     )
     spool_dir: str = Field(
         ".calhook/spool", description="Folder of the ingress's local spool (one slot a process)."
@@ -349,6 +368,11 @@ class Settings(BaseSettings):
     @classmethod
     def _split(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        return redis_url.validate(value) if value else value
 
     @field_validator("allowed_ips", "trusted_proxies")
     @classmethod

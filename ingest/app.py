@@ -23,15 +23,15 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from redis import Redis as SyncRedis
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from calhook.constants import dedup_key
 from calhook.ids import new_event_id
 from calhook.messages import event_record
 from calhook.settings import DEFAULT_ENDPOINT, Settings, SettingsError, networks
+from calhook.store.connect import async_client, sync_client
 from calhook.store.connect import clock as store_clock
+from ingest.acks import AckConfigError, ack_rule
 from ingest.admin import admin_routes
 from ingest.auth import Authenticator, authenticator
 from ingest.body import BOM, parse_json, read_body
@@ -242,7 +242,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    redis = Redis.from_url(
+    redis = async_client(
         settings.require_redis_url(),
         socket_timeout=max(settings.redis_timeout_s, 1.0),
         socket_connect_timeout=settings.redis_timeout_s,
@@ -254,6 +254,7 @@ async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
         dedup_ttl_s=settings.dedup_ttl_s,
         batch_max=settings.publish_batch_max,
         timeout_s=settings.redis_timeout_s,
+        ack=ack_rule(settings),
     )
     writer = DurableWriter(
         redis, publisher, Spool(Path(settings.spool_dir)), trail_ttl_s=settings.trail_keep_s
@@ -263,11 +264,16 @@ async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = redis
     app[PUBLISHER] = publisher
     # The status page's reads are the CLI's synchronous code, run in a thread (ingest/status.py).
-    app[STATUS_REDIS] = SyncRedis.from_url(
+    app[STATUS_REDIS] = sync_client(
         settings.require_redis_url(), socket_timeout=2, socket_connect_timeout=2
     )
     app[WRITER] = writer
-    await publisher.start()
+    try:
+        await publisher.start()
+    except AckConfigError as exc:
+        await redis.aclose()
+        app[STATUS_REDIS].close()
+        raise SettingsError(str(exc)) from exc
     try:
         await writer.start()
     except SpoolError as exc:

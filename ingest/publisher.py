@@ -17,9 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from calhook.messages import record_from_message
+from calhook.store.keys import CONFIRMED
 from calhook.store.scripts import AsyncScripts, Clock
+from ingest.acks import AckConfigError, AckRule, fit
 
 log = logging.getLogger("calhook.ingest.publisher")
 
@@ -57,8 +60,11 @@ class Publisher:
         dedup_ttl_s: int,
         batch_max: int,
         timeout_s: float,
+        ack: AckRule | None = None,
     ) -> None:
         self._redis = redis
+        self._ack = ack
+        self._ack_fitted = False
         self._scripts = AsyncScripts(redis, clock)
         self._dedup_ttl_s = dedup_ttl_s
         self._batch_max = batch_max
@@ -69,10 +75,19 @@ class Publisher:
         self._sender: asyncio.Task[None] | None = None
         self.batches = 0
         self.largest_batch = 0
+        self.unconfirmed = 0
         self.on_batch: Callable[[int], None] | None = None
 
     async def start(self) -> None:
-        """Start the sender task."""
+        """Check that the broker can confirm writes as asked (AckConfigError if it never can),
+        then start the sender task. A broker that does not answer yet is checked later."""
+        if self._ack is not None:
+            try:
+                await self._fit_ack()
+            except AckConfigError:
+                raise
+            except Exception as exc:
+                log.warning("cannot check the acknowledgement yet", extra={"error": repr(exc)})
         self._sender = asyncio.create_task(self._run(), name="calhook-publisher")
 
     async def close(self) -> None:
@@ -115,7 +130,8 @@ class Publisher:
         try:
             # The deadline allows for the bytes to move: a batch of large bodies is not a sign
             # of a sick Redis.
-            async with asyncio.timeout(self._timeout_s + size / _BYTES_PER_S):
+            wait_s = self._ack.timeout_s if self._ack is not None else 0.0
+            async with asyncio.timeout(self._timeout_s + wait_s + size / _BYTES_PER_S):
                 results = await self._write(batch)
         except Exception as exc:
             # Whatever went wrong, this batch is not known to be durable; the sender lives on.
@@ -133,4 +149,41 @@ class Publisher:
         args: list[str | bytes | int] = [self._dedup_ttl_s, 0]
         for event, _ in batch:
             args += (event.event_id, event.message)
-        return list(await self._scripts.call("accept", args, keys))
+        if self._ack is None:
+            return list(await self._scripts.call("accept", args, keys))
+        return await self._write_confirmed(args, keys)
+
+    async def _fit_ack(self) -> AckRule:
+        assert self._ack is not None
+        if not self._ack_fitted:
+            self._ack = await fit(self._ack, self._redis)
+            self._ack_fitted = True
+        return self._ack
+
+    async def _write_confirmed(
+        self, args: list[str | bytes | int], keys: list[str]
+    ) -> list[object]:
+        # One round trip on one connection (a pipeline holds one): the write, a write that makes
+        # the wait cover it even when the batch held only duplicates (ingest/acks.py), the wait.
+        try:
+            ack = await self._fit_ack()
+        except AckConfigError as exc:
+            raise PublishError(str(exc)) from None
+        for attempt in (1, 2):
+            pipe = self._redis.pipeline(transaction=False)
+            self._scripts.queue(pipe, "accept", args, keys)
+            pipe.incr(CONFIRMED)
+            pipe.execute_command(*ack.command())
+            written, _, reply = await pipe.execute(raise_on_error=False)
+            if isinstance(written, NoScriptError) and attempt == 1:
+                await self._scripts.load("accept")
+                continue
+            for result in (written, reply):
+                if isinstance(result, Exception):
+                    raise result
+            missing = ack.shortfall(reply)
+            if missing is not None:
+                self.unconfirmed += 1
+                raise PublishError(missing)
+            return list(written)
+        raise AssertionError("unreachable: a loaded script is found")

@@ -20,7 +20,7 @@ from celery.signals import setup_logging
 from calhook import logs
 from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK, HANDLER_TASK
 from calhook.settings import Settings, get_settings
-from calhook.store.connect import pair_store
+from calhook.store.connect import celery_broker, pair_store
 from calhook.store.pairs import PairStore
 from workers import legacy
 from workers.connections import redis_client
@@ -32,14 +32,26 @@ from workers.runner import HandlerRunner
 log = logging.getLogger("calhook.worker")
 
 
+# The consumer's connection: a dead master (or a network that drops packets silently) surfaces
+# as an error within seconds instead of a BRPOP waiting forever on a half-open socket, and the
+# worker reconnects, through the sentinels to the new master when REDIS_URL names Sentinel.
+BROKER_SOCKET = {
+    "socket_timeout": 10,
+    "socket_connect_timeout": 5,
+    "socket_keepalive": True,
+    "health_check_interval": 10,
+}
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings; each line guards against one failure in RELIABILITY.md (item number)."""
+    broker_url, sentinel = celery_broker(settings.require_redis_url())
     transport = {"visibility_timeout": settings.visibility_timeout_s}
     return {
-        "broker_url": settings.require_redis_url(),
+        "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
         # 3, 10: redeliver only after the longest a task may run; set where kombu reads it.
-        "broker_transport_options": transport,
+        "broker_transport_options": {**transport, **sentinel, **BROKER_SOCKET},
         "result_backend_transport_options": transport,
         "task_time_limit": settings.task_time_limit_s,
         "task_soft_time_limit": max(1, settings.task_time_limit_s * 9 // 10),

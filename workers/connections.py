@@ -9,14 +9,16 @@ import redis
 import redis.asyncio
 
 from calhook.settings import get_settings
+from calhook.store.connect import async_client, sync_client
 from workers.looplocal import LoopLocal
 
 
 @functools.cache
 def redis_client() -> redis.Redis:
-    """A synchronous client on the broker Redis; redis-py resets its pool after a fork."""
+    """A synchronous client on the broker Redis (through Sentinel if REDIS_URL names it);
+    redis-py resets its pool after a fork."""
     settings = get_settings()
-    return redis.Redis.from_url(
+    return sync_client(
         settings.require_redis_url(),
         socket_timeout=10,
         socket_connect_timeout=10,
@@ -29,15 +31,15 @@ def _new_async_client() -> redis.asyncio.Redis:
     # A pool that waits for a free connection rather than failing: redis-py's default pool
     # raises MaxConnectionsError past 100, which an async handler running more events at once
     # (CALHOOK_ASYNC_CONCURRENCY) would turn into failed attempts.
-    pool = redis.asyncio.BlockingConnectionPool.from_url(
+    return async_client(
         settings.require_redis_url(),
+        blocking=True,
         max_connections=max(100, settings.async_concurrency),
         timeout=10,
         socket_timeout=10,
         socket_connect_timeout=10,
         health_check_interval=30,
     )
-    return redis.asyncio.Redis.from_pool(pool)
 
 
 async def _close(client: redis.asyncio.Redis) -> None:

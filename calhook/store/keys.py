@@ -42,6 +42,9 @@ ORDER: Final = f"{PREFIX}order:"  # order:<scope>:<entity> applied version, its 
 STATS_OUTCOMES: Final = f"{PREFIX}stats:outcomes"
 STATS_DURATION: Final = f"{PREFIX}stats:duration:"
 RECENT_FAILURES: Final = f"{PREFIX}stats:recent_failures"
+# Batches the ingress wrote under a confirmed acknowledgement (ingest/acks.py): each one writes
+# here, so the WAITAOF/WAIT after it covers everything written before, a retry's included.
+CONFIRMED: Final = f"{PREFIX}ingest:confirmed"
 THROUGHPUT: Final = f"{PREFIX}throughput:"
 RATELIMIT: Final = f"{PREFIX}ratelimit:"  # ratelimit:<destination> token bucket
 NOTIFY: Final = f"{PREFIX}notify:"  # notify:sent:<pair key> e-mail marks, notify:posted:<pair key>

@@ -16,6 +16,7 @@ from typing import Any, Final
 import orjson
 import redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.client import Pipeline as AsyncPipeline
 
 from calhook.store.keys import LUA_KEYS
 
@@ -86,3 +87,12 @@ class AsyncScripts:
     async def call(self, name: str, args: list[Any], keys: list[str] | None = None) -> Any:
         """Run script ``name`` with the clock's head and then ``args``."""
         return await self._scripts[name](keys=keys or [], args=[*self.clock.head(), *args])
+
+    def queue(self, pipe: AsyncPipeline, name: str, args: list[Any], keys: list[str]) -> None:
+        """Queue script ``name`` on ``pipe`` by its hash (no SCRIPT EXISTS round trip); a
+        NoScriptError in the pipeline's results asks for :meth:`load` and a second try."""
+        pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *self.clock.head(), *args)
+
+    async def load(self, name: str) -> None:
+        """Load script ``name`` (after a restart or a failover emptied the server's cache)."""
+        await self.client.script_load(source(name))
