@@ -146,21 +146,32 @@ def exporter(host: str, port: int) -> None:
 
 @main.command()
 @click.option("--port", type=int, default=None, help="Ingress port [CALHOOK_PORT].")
-def dev(port: int | None) -> None:
+@click.option(
+    "--sentinel",
+    is_flag=True,
+    help="Embed a master, a replica and three sentinels, and follow the master through them "
+    "(acknowledgements `replicated` unless CALHOOK_ACK_DURABILITY says otherwise).",
+)
+def dev(port: int | None, sentinel: bool) -> None:
     """Run everything for development: Redis (embedded if REDIS_URL is unset), ingress, worker."""
-    from calhook.redis_server import RedisServer, RedisServerError
+    from calhook.redis_server import RedisServer, RedisServerError, SentinelCluster
 
     settings = _settings()
     env = dict(os.environ)
     env.setdefault("CALHOOK_LOG_FORMAT", "console")
     env.setdefault("CALHOOK_SPOOL_DIR", str(Path(settings.data_dir) / "spool"))
-    server = None
+    server: RedisServer | SentinelCluster | None = None
+    if sentinel and settings.redis_url:
+        raise click.UsageError("--sentinel embeds its own servers: unset REDIS_URL")
     if not settings.redis_url:
-        server = RedisServer(Path(settings.data_dir) / "redis")
+        data = Path(settings.data_dir)
+        server = SentinelCluster(data / "sentinel") if sentinel else RedisServer(data / "redis")
         try:
             env["REDIS_URL"] = server.start()
         except RedisServerError as exc:
             raise click.ClickException(str(exc)) from None
+        if sentinel:
+            env.setdefault("CALHOOK_ACK_DURABILITY", "replicated")
     port = port if port is not None else settings.port
     me = [sys.executable, "-m", "calhook"]
     children = [
@@ -168,7 +179,16 @@ def dev(port: int | None) -> None:
         subprocess.Popen([*me, "worker", "-c", "2"], env=env),
         subprocess.Popen([*me, "scheduler"], env=env),
     ]
-    embedded = f" (embedded, data in {server.data_dir})" if server else ""
+    embedded = ""
+    if isinstance(server, RedisServer):
+        embedded = f" (embedded, data in {server.data_dir})"
+    elif server is not None:
+        ports = ", ".join(str(s.port) for s in server.servers)
+        embedded = (
+            f" (embedded: master and replica on ports {ports}, acknowledgements "
+            f"{env['CALHOOK_ACK_DURABILITY']}; fail over with "
+            f"`redis-cli -p {server.sentinel_ports[0]} SENTINEL FAILOVER {server.master_name}`)"
+        )
     secret = settings.auth_secrets[0].get_secret_value() if settings.auth_secrets else None
     click.echo(
         f"\ncalhook is running.\n"

@@ -110,15 +110,19 @@ def test_send_posts_a_file_as_calenso_would(ingress_port: int, redis_db: redis.R
         wait_for(lambda: bool(redis_db.exists(trail_key(event_id))), what="the event dispatched")
 
 
-def test_dev_runs_the_whole_pipeline_with_an_embedded_redis(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags", [(), ("--sentinel",)], ids=["one-redis", "sentinel"])
+def test_dev_runs_the_whole_pipeline_with_an_embedded_redis(
+    tmp_path: Path, flags: tuple[str, ...]
+) -> None:
     # What `make run` does: no REDIS_URL, so Redis is embedded; ingress and worker as children.
+    # With --sentinel: a master, a replica and three sentinels, every process following them.
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env.update(CALHOOK_AUTH_SECRETS=SECRET, CALHOOK_DATA_DIR=str(tmp_path / "data"))
     log_path = tmp_path / "dev.log"
     with log_path.open("w") as log:
         dev = subprocess.Popen(
-            [sys.executable, "-m", "calhook", "dev", "--port", str(port)],
+            [sys.executable, "-m", "calhook", "dev", "--port", str(port), *flags],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -140,7 +144,12 @@ def test_dev_runs_the_whole_pipeline_with_an_embedded_redis(tmp_path: Path) -> N
         output = log_path.read_text()
         assert f"Post to: http://127.0.0.1:{port}/webhooks/calenso" in output
         assert "Stop:    Ctrl-C" in output
-        assert (tmp_path / "data" / "redis").is_dir()
+        if flags:
+            assert "Redis:   redis+sentinel://127.0.0.1:" in output
+            assert "acknowledgements replicated" in output
+            assert (tmp_path / "data" / "sentinel" / "sentinel-2" / "sentinel.conf").is_file()
+        else:
+            assert (tmp_path / "data" / "redis").is_dir()
     finally:
         os.killpg(dev.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         assert dev.wait(timeout=60) == 0

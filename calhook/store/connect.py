@@ -74,8 +74,28 @@ def sync_client(url: str, **kwargs: Any) -> redis.Redis:
     if target is None:
         return redis.Redis.from_url(url, **kwargs)
     manager = _SyncSentinel(list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(target))
-    client: redis.Redis = manager.master_for(target.master_name, **_master_kwargs(target, kwargs))
+    client: redis.Redis = manager.master_for(
+        target.master_name, redis_class=_SyncFollower, **_master_kwargs(target, kwargs)
+    )
     return client
+
+
+class _SyncFollower(redis.Redis):
+    """A client on a Sentinel-monitored master that also closes its sentinels' connections."""
+
+    def close(self) -> None:
+        super().close()
+        for sentinel in self.connection_pool.sentinel_manager.sentinels:  # type: ignore[attr-defined]
+            sentinel.close()
+
+
+class _AsyncFollower(redis.asyncio.Redis):
+    """The asyncio twin of :class:`_SyncFollower`."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for sentinel in self.connection_pool.sentinel_manager.sentinels:  # type: ignore[attr-defined]
+            await sentinel.aclose()
 
 
 class _BlockingSentinelPool(
@@ -100,7 +120,10 @@ def async_client(url: str, *, blocking: bool = False, **kwargs: Any) -> redis.as
         _BlockingSentinelPool if blocking else redis.asyncio.sentinel.SentinelConnectionPool
     )
     client: redis.asyncio.Redis = manager.master_for(
-        target.master_name, connection_pool_class=pool_class, **_master_kwargs(target, kwargs)
+        target.master_name,
+        redis_class=_AsyncFollower,
+        connection_pool_class=pool_class,
+        **_master_kwargs(target, kwargs),
     )
     return client
 
@@ -151,7 +174,9 @@ def async_twin(client: redis.Redis) -> redis.asyncio.Redis:
         kwargs.pop("host", None)
         kwargs.pop("port", None)
         manager = _AsyncSentinel(addresses, sentinel_kwargs=sentinel_kwargs)
-        twin: redis.asyncio.Redis = manager.master_for(pool.service_name, **kwargs)
+        twin: redis.asyncio.Redis = manager.master_for(
+            pool.service_name, redis_class=_AsyncFollower, **kwargs
+        )
         return twin
     kind = {
         "UnixDomainSocketConnection": redis.asyncio.UnixDomainSocketConnection,
