@@ -77,6 +77,93 @@ def e2e_table(results: dict[str, dict[str, Figures]], describe: dict[str, str]) 
     return lines
 
 
+def acks_table(acks: dict[str, Any]) -> list[str]:
+    """The levels side by side: saturation, the fixed rate, where the events went."""
+    levels: dict[str, dict[str, Any]] = acks["levels"]
+    rate = acks["rate"]
+    point = f"rate_{rate}"
+    written = levels["written"]["saturation"]
+    lines = [
+        f"| level | acked/s | ratio to `written` | events per batch | p50 ms | p99 ms "
+        f"| p99 ms at {rate:,}/s | spooled | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    over = timed_out = False
+    for figures in levels.values():
+        saturation = figures["saturation"]
+        measured = [f for f in figures[point] if "skipped" not in f]
+        if measured:
+            p99 = spread(_pick(measured, "p99_ms"), "{:.1f}")
+            if statistics.median(_pick(saturation, "rate")) < rate:
+                p99 += " †"
+                over = True
+        else:
+            skipped = figures[point][0]["skipped"] if figures[point] else "not run"
+            p99 = f"– ({skipped})"
+        runs = saturation + measured
+        spooled = sum(int(f["spooled"]) for f in runs)
+        acked = sum(int(f["acked_events"]) for f in runs)
+        left = sum(int(f["left_in_spool"]) for f in runs)
+        spool = f"{spooled:,} of {acked:,}" + (f" ({left:,} left)" if left else "")
+        ratio = median_ratio(saturation, written)
+        latency = [spread(_pick(saturation, k), "{:.1f}") for k in ("p50_ms", "p99_ms")]
+        if any(f["errors"] for f in saturation):
+            latency = [f"{cell} ‡" for cell in latency]
+            timed_out = True
+        lines.append(
+            f"| {figures['describe']} | {spread(_pick(saturation, 'rate'))} "
+            f"| {ratio:.2f}{'' if ratio >= 0.1 else f' ({ratio:.1%})'} "
+            f"| {spread(_pick(saturation, 'batch_mean'), '{:.0f}')} "
+            f"| {latency[0]} | {latency[1]} | {p99} | {spool} "
+            f"| {sum(int(f['errors']) for f in runs)} |"
+        )
+    if over:
+        lines += [
+            "",
+            f"† Above that level's saturation: {rate:,}/s offered on {acks['connections']} "
+            "connections is more than it answers, so the figure is the queue in front of it "
+            "and grows with the run's length.",
+        ]
+    if timed_out:
+        lines += [
+            "",
+            "‡ Some requests were still unanswered at wrk's 2 s timeout (*errors*): wrk leaves "
+            "them out of its latencies, so the true p50 and p99 are higher.",
+        ]
+    return lines
+
+
+def acks_notes(acks: dict[str, Any]) -> list[str]:
+    """Which points the spool took events at, and any point where Redis held fewer events
+    than were acknowledged (the spool's leftovers aside)."""
+    notes = []
+    for name, figures in acks["levels"].items():
+        for point, runs in figures.items():
+            if point == "describe":
+                continue
+            for i, run in enumerate(runs):
+                if "skipped" in run:
+                    continue
+                where = f"{name} {point.replace('_', ' ')} round {i + 1}"
+                if run["spooled"]:
+                    left = run["left_in_spool"]
+                    notes.append(
+                        f"{where}: {run['spooled']:,} of {run['acked_events']:,} acknowledged "
+                        "events went to the spool"
+                        + (f", {left:,} still there after the drain wait" if left else "")
+                    )
+                missing = run["acked_events"] - run["left_in_spool"] - run["in_redis"]
+                if missing > 0:
+                    notes.append(f"{where}: {missing:,} acknowledged events not in Redis")
+    if not notes:
+        return ["No event went to the spool, and Redis held every event acknowledged.", ""]
+    return [
+        "Where the spool took events (confirmation not in time; each still reaches Redis "
+        "through the same confirmation): " + "; ".join(notes) + ".",
+        "",
+    ]
+
+
 def _not_ok_note(results: dict[str, dict[str, Figures]]) -> list[str]:
     """A line naming the runs whose handlers did not all end ``ok`` the first time."""
     runs = [
@@ -273,7 +360,14 @@ def footprint_tables(footprint: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(results: dict[str, Any], machine: dict[str, str], describe: dict[str, str]) -> str:
+def markdown(
+    results: dict[str, Any],
+    machine: dict[str, str],
+    describe: dict[str, str],
+    kept: dict[str, dict[str, str]] | None = None,
+) -> str:
+    """The report; ``kept``: the parts not measured by this run, each with the machine line
+    (:func:`bench.run.machine`) of the run that did."""
     out = [
         "# calhook benchmark",
         "",
@@ -283,6 +377,19 @@ def markdown(results: dict[str, Any], machine: dict[str, str], describe: dict[st
         "Each figure is the median of the rounds, with their range in brackets.",
         "",
     ]
+    if kept:
+        earlier: dict[tuple[str, str, str], list[str]] = {}
+        for part, run in kept.items():
+            earlier.setdefault((run["date"], run["cpu"], run["command"]), []).append(part)
+        runs = [
+            f"{', '.join(parts)}: {date} · {cpu} · `{command}`"
+            for (date, cpu, command), parts in earlier.items()
+        ]
+        out += [
+            f"Kept from earlier runs ({'; '.join(runs)}). Compare figures of different runs "
+            "with care: this machine is shared and its speed drifts.",
+            "",
+        ]
     rows = targets(results)
     if rows:
         out += ["## Targets", "", "| target | measured | met |", "|---|---:|:---:|"]
@@ -326,6 +433,36 @@ def markdown(results: dict[str, Any], machine: dict[str, str], describe: dict[st
             *e2e_table(results["e2e"], describe),
             "",
             *_not_ok_note(results["e2e"]),
+        ]
+    if "acks" in results:
+        acks = results["acks"]
+        out += [
+            "## Acknowledgement levels",
+            "",
+            "`CALHOOK_ACK_DURABILITY` side by side (issue 13): each level its own `calhook "
+            "serve` pinned to core 0 and its own fresh Valkey on core 1 with wrk or "
+            "bench/loadgen.py, rounds interleaving the levels. *written*: the answer once Redis "
+            "ran the write (the default). *fsynced*: each publish batch is followed, in the same "
+            "round trip, by a `WAITAOF`, so the answer waits until the batch is in the master's "
+            "AOF on disk: with `appendfsync everysec` until the server's next fsync, with "
+            "`always` the write is fsynced before it is answered. *replicated*: also confirmed "
+            "by a replica, as ingest/acks.py defines it (a second Valkey on the same machine, "
+            "attached with `REPLICAOF`). *acked/s*, *p50*, *p99*: wrk at saturation, "
+            f"{acks['connections']} connections; *ratio*: acked/s over `written`'s in the same "
+            f"round; *events per batch*: events written to Redis per publish batch (per "
+            f"confirmation). *p99 at {acks['rate']:,}/s*: open loop, bench/loadgen.py; "
+            "*errors*: wrk's and the load generator's, requests unanswered at wrk's 2 s timeout "
+            "among them. "
+            "*spooled*: events answered 202 from the ingress's local spool because their "
+            f"batch was not confirmed in time (CALHOOK_ACK_TIMEOUT_S, {acks['ack_timeout_s']:g} "
+            "s, or the ingress's Redis socket timeout, whichever came first), over the events "
+            "acknowledged at all the level's points (its /metrics); a spool "
+            "not drained a few seconds after a point is *left* with its ingress, restarted on a "
+            "fresh spool so the next point measures the level (bench/acks.py).",
+            "",
+            *acks_table(acks),
+            "",
+            *acks_notes(acks),
         ]
     if "memory" in results:
         out += ["## Memory", "", *memory_table(results["memory"]), ""]

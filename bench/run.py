@@ -1,8 +1,8 @@
 """`make bench`: run every benchmark in one go and write bench/results/.
 
-    python -m bench.run            # the full run (about 15 minutes on a quiet machine)
-    python -m bench.run --quick    # a short smoke run of every part (about 2 minutes)
-    python -m bench.run --only ingress,e2e
+    python -m bench.run            # the full run (about 17 minutes on a quiet machine)
+    python -m bench.run --quick    # a short smoke run of every part (about 3 minutes)
+    python -m bench.run --only ingress,e2e  # the other parts' figures are kept from before
     python -m bench.run --readme   # and quote the report in README.md's Performance section
 
 Writes RESULTS.md (the tables quoted in the README), results.json (every run's figures) and
@@ -24,12 +24,12 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]  # no stubs in the dev dependencies
 
-from bench import e2e, footprint, ingress, memory, report
+from bench import acks, e2e, footprint, ingress, memory, report
 from bench.procs import CORES
 from calhook.redis_server import find_server_binary
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = ("ingress", "e2e", "memory", "footprint")
+PARTS = ("ingress", "acks", "e2e", "memory", "footprint")
 
 # The worker host of each end-to-end scenario: (queues, pool, concurrency) per worker process.
 # One worker process per core: each Celery worker's consumer (its main process: BRPOP, unacked
@@ -69,6 +69,38 @@ def machine(command: str) -> dict[str, str]:
     }
 
 
+def _earlier(path: Path, measured: set[str]) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
+    """The parts of the results.json at ``path`` that this run did not measure: the machine
+    line of the run that measured each, and their figures."""
+    if not path.exists():
+        return {}, {}
+    earlier = json.loads(path.read_text())
+    figures = {k: v for k, v in earlier["results"].items() if k not in measured}
+    # A results.json from before "measured" has one run's figures, all under "machine".
+    kept = {part: earlier.get("measured", {}).get(part, earlier["machine"]) for part in figures}
+    return kept, figures
+
+
+def write(
+    out: Path, results: dict[str, Any], info: dict[str, str], describe: dict[str, str]
+) -> None:
+    """Write this run's ``results`` to ``out``: results.json, RESULTS.md, and ingress.png when
+    the ingress was measured.
+
+    A run of some parts keeps the other parts' figures of the results.json already in ``out``,
+    each with the machine line of the run that measured it, so the report stays whole.
+    """
+    kept, kept_results = _earlier(out / "results.json", set(results))
+    merged = {part: {**kept_results, **results}[part] for part in PARTS if part in kept | results}
+    measured = {**kept, **dict.fromkeys(results, info)}
+    (out / "results.json").write_text(
+        json.dumps({"machine": info, "measured": measured, "results": merged}, indent=1)
+    )
+    (out / "RESULTS.md").write_text(report.markdown(merged, info, describe, kept) + "\n")
+    if "ingress" in results:
+        report.plot(results, out / "ingress.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -85,7 +117,7 @@ def main() -> None:
     parts = set(args.only.split(","))
     if parts - set(PARTS):
         sys.exit(f"unknown parts: {', '.join(sorted(parts - set(PARTS)))}")
-    if shutil.which("wrk") is None and "ingress" in parts:
+    if shutil.which("wrk") is None and parts & {"ingress", "acks"}:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
     quick = args.quick
     started = time.monotonic()
@@ -108,6 +140,12 @@ def main() -> None:
             rounds=1 if quick else 3, seconds=1 if quick else 3, rates=(500, 1000, 2000)
         )
         results["ingress"] = ingress.run(config, progress)
+    if "acks" in parts:
+        # 4 s a point: a level that confirms at the server's next fsync or a replica's
+        # once-a-second acknowledgement gets several of them into each.
+        results["acks"] = acks.run(
+            acks.Config(rounds=1 if quick else 3, seconds=2 if quick else 4), progress
+        )
     if "e2e" in parts:
         results["e2e"] = e2e.run(scenarios, 1 if quick else 3, progress)
     if "memory" in parts:
@@ -117,14 +155,11 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.run" + (" --quick" if quick else "")
+    if parts != set(PARTS):
+        command += f" --only {','.join(p for p in PARTS if p in parts)}"
     describe = {s.name: s.describe() for s in scenarios}
     info = machine(command)
-    (args.out / "results.json").write_text(
-        json.dumps({"machine": info, "results": results}, indent=1)
-    )
-    (args.out / "RESULTS.md").write_text(report.markdown(results, info, describe) + "\n")
-    if "ingress" in results:
-        report.plot(results, args.out / "ingress.png")
+    write(args.out, results, info, describe)
     progress(f"wrote {args.out}/RESULTS.md")
     if args.readme:
         report.update_readme(Path(__file__).resolve().parent.parent / "README.md",
