@@ -242,9 +242,13 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    ack = ack_rule(settings)
+    # The socket's own timeout is a backstop behind the publisher's deadline, which allows for
+    # the WAITAOF and WAIT of a confirmed acknowledgement.
+    waits_s = 2 * ack.timeout_s if ack is not None else 0.0
     redis = async_client(
         settings.require_redis_url(),
-        socket_timeout=max(settings.redis_timeout_s, 1.0),
+        socket_timeout=max(settings.redis_timeout_s, 1.0) + waits_s,
         socket_connect_timeout=settings.redis_timeout_s,
         health_check_interval=30,
     )
@@ -254,7 +258,7 @@ async def _durable_writer(app: web.Application) -> AsyncIterator[None]:
         dedup_ttl_s=settings.dedup_ttl_s,
         batch_max=settings.publish_batch_max,
         timeout_s=settings.redis_timeout_s,
-        ack=ack_rule(settings),
+        ack=ack,
     )
     writer = DurableWriter(
         redis, publisher, Spool(Path(settings.spool_dir)), trail_ttl_s=settings.trail_keep_s

@@ -20,12 +20,14 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from calhook.messages import record_from_message
-from calhook.store.keys import CONFIRMED
 from calhook.store.scripts import AsyncScripts, Clock
 from ingest.acks import AckConfigError, AckRule, fit
 
 log = logging.getLogger("calhook.ingest.publisher")
 
+
+# accept.lua's flag that counts the batch in calhook:ingest:confirmed.
+_COUNT_CONFIRMED = 2
 
 # A conservative loopback/LAN throughput for the deadline's size allowance.
 _BYTES_PER_S = 20 * 1024 * 1024
@@ -130,7 +132,7 @@ class Publisher:
         try:
             # The deadline allows for the bytes to move: a batch of large bodies is not a sign
             # of a sick Redis.
-            wait_s = self._ack.timeout_s if self._ack is not None else 0.0
+            wait_s = self._ack.timeout_s * 2 if self._ack is not None else 0.0
             async with asyncio.timeout(self._timeout_s + wait_s + size / _BYTES_PER_S):
                 results = await self._write(batch)
         except Exception as exc:
@@ -157,31 +159,35 @@ class Publisher:
         assert self._ack is not None
         if not self._ack_fitted:
             self._ack = await fit(self._ack, self._redis)
+            await self._scripts.load("accept")
             self._ack_fitted = True
         return self._ack
 
     async def _write_confirmed(
         self, args: list[str | bytes | int], keys: list[str]
     ) -> list[object]:
-        # One round trip on one connection (a pipeline holds one): the write, a write that makes
-        # the wait cover it even when the batch held only duplicates (ingest/acks.py), the wait.
+        # One round trip on one connection (a pipeline holds one): the write, which also counts
+        # the batch (flag 2) so that the wait covers it even when the batch held only duplicates
+        # (ingest/acks.py), then the wait. A script the server lost (a restart, a failover)
+        # wrote nothing, so the wait returns at once and the batch is sent again after loading.
         try:
             ack = await self._fit_ack()
         except AckConfigError as exc:
             raise PublishError(str(exc)) from None
+        confirmed = [args[0], int(args[1]) | _COUNT_CONFIRMED, *args[2:]]
         for attempt in (1, 2):
             pipe = self._redis.pipeline(transaction=False)
-            self._scripts.queue(pipe, "accept", args, keys)
-            pipe.incr(CONFIRMED)
-            pipe.execute_command(*ack.command())
-            written, _, reply = await pipe.execute(raise_on_error=False)
+            self._scripts.queue(pipe, "accept", confirmed, keys)
+            for command in ack.commands():
+                pipe.execute_command(*command)
+            written, *replies = await pipe.execute(raise_on_error=False)
             if isinstance(written, NoScriptError) and attempt == 1:
                 await self._scripts.load("accept")
                 continue
-            for result in (written, reply):
+            for result in (written, *replies):
                 if isinstance(result, Exception):
                     raise result
-            missing = ack.shortfall(reply)
+            missing = ack.shortfall(replies)
             if missing is not None:
                 self.unconfirmed += 1
                 raise PublishError(missing)

@@ -25,6 +25,7 @@ from ingest import create_app
 from ingest.app import WRITER
 from tests.conftest import SECRET
 from tests.support.waiting import await_for, wait_for
+from tests.support.worker import SchedulerProcess, WorkerProcess
 
 AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
 
@@ -36,7 +37,10 @@ def cluster(tmp_path: Path) -> Iterator[SentinelCluster]:
 
 
 def body(n: int) -> bytes:
-    return b'{"type": "customer.created", "data": {"customer": {"uuid": "c%d"}}}' % n
+    return (
+        b'{"type": "customer.created", "created": "2026-12-01 10:00:00", '
+        b'"data": {"customer": {"uuid": "c%d"}}}' % n
+    )
 
 
 def _writes(client: redis.Redis, key: str) -> bool:
@@ -127,3 +131,61 @@ async def test_the_first_sentinel_down_is_skipped(cluster: SentinelCluster, tmp_
         assert message.payload == {"ok": True}
         message.ack()
     sync.close()
+
+
+def _handled(worker: WorkerProcess, event_id: str) -> bool:
+    return any(
+        line.get("msg") == "handler done"
+        and line.get("handler") == "record"
+        and line.get("event_id") == event_id
+        for line in worker.lines()
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_a_worker_follows_a_failover_by_hand_without_a_restart(
+    cluster: SentinelCluster, tmp_path: Path
+) -> None:
+    # SENTINEL FAILOVER turns the master into a replica while the worker waits on it in BRPOP:
+    # the server unblocks it, and the worker must find the new master on its own.
+    worker = WorkerProcess(cluster.url, tmp_path / "worker.log", 2)
+    worker.start()
+    scheduler = SchedulerProcess(cluster.url, tmp_path / "scheduler.log")
+    scheduler.start()
+    settings = load_settings(
+        redis_url=cluster.url,
+        auth_secrets=SECRET,
+        spool_dir=str(tmp_path / "spool"),
+        ack_durability="replicated",
+    )
+    try:
+        async with TestClient(TestServer(create_app(settings))) as ingress:
+
+            async def post(n: int) -> str:
+                answer = await ingress.post("/webhooks/calenso", data=body(n), headers=AUTH)
+                assert answer.status == 202
+                return str((await answer.json())["event_id"])
+
+            first = await post(10)
+            wait_for(lambda: _handled(worker, first), timeout_s=30, what="handled before")
+
+            old = cluster.master()
+            sentinel = redis.Redis(port=cluster.sentinel_ports[0], protocol=2)
+            assert sentinel.execute_command("SENTINEL", "FAILOVER", cluster.master_name)  # type: ignore[no-untyped-call]
+            sentinel.close()
+            cluster.wait_for_failover(old)
+            switched = time.monotonic()
+
+            second = await post(11)
+            wait_for(lambda: _handled(worker, second), timeout_s=60, what="handled after")
+            print(f"handled {time.monotonic() - switched:.1f} s after the switch")
+            assert worker.process is not None
+            assert worker.process.poll() is None, "the worker exited"
+            # The sentinels turn the old master into a replica of the new one.
+            old_master = redis.Redis(host=old[0], port=old[1], protocol=2)
+            wait_for(lambda: old_master.execute_command("ROLE")[0] == b"slave", timeout_s=30)  # type: ignore[no-untyped-call]
+            old_master.close()
+    finally:
+        worker.stop()
+        scheduler.stop()

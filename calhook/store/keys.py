@@ -42,8 +42,8 @@ ORDER: Final = f"{PREFIX}order:"  # order:<scope>:<entity> applied version, its 
 STATS_OUTCOMES: Final = f"{PREFIX}stats:outcomes"
 STATS_DURATION: Final = f"{PREFIX}stats:duration:"
 RECENT_FAILURES: Final = f"{PREFIX}stats:recent_failures"
-# Batches the ingress wrote under a confirmed acknowledgement (ingest/acks.py): each one writes
-# here, so the WAITAOF/WAIT after it covers everything written before, a retry's included.
+# Batches the ingress wrote under a confirmed acknowledgement (ingest/acks.py): accept.lua
+# writes here, so the WAITAOF/WAIT after it covers everything written before, a retry's included.
 CONFIRMED: Final = f"{PREFIX}ingest:confirmed"
 THROUGHPUT: Final = f"{PREFIX}throughput:"
 RATELIMIT: Final = f"{PREFIX}ratelimit:"  # ratelimit:<destination> token bucket
@@ -70,6 +70,7 @@ FINAL_STATES: Final = frozenset({DONE, STALE, DEAD_STATE, PARKED_STATE})
 OPEN_STATES: Final = (QUEUED, RUNNING, WAITING)
 
 LUA_KEYS: Final = {
+    "confirmed": CONFIRMED,
     "ev": EVENT,
     "body": BODY,
     "trail": TRAIL,

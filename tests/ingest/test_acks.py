@@ -64,8 +64,9 @@ def test_the_levels_of_the_settings() -> None:
     assert rule(ack_durability="replicated", ack_replicas=2, ack_timeout_s=3) == AckRule(
         "replicated", 2, 3.0
     )
-    assert FSYNCED.command() == ("WAITAOF", 1, 0, 1000)
-    assert AckRule("replicated", 1, 0.5, waitaof=False).command() == ("WAIT", 1, 500)
+    assert FSYNCED.commands() == [("WAITAOF", 1, 0, 1000)]
+    assert AckRule("replicated", 2, 0.5).commands() == [("WAITAOF", 1, 0, 500), ("WAIT", 2, 500)]
+    assert AckRule("replicated", 1, 0.5, waitaof=False).commands() == [("WAIT", 1, 500)]
     with pytest.raises(SettingsError, match="CALHOOK_ACK_DURABILITY: Input should be"):
         load_settings(redis_url="redis://h:6379/0", ack_durability="quorum")
 

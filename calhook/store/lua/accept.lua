@@ -1,12 +1,16 @@
 -- The ingress's write of a batch of accepted events: dedup, each body once, each event's state,
 -- and one dispatch message naming every new event of the batch.
 -- KEYS[i]: the i-th event's dedup key.
--- ARGV[7]: dedup ttl (s); ARGV[8]: '1' to queue no dispatch message (the caller starts the
--- dispatch itself; the sweep queues one if it never does); then per event ARGV[7 + 2i]: its
+-- ARGV[7]: dedup ttl (s); ARGV[8]: flags, the sum of 1 to queue no dispatch message (the caller
+-- starts the dispatch itself; the sweep queues one if it never does) and 2 to count the batch in
+-- K.confirmed (a write even when every event is a duplicate, so that the WAITAOF the ingress
+-- sends next covers a retry's earlier write: ingest/acks.py); then per event ARGV[7 + 2i]: its
 -- id, ARGV[8 + 2i]: its record, "<endpoint>\n<received_at>\n<type>\n<body>".
 -- Returns per event the first id of a body already seen, or false once it is stored.
 -- A refused write (out of memory) is refused at the first write: nothing is stored.
-local dedup_ttl, quiet = ARGV[7], ARGV[8] == '1'
+local dedup_ttl, flags = ARGV[7], tonumber(ARGV[8])
+local quiet = flags % 2 == 1
+if flags >= 2 then redis.call('INCR', K.confirmed) end
 local results, new = {}, {}
 for i = 1, #KEYS do
   local id, record = ARGV[7 + 2 * i], ARGV[8 + 2 * i]
