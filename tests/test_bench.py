@@ -52,7 +52,7 @@ def test_a_quick_bench_run_measures_every_part(tmp_path: Path) -> None:
                 assert run["errors"] == 0, (server, point, run)
                 assert run["rate"] > 0, (server, point, run)
     levels = results["acks"]["levels"]
-    assert set(levels) == {"written", "fsynced_everysec", "fsynced_always", "replicated"}
+    assert set(levels) == {"written", "fsynced", "replicated_everysec", "replicated_always"}
     for level, points in levels.items():
         for run in points["saturation"]:
             assert run["acked_events"] > 0, (level, run)

@@ -38,8 +38,9 @@ def event(n: int) -> Outgoing:
 
 @pytest.fixture(scope="module")
 def master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A server of our own with the AOF on (the embedded Valkey has WAITAOF)."""
-    with RedisServer(tmp_path_factory.mktemp("ack-master")) as server:
+    """A server of our own with the AOF on, fsynced at every write (the embedded Valkey has
+    WAITAOF)."""
+    with RedisServer(tmp_path_factory.mktemp("ack-master"), appendfsync="always") as server:
         yield server
 
 
@@ -94,6 +95,24 @@ async def test_a_server_restarted_with_an_empty_script_cache_is_written_to(
     assert await publishing.publish(event(2)) is None
     await publishing.close()
     assert await amaster.exists("calhook:ev:evt-ack-2") == 1
+
+
+async def test_fsynced_needs_appendfsync_always(tmp_path: Path) -> None:
+    # Under everysec, WAITAOF waits for the once-a-second fsync, or (redis/redis#13793, in the
+    # embedded Valkey 8.1) confirms writes not yet on disk: neither is an fsynced answer.
+    with RedisServer(tmp_path, appendfsync="everysec") as server:
+        client = AsyncRedis.from_url(server.url)
+        publishing = publisher(client, FSYNCED)
+        with pytest.raises(AckConfigError, match="needs appendfsync always on the broker, which"):
+            await publishing.start()
+        # `replicated` on the same broker waits for the replicas only.
+        replicating = publisher(client, AckRule("replicated", 1, 0.2))
+        await replicating.start()
+        with pytest.raises(PublishError, match="on 0 of 1 replicas"):
+            await replicating.publish(event(4))
+        await replicating.close()
+        assert await client.get(CONFIRMED) == b"1"
+        await client.aclose()
 
 
 async def test_fsynced_needs_appendonly(tmp_path: Path) -> None:
