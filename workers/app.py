@@ -22,7 +22,7 @@ from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK, HANDLER_TASK
 from calhook.settings import Settings, get_settings
 from calhook.store.connect import celery_broker, pair_store
 from calhook.store.pairs import PairStore
-from workers import legacy
+from workers import kombu_fixes, legacy
 from workers.connections import redis_client
 from workers.dispatch import Dispatcher
 from workers.heartbeat import Heartbeat
@@ -185,6 +185,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
     """The Celery app with calhook's settings, its handler modules loaded and their tasks."""
     settings = settings or get_settings()
     load_modules(settings.handler_modules)
+    kombu_fixes.apply()
     app = Celery("calhook", set_as_current=True)
     app.conf.update(celery_config(settings))
     _register_tasks(app)

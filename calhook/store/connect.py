@@ -14,8 +14,11 @@ from urllib.parse import quote
 
 import redis
 import redis.asyncio
+import redis.asyncio.retry
 import redis.asyncio.sentinel
+import redis.retry
 import redis.sentinel
+from redis.backoff import NoBackoff
 
 from calhook.redis_url import SentinelTarget, parse_sentinel
 from calhook.settings import Settings
@@ -47,10 +50,15 @@ _AsyncSentinel: Any = redis.asyncio.sentinel.Sentinel
 SENTINEL_TIMEOUT_S = 1.0
 
 
-def _sentinel_kwargs(target: SentinelTarget) -> dict[str, Any]:
+def _sentinel_kwargs(target: SentinelTarget, *, asyncio: bool = False) -> dict[str, Any]:
+    # No retry of a sentinel that refuses or times out: the next one is asked at once. (redis-py's
+    # default retries a refusing sentinel for seconds before the next is asked, and every new
+    # connection asks again.)
+    no_retry = (redis.asyncio.retry.Retry if asyncio else redis.retry.Retry)(NoBackoff(), 0)
     kwargs: dict[str, Any] = {
         "socket_timeout": SENTINEL_TIMEOUT_S,
         "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+        "retry": no_retry,
     }
     if target.sentinel_username:
         kwargs["username"] = target.sentinel_username
@@ -115,7 +123,9 @@ def async_client(url: str, *, blocking: bool = False, **kwargs: Any) -> redis.as
         # from_pool: the client owns the pool, so closing it closes the connections.
         pool = redis.asyncio.BlockingConnectionPool.from_url(url, **kwargs)
         return redis.asyncio.Redis.from_pool(pool)
-    manager = _AsyncSentinel(list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(target))
+    manager = _AsyncSentinel(
+        list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(target, asyncio=True)
+    )
     pool_class = (
         _BlockingSentinelPool if blocking else redis.asyncio.sentinel.SentinelConnectionPool
     )
@@ -171,6 +181,7 @@ def async_twin(client: redis.Redis) -> redis.asyncio.Redis:
             k: v for k, v in sentinels[0].connection_pool.connection_kwargs.items()
             if k in _TWIN_KWARGS and k not in ("host", "port")
         }  # fmt: skip
+        sentinel_kwargs["retry"] = redis.asyncio.retry.Retry(NoBackoff(), 0)
         kwargs.pop("host", None)
         kwargs.pop("port", None)
         manager = _AsyncSentinel(addresses, sentinel_kwargs=sentinel_kwargs)
