@@ -6,13 +6,21 @@
 - Custom types drive failures: ``test.always_fails``, ``test.flaky`` (fails ``data.fail_times``
   times), ``test.permanent`` (permanent until ``FIXED_KEY`` is set), ``test.slow`` (sleeps
   ``data.sleep_s``), ``test.poison`` (kills its own worker process).
+
+What the handlers of this module record (runs, effects, views) goes to the broker Redis, unless
+:data:`OUTSIDE_URL_ENV` names another server: there it lives as an outside system's records do,
+untouched when the broker crashes or fails over and rolls back what it had not persisted or
+replicated. A test of such a fault reads them there (each effect also with the time it applied).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
+
+import redis
 
 from schemas import CURRENT_TYPES, AppointmentEvent, CalensoEvent, CustomerEvent, UnknownEvent
 from workers.connections import redis_client
@@ -31,14 +39,37 @@ SLOW_TYPE = "test.slow"
 POISON_TYPE = "test.poison"
 RETRY_LATER_TYPE = "test.retry_later"
 APPOINTMENT_LOG_KEY = "calhook:test:appointment_log"
+# The Redis of the outside system the handlers here record in; the broker's when unset.
+OUTSIDE_URL_ENV = "CALHOOK_TEST_OUTSIDE_URL"
+# On the outside Redis only: each effect's ``event_id:handler``, scored by when it applied.
+EFFECT_AT_KEY = "calhook:test:effect_at"
 
 
 def crm_key(customer_uuid: str) -> str:
     return f"calhook:test:crm:{customer_uuid}"
 
 
+@functools.cache
+def outside_url() -> str | None:
+    """The outside Redis's URL (a test's setting, read once a process), None for the broker."""
+    return os.environ.get(OUTSIDE_URL_ENV) or None
+
+
+@functools.cache
+def _outside() -> redis.Redis:
+    url = outside_url()
+    assert url is not None
+    # redis-py resets a pool after a fork, so the prefork children may share this function.
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
+
+
+def recorder() -> redis.Redis:
+    """Where the handlers of this module record what they did: see the module docstring."""
+    return _outside() if outside_url() else redis_client()
+
+
 def count_run(ctx: HandlerContext) -> int:
-    return int(redis_client().hincrby(RUNS_KEY, f"{ctx.event_id}:{ctx.handler}", 1))
+    return int(recorder().hincrby(RUNS_KEY, f"{ctx.event_id}:{ctx.handler}", 1))
 
 
 # Atomic, as an outside system's idempotent write is: a connection lost between marking the key
@@ -48,16 +79,28 @@ if redis.call('SET', KEYS[1], 1, 'NX') then redis.call('HINCRBY', KEYS[2], ARGV[
 """
 
 
+_EFFECT_AT_LUA = """
+if redis.call('SET', KEYS[1], 1, 'NX') then
+  redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+end
+"""
+
+
 def apply_effect(ctx: HandlerContext) -> None:
     """The side effect, made idempotent by the key calhook hands to outside systems."""
     keys = [f"calhook:test:seen:{ctx.idempotency_key}", EFFECTS_KEY]
-    redis_client().eval(_EFFECT_LUA, 2, *keys, f"{ctx.event_id}:{ctx.handler}")
+    pair = f"{ctx.event_id}:{ctx.handler}"
+    if outside_url():
+        _outside().eval(_EFFECT_AT_LUA, 3, *keys, EFFECT_AT_KEY, pair, time.time())
+    else:
+        redis_client().eval(_EFFECT_LUA, 2, *keys, pair)
 
 
 @handler(*sorted(CURRENT_TYPES), queue=RECORD_QUEUE, name="record")
 def record(event: CalensoEvent, ctx: HandlerContext) -> None:
     count_run(ctx)
-    redis_client().hset(VIEWS_KEY, ctx.event_id, event.model_dump_json())
+    recorder().hset(VIEWS_KEY, ctx.event_id, event.model_dump_json())
     apply_effect(ctx)
 
 
