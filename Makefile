@@ -43,5 +43,5 @@ ci: lint test  ## What .ci/run runs.
 clean:
 	rm -rf $(VENV) .calhook .pytest_cache .mypy_cache .ruff_cache
 
-bench: install  ## The benchmarks (bench/run.py), about 15 min: bench/results/; needs wrk (apt-get install wrk).
+bench: install  ## The benchmarks (bench/run.py), about 17 min: bench/results/; needs wrk (apt-get install wrk).
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

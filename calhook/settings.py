@@ -204,8 +204,9 @@ class Settings(BaseSettings):
         "written",
         description="When the ingress answers 202: `written` once Redis has the event in memory; "
         "`fsynced` once it is also in the master's append-only file on disk (WAITAOF, Redis 7.2+ "
-        "or Valkey); `replicated` once CALHOOK_ACK_REPLICAS replicas have also received it (WAIT; "
-        "and the master's disk where WAITAOF exists). Unconfirmed in time: the spool.",
+        "or Valkey, with appendfsync always); `replicated` once CALHOOK_ACK_REPLICAS replicas "
+        "have also received it (WAIT; and the master's disk where fsynced is possible). "
+        "Unconfirmed in time: the spool.",
     )
     ack_replicas: int = Field(
         1, ge=1, description="Replicas that must confirm a write under `replicated`."

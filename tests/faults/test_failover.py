@@ -272,8 +272,9 @@ async def test_with_the_first_sentinel_down_a_client_finds_the_master_at_once(
         finally:
             await client.aclose()
 
-        # Then the second sentinel answered it, about as fast as the first would have
-        assert time.monotonic() - began < 0.5
+        # Then the second sentinel answered it at once, not after seconds of retries (the bound
+        # leaves room for a loaded machine)
+        assert time.monotonic() - began < 1.0
 
 
 async def test_fsynced_acks_survive_a_kill_9_of_redis(
@@ -420,4 +421,5 @@ async def test_a_replicated_confirmation_takes_milliseconds(tmp_path: Path) -> N
 
         # Then each is confirmed about as fast as the two servers write it
         assert writer_of(r).spooled == 0, latencies
-        assert max(latencies) < 0.2, latencies
+        # (below the replica's once-a-second report, with room for a loaded machine)
+        assert max(latencies) < 0.5, latencies
