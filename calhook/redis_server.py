@@ -275,12 +275,13 @@ class SentinelServer(RedisServer):
 class SentinelCluster:
     """A master, ``replicas`` replicas and ``sentinels`` sentinels on 127.0.0.1; a context manager.
 
-    Every server keeps AOF on. ``down_after_ms`` is how long a silent master takes to be
-    subjectively down. Keep it well above 1000: a sentinel that switches to a new master sends
-    it the first PING only 1 s later (its ping period), so at 1000 or less it can find the new
-    master down before the PONG, count the other sentinels' stale "down" votes for the old one
-    as a quorum, and fail over again, to a just restarted old master. ``failover_timeout_ms``
-    also spaces two failover attempts of one master (twice that after a failed election).
+    Every server keeps AOF on, fsynced as ``appendfsync`` says. ``down_after_ms`` is how long a
+    silent master takes to be subjectively down. Keep it well above 1000: a sentinel that
+    switches to a new master sends it the first PING only 1 s later (its ping period), so at
+    1000 or less it can find the new master down before the PONG, count the other sentinels'
+    stale "down" votes for the old one as a quorum, and fail over again, to a just restarted old
+    master. ``failover_timeout_ms`` also spaces two failover attempts of one master (twice that
+    after a failed election).
     """
 
     def __init__(
@@ -292,6 +293,7 @@ class SentinelCluster:
         quorum: int = 2,
         down_after_ms: int = 2000,
         failover_timeout_ms: int = 5000,
+        appendfsync: Literal["always", "everysec", "no"] = "everysec",
     ) -> None:
         if not 1 <= quorum <= sentinels:
             raise ValueError(f"quorum {quorum} needs 1 to {sentinels} sentinels")
@@ -301,11 +303,14 @@ class SentinelCluster:
         # A full sync starts at once, not after the 5 s a master waits for more replicas to
         # share it (any server may become the master a restarted one syncs from).
         fast_sync = ("--repl-diskless-sync-delay", "0")
-        master = RedisServer(data_dir / "redis-0", ports[0], extra_args=fast_sync)
+        master = RedisServer(
+            data_dir / "redis-0", ports[0], appendfsync=appendfsync, extra_args=fast_sync
+        )
         self._servers = [master] + [
             RedisServer(
                 data_dir / f"redis-{i}",
                 ports[i],
+                appendfsync=appendfsync,
                 replica_of=(_HOST, master.port),
                 extra_args=fast_sync,
             )
