@@ -211,6 +211,11 @@ class Settings(BaseSettings):
     ack_replicas: int = Field(
         1, ge=1, description="Replicas that must confirm a write under `replicated`."
     )
+    ack_assume_fsync_always: bool = Field(
+        False,
+        description="Take the broker's appendfsync to be `always` where it refuses CONFIG "
+        "(managed services), so that `fsynced` is allowed on your word.",
+    )
     ack_timeout_s: float = Field(
         1.5,
         gt=0,

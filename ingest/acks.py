@@ -55,6 +55,8 @@ class AckRule:
     timeout_s: float
     # False on a server without WAITAOF: 'replicated' waits with WAIT alone.
     waitaof: bool = True
+    # The operator's word that a broker refusing CONFIG has appendfsync always.
+    assume_always: bool = False
 
     def commands(self) -> list[tuple[str | int, ...]]:
         """The commands sent after each batch, on its connection."""
@@ -87,7 +89,12 @@ def ack_rule(settings: Settings) -> AckRule | None:
     if settings.ack_durability == "written":
         return None
     replicas = settings.ack_replicas if settings.ack_durability == "replicated" else 0
-    return AckRule(settings.ack_durability, replicas, settings.ack_timeout_s)
+    return AckRule(
+        settings.ack_durability,
+        replicas,
+        settings.ack_timeout_s,
+        assume_always=settings.ack_assume_fsync_always,
+    )
 
 
 async def fit(rule: AckRule, redis: Redis) -> AckRule:
@@ -97,15 +104,13 @@ async def fit(rule: AckRule, redis: Redis) -> AckRule:
     """
     version = (await redis.info("server")).get("redis_version", "?")
     policy = await _appendfsync(redis)
+    if policy is None and rule.assume_always:
+        log.info("the broker refuses CONFIG: appendfsync taken to be always, as configured")
+        policy = "always"
     local = await _waitaof_problem(redis, version, policy)
     if rule.level == "fsynced":
         if local is not None:
             raise AckConfigError(f"CALHOOK_ACK_DURABILITY=fsynced needs {local}")
-        if policy is None:
-            log.warning(
-                "cannot read the broker's appendfsync (CONFIG refused): with anything but "
-                "`always`, fsynced may confirm writes not yet on disk (redis/redis#13793)"
-            )
     elif local is not None:
         log.warning(
             "replicated waits for the replicas only, not for the master's disk",
@@ -156,7 +161,12 @@ async def _waitaof_problem(redis: Redis, version: str, policy: str | None) -> st
         await redis.execute_command("WAITAOF", 1, 0, 1)  # type: ignore[no-untyped-call]
     except ResponseError as exc:
         return f"appendonly yes on the broker ({exc})"
-    if policy is not None and policy != "always":
+    if policy is None:
+        return (
+            "appendfsync always on the broker, which refuses CONFIG, so calhook cannot read it; "
+            "if it has it, say so with CALHOOK_ACK_ASSUME_FSYNC_ALWAYS=true"
+        )
+    if policy != "always":
         return (
             f"appendfsync always on the broker, which has {policy}: the server then fsyncs "
             f"about once a second, so WAITAOF waits up to a second or, on some servers "

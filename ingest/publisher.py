@@ -182,7 +182,13 @@ class Publisher:
                 pipe.execute_command(*command)
             written, *replies = await pipe.execute(raise_on_error=False)
             if isinstance(written, NoScriptError) and attempt == 1:
-                await self._scripts.load("accept")
+                # A server without the script restarted or took over in a failover: what it can
+                # confirm is checked again (its fsync policy may differ) before it is trusted.
+                self._ack_fitted = False
+                try:
+                    ack = await self._fit_ack()
+                except AckConfigError as exc:
+                    raise PublishError(str(exc)) from None
                 continue
             for result in (written, *replies):
                 if isinstance(result, Exception):

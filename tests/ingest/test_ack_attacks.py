@@ -2,7 +2,8 @@
 under ``fsynced``/``replicated`` is durable as promised, each is queued exactly once, and nothing
 answered is lost. A replica is made to lag with SIGSTOP, a master is killed mid-confirmation and
 restarted from its AOF, connections are cut, the script cache is emptied, two ingress processes
-race on the same bodies. Tests marked xfail are breaks found; their reason gives the sequence."""
+race on the same bodies. Two breaks found here are fixed: fsynced on a broker that refuses
+CONFIG, and a broker that came back different, now checked again."""
 
 from __future__ import annotations
 
@@ -326,40 +327,39 @@ async def test_more_replicas_asked_than_there_are_spools_and_stays_ready_until_t
     queued_once(master.url, [f"evt-atk-{300 + n}" for n in range(40)])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fsynced on a broker whose CONFIG is renamed away (managed services) starts with a "
-    "warning: start Valkey with --appendfsync everysec --rename-command CONFIG '', "
-    "Publisher(ack=fsynced).start() succeeds and every batch is answered after a WAITAOF that, "
-    "under everysec (redis/redis#13793, Valkey 8.1.8), confirms writes not yet on disk. "
-    "Suggested: refuse unless the operator vouches for appendfsync always "
-    "(e.g. CALHOOK_ACK_ASSUME_FSYNC_ALWAYS=true)",
-)
 async def test_fsynced_is_refused_where_the_fsync_policy_cannot_be_read(tmp_path: Path) -> None:
+    # A broker that refuses CONFIG (managed services) may run everysec, under which WAITAOF
+    # confirms writes not yet on disk (redis/redis#13793): fsynced only on the operator's word.
     renamed = ("--rename-command", "CONFIG", "")
-    with RedisServer(tmp_path, appendfsync="everysec", extra_args=renamed) as server:
+    with RedisServer(tmp_path / "a", appendfsync="everysec", extra_args=renamed) as server:
         client = AsyncRedis.from_url(server.url)
         publishing = Publisher(
             client, clock=CLOCK, dedup_ttl_s=3600, batch_max=16, timeout_s=1,
             ack=AckRule("fsynced", 0, 1.0),
         )  # fmt: skip
         try:
-            with pytest.raises(AckConfigError):
+            with pytest.raises(AckConfigError, match="CALHOOK_ACK_ASSUME_FSYNC_ALWAYS=true"):
                 await publishing.start()
         finally:
             await publishing.close()
             await client.aclose()
+    with RedisServer(tmp_path / "b", appendfsync="always", extra_args=renamed) as server:
+        client = AsyncRedis.from_url(server.url)
+        vouched = Publisher(
+            client, clock=CLOCK, dedup_ttl_s=3600, batch_max=16, timeout_s=1,
+            ack=AckRule("fsynced", 0, 1.0, assume_always=True),
+        )  # fmt: skip
+        try:
+            await vouched.start()
+            assert await vouched.publish(event(399)) is None
+        finally:
+            await vouched.close()
+            await client.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the broker is checked once, at the publisher's start: start Publisher(ack=fsynced) on "
-    "appendfsync always, publish, restart the server (or fail over) with appendfsync everysec; "
-    "the NOSCRIPT path reloads the script and publish() answers success after a WAITAOF that "
-    "everysec does not honour. Suggested: on NoScriptError or a new connection, run fit() "
-    "again (set _ack_fitted False) before confirming",
-)
 async def test_fsynced_checks_the_broker_again_after_a_restart(tmp_path: Path) -> None:
+    # Checked once at start, a broker restarted (or failed over to) with everysec would be
+    # trusted: its empty script cache now has the acknowledgement checked again.
     server = RedisServer(tmp_path, appendfsync="always")
     with server:
         client = AsyncRedis.from_url(server.url)
