@@ -155,6 +155,11 @@ class Publisher:
             return list(await self._scripts.call("accept", args, keys))
         return await self._write_confirmed(args, keys)
 
+    def _refused(self, exc: AckConfigError) -> PublishError:
+        # Every batch spools (still 202) until the broker is fixed: say so loudly, each time.
+        log.error("the broker cannot give the acknowledgement asked for", extra={"error": str(exc)})
+        return PublishError(str(exc))
+
     async def _fit_ack(self) -> AckRule:
         assert self._ack is not None
         if not self._ack_fitted:
@@ -173,7 +178,7 @@ class Publisher:
         try:
             ack = await self._fit_ack()
         except AckConfigError as exc:
-            raise PublishError(str(exc)) from None
+            raise self._refused(exc) from None
         confirmed = [args[0], int(args[1]) | _COUNT_CONFIRMED, *args[2:]]
         for attempt in (1, 2):
             pipe = self._redis.pipeline(transaction=False)
@@ -188,7 +193,7 @@ class Publisher:
                 try:
                     ack = await self._fit_ack()
                 except AckConfigError as exc:
-                    raise PublishError(str(exc)) from None
+                    raise self._refused(exc) from None
                 continue
             for result in (written, *replies):
                 if isinstance(result, Exception):
