@@ -1,57 +1,31 @@
-"""``calhook``: the one command people use to run and inspect the pipeline."""
+"""``calhook serve | worker | scheduler | exporter | dev``: the long-running processes."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import click
 
-from calhook import __version__, logs
+from calhook import logs
+from calhook.cli._common import broker_settings, cli_settings
 from calhook.constants import DISPATCH_QUEUE
-from calhook.settings import Settings, SettingsError, get_settings
+from calhook.settings import SettingsError
 
 
-def _broker_process() -> Settings:
-    """The settings of a long-running process on the broker: logging set up, REDIS_URL required."""
-    settings = _settings()
-    logs.configure(settings.log_format, settings.log_level)
-    try:
-        settings.require_redis_url()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
-    return settings
-
-
-def _settings() -> Settings:
-    try:
-        return get_settings()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="calhook")
-def main() -> None:
-    """Receive Calenso webhooks and turn each into reliable Celery work."""
-
-
-@main.command()
+@click.command()
 @click.option("--host", default=None, help="Bind address [CALHOOK_HOST].")
 @click.option("--port", type=int, default=None, help="Port [CALHOOK_PORT].")
 def serve(host: str | None, port: int | None) -> None:
     """Run the HTTP ingress (and its admin listener when CALHOOK_ADMIN_PORT is set)."""
     from ingest.server import run
 
-    settings = _settings()
+    settings = cli_settings()
     logs.configure(settings.log_format, settings.log_level, background=True)
     try:
         settings.require_redis_url()
@@ -63,11 +37,11 @@ def serve(host: str | None, port: int | None) -> None:
 def _all_queues() -> list[str]:
     from workers.registry import load_modules, registry
 
-    load_modules(_settings().handler_modules)
+    load_modules(cli_settings().handler_modules)
     return [DISPATCH_QUEUE, *sorted(registry.queues() - {DISPATCH_QUEUE})]
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
+@click.command(context_settings={"ignore_unknown_options": True})
 @click.option("-Q", "--queues", default=None, help="Comma-separated queues [all of them].")
 @click.option("-c", "--concurrency", type=int, default=None, help="Child processes [CPUs].")
 @click.option("-P", "--pool", default="prefork", show_default=True, help="Celery pool.")
@@ -82,7 +56,7 @@ def worker(
     # variable when it is imported, so it is set before Celery is.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     try:
-        _settings().require_redis_url()
+        cli_settings().require_redis_url()
         from workers.app import create_celery
 
         app = create_celery()
@@ -91,7 +65,7 @@ def worker(
     from workers.connections import redis_client
     from workers.durability import warn_if_not_durable
 
-    settings = _settings()
+    settings = cli_settings()
     logs.configure(settings.log_format, settings.log_level)
     warn_if_not_durable(redis_client())
     argv = ["worker", "-Q", queues or ",".join(_all_queues()), "-P", pool, "--without-mingle"]
@@ -100,7 +74,7 @@ def worker(
     app.worker_main([*argv, *celery_args])
 
 
-@main.command()
+@click.command()
 def scheduler() -> None:
     """Queue what is due: retries, runs whose worker died, messages lost in transit (run one or
     more); and erase what is past the retention."""
@@ -110,14 +84,14 @@ def scheduler() -> None:
     from workers.connections import redis_client
     from workers.scheduler import run_scheduler
 
-    settings = _broker_process()
+    settings = broker_settings()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     run_scheduler(pair_store(redis_client(), settings), settings, stop)
 
 
-@main.command()
+@click.command()
 @click.option("--host", default="0.0.0.0", show_default=True, help="Bind address.")  # noqa: S104
 @click.option("--port", type=int, default=9108, show_default=True, help="Port of /metrics.")
 def exporter(host: str, port: int) -> None:
@@ -130,7 +104,7 @@ def exporter(host: str, port: int) -> None:
     from workers.exporter import FleetCollector
     from workers.registry import load_modules, registry
 
-    settings = _broker_process()
+    settings = broker_settings()
     load_modules(settings.handler_modules)
     metrics = CollectorRegistry(auto_describe=False)
     metrics.register(FleetCollector(redis_client(), {h.queue for h in registry}))
@@ -144,7 +118,7 @@ def exporter(host: str, port: int) -> None:
     thread.join(timeout=5)
 
 
-@main.command()
+@click.command()
 @click.option("--port", type=int, default=None, help="Ingress port [CALHOOK_PORT].")
 @click.option(
     "--sentinel",
@@ -156,7 +130,7 @@ def dev(port: int | None, sentinel: bool) -> None:
     """Run everything for development: Redis (embedded if REDIS_URL is unset), ingress, worker."""
     from calhook.redis_server import RedisServer, RedisServerError, SentinelCluster
 
-    settings = _settings()
+    settings = cli_settings()
     env = dict(os.environ)
     env.setdefault("CALHOOK_LOG_FORMAT", "console")
     env.setdefault("CALHOOK_SPOOL_DIR", str(Path(settings.data_dir) / "spool"))
@@ -225,64 +199,3 @@ def dev(port: int | None, sentinel: bool) -> None:
                 child.kill()
         if server is not None:
             server.stop()
-
-
-@main.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--url", default=None, help="Ingress URL [http://127.0.0.1:$CALHOOK_PORT/…].")
-@click.option("--endpoint", default=None, help="A named endpoint instead of the default one.")
-@click.option("--secret", default=None, help="Secret to send [first of CALHOOK_AUTH_SECRETS].")
-def send(files: tuple[str, ...], url: str | None, endpoint: str | None, secret: str | None) -> None:
-    """POST each FILE to the ingress as Calenso would, and print the answer."""
-    settings = _settings()
-    target = url or f"http://127.0.0.1:{settings.port}/webhooks/calenso"
-    header = settings.auth_header
-    if endpoint:
-        target = f"{target.rstrip('/')}/{endpoint}"
-        named = settings.endpoints.get(endpoint)
-        if named is not None:
-            header = named.header
-            if secret is None and named.secrets:
-                secret = named.secrets[0].get_secret_value()
-    if secret is None and settings.auth_secrets:
-        secret = settings.auth_secrets[0].get_secret_value()
-    failed = False
-    for file in files:
-        headers = {"Content-Type": "application/json"}
-        if secret:
-            headers[header] = secret
-        request = urllib.request.Request(  # noqa: S310 (the URL is the operator's own)
-            target, data=Path(file).read_bytes(), headers=headers, method="POST"
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-                status, answer = response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            status, answer, failed = exc.code, exc.read().decode(), True
-        except urllib.error.URLError as exc:
-            raise click.ClickException(f"cannot reach {target}: {exc.reason}") from None
-        click.echo(f"{file}: {status} {answer}")
-    if failed:
-        sys.exit(1)
-
-
-@main.command()
-def schema() -> None:
-    """Print the JSON Schema of the envelope and the canonical event views."""
-    from schemas import event_json_schema
-
-    click.echo(json.dumps(event_json_schema(), indent=2, sort_keys=True))
-
-
-def _register_store_commands() -> None:
-    from calhook._cli_forget import forget
-    from calhook._cli_stores import dlq, events, parked, queues
-
-    main.add_command(forget)
-    main.add_command(events)
-    main.add_command(dlq)
-    main.add_command(parked)
-    main.add_command(queues)
-
-
-_register_store_commands()

@@ -7,7 +7,7 @@ import json
 import click
 
 from calhook import logs
-from calhook._cli_stores import _client
+from calhook.cli._common import broker_client
 from calhook.settings import get_settings
 
 _LABELS = {
@@ -19,6 +19,7 @@ _LABELS = {
     "notify_marks": "notification marks",
     "recent_failures": "recent failures (status page)",
 }
+
 
 NOT_REACHED = (
     "Not reached: the ingress spool (files on each ingress host, drained into Redis within "
@@ -42,7 +43,7 @@ def forget(customer_uuid: str, as_json: bool) -> None:
     from workers.forget import STORES, ForgetError, forget_customer
 
     settings = get_settings()
-    client = pair_store(_client(), settings)
+    client = pair_store(broker_client(), settings)
     # The log keeps a record of the erasure: counts only (workers/forget.py).
     logs.configure(settings.log_format, settings.log_level)
     try:

@@ -1,0 +1,88 @@
+"""``calhook events …``: the story of each event."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import time
+
+import click
+
+from calhook.cli._common import broker_client
+from calhook.settings import get_settings
+from calhook.store.pairs import PairState
+
+
+@click.group()
+def events() -> None:
+    """The story of each event: received, dispatched or parked, every handler attempt."""
+
+
+def _since(value: str) -> float:
+    """``30m``, ``2h``, ``7d`` ago, or an ISO time, as epoch seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+    if value and value[-1] in units and value[:-1].isdigit():
+        return time.time() - int(value[:-1]) * units[value[-1]]
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use 30m, 2h, 7d or an ISO time") from None
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _stamp(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+@events.command("show")
+@click.argument("event_id")
+@click.option("--json", "as_json", is_flag=True, help="The entries as JSON.")
+def events_show(event_id: str, as_json: bool) -> None:
+    """What happened to one event, oldest first, and where each handler stands now."""
+    from calhook.store.connect import pair_store
+    from calhook.store.trail import Trail
+
+    client = broker_client()
+    # Entries come from several processes (a spooled event's ingress, workers): order by time.
+    entries = sorted(
+        Trail(client, get_settings().trail_keep_s).read(event_id), key=lambda e: e["at"]
+    )
+    if not entries:
+        raise click.ClickException(
+            f"no trail for {event_id} (unknown, not dispatched yet, or expired)"
+        )
+    states = pair_store(client, get_settings()).states(event_id)
+    now = {p.pair.replace("@", ""): _state(p) for p in states.values()}
+    if as_json:
+        pairs = {name: dataclasses.asdict(p) for name, p in states.items()}
+        click.echo(json.dumps({"event_id": event_id, "entries": entries, "states": now,
+                               "pairs": pairs}, indent=2))  # fmt: skip
+        return
+    for entry in entries:
+        details = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("at", "what"))
+        click.echo(f"{_stamp(entry['at'])}  {entry['what']:<10} {details}")
+    click.echo("now: " + (", ".join(f"{h}={s}" for h, s in sorted(now.items())) or "-"))
+
+
+def _state(pair: PairState) -> str:
+    """A pair's state as people read it: ``waiting (attempt 3, due 12:00:05)``."""
+    if pair.state == "waiting" and pair.due_s is not None:
+        return f"waiting (attempt {pair.attempt}, due {_stamp(pair.due_s)})"
+    if pair.state in ("running", "queued") and pair.attempt > 1:
+        return f"{pair.state} (attempt {pair.attempt})"
+    return pair.state
+
+
+@events.command("list")
+@click.option("--type", "event_type", default=None, help="Only events of this type.")
+@click.option("--since", default="24h", show_default=True, help="30m, 2h, 7d or an ISO time.")
+@click.option("--limit", type=int, default=50, show_default=True)
+def events_list(event_type: str | None, since: str, limit: int) -> None:
+    """Events that arrived since a time, newest first."""
+    from calhook.store.trail import Trail
+
+    trail = Trail(broker_client(), get_settings().trail_keep_s)
+    for entry in trail.events(since=_since(since), event_type=event_type, limit=limit):
+        click.echo(f"{entry['event_id']}  {_stamp(entry['at'])}  {entry.get('type', '')}"
+                   f"  {entry.get('endpoint', '')}")  # fmt: skip
