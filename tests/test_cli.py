@@ -154,3 +154,15 @@ def test_dev_runs_the_whole_pipeline_with_an_embedded_redis(
         os.killpg(dev.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         assert dev.wait(timeout=60) == 0
     assert not readyz(port)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("dlq", "list", "--limit", "0"), ("parked", "list", "--limit", "-3"),
+     ("events", "list", "--limit", "0")],
+)  # fmt: skip
+def test_a_bad_argument_exits_non_zero_with_its_reason(args: tuple[str, ...]) -> None:
+    done = calhook(*args, env={**os.environ, "REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert done.returncode == 2
+    assert "Invalid value for '--limit'" in done.stderr
+    assert "Traceback" not in done.stderr

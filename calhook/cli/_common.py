@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterable
+from itertools import islice
 
 import click
 import redis
@@ -62,3 +63,12 @@ def select(
     if ids:
         return list(ids)
     return [r["id"] for r in records if matches is None or matches(r)]
+
+
+def first(
+    records: Iterable[dict[str, str]],
+    matches: Callable[[dict[str, str]], bool] | None,
+    limit: int,
+) -> list[dict[str, str]]:
+    """The first ``limit`` of ``records`` that ``matches`` (all of them without a filter)."""
+    return list(islice((r for r in records if matches is None or matches(r)), limit))

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from calhook.cli._common import broker_client, select, when
+from calhook.cli._common import broker_client, first, select, when
 from calhook.cli._records import purge, replay
 
 
@@ -17,24 +17,24 @@ def dlq() -> None:
 
 @dlq.command("list")
 @click.option("--handler", default=None, help="Only this handler's.")
-@click.option("--limit", type=int, default=50, show_default=True)
-def dlq_list(handler: str | None, limit: int) -> None:
-    """List dead letters, oldest first."""
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+def dlq_list(handler: str | None, limit: int, as_json: bool) -> None:
+    """List dead letters, oldest first (without their bodies: `dlq show` has them)."""
     from calhook.store.records import DEAD, RecordStore
 
     store = RecordStore(broker_client(), DEAD)
+    matches = (lambda r: r.get("handler") == handler) if handler else None
+    listed = first(store.records(with_body=False), matches, limit)
+    if as_json:
+        click.echo(json.dumps({"count": store.count(), "records": listed}, indent=2))
+        return
     click.echo(f"{store.count()} dead letters")
-    shown = 0
-    for record in store.records():
-        if handler and record.get("handler") != handler:
-            continue
+    for record in listed:
         click.echo(
             f"{record['id']}  {record.get('reason', ''):<10} attempts={record.get('attempts', '?')}"
             f"  {when(record.get('failed_at'))}  {record.get('error', '')[:80]}"
         )
-        shown += 1
-        if shown >= limit:
-            break
 
 
 @dlq.command("show")

@@ -77,12 +77,17 @@ def _state(pair: PairState) -> str:
 @events.command("list")
 @click.option("--type", "event_type", default=None, help="Only events of this type.")
 @click.option("--since", default="24h", show_default=True, help="30m, 2h, 7d or an ISO time.")
-@click.option("--limit", type=int, default=50, show_default=True)
-def events_list(event_type: str | None, since: str, limit: int) -> None:
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON array, for scripts.")
+def events_list(event_type: str | None, since: str, limit: int, as_json: bool) -> None:
     """Events that arrived since a time, newest first."""
     from calhook.store.trail import Trail
 
     trail = Trail(broker_client(), get_settings().trail_keep_s)
-    for entry in trail.events(since=_since(since), event_type=event_type, limit=limit):
+    entries = list(trail.events(since=_since(since), event_type=event_type, limit=limit))
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    for entry in entries:
         click.echo(f"{entry['event_id']}  {_stamp(entry['at'])}  {entry.get('type', '')}"
                    f"  {entry.get('endpoint', '')}")  # fmt: skip

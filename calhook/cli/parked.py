@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import click
 
-from calhook.cli._common import broker_client, select, when
+from calhook.cli._common import broker_client, first, select, when
 from calhook.cli._records import purge, replay
 
 
@@ -18,24 +18,23 @@ def parked() -> None:
 
 @parked.command("list")
 @click.option("--reason", default=None, help="Only events parked for this reason.")
-@click.option("--limit", type=int, default=50, show_default=True)
-def parked_list(reason: str | None, limit: int) -> None:
-    """List parked events, oldest first."""
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+def parked_list(reason: str | None, limit: int, as_json: bool) -> None:
+    """List parked events, oldest first (without their bodies: `parked show` has them)."""
     from calhook.store.records import PARKED, RecordStore
 
     store = RecordStore(broker_client(), PARKED)
+    listed = first(store.records(with_body=False), _filter(reason, None), limit)
+    if as_json:
+        click.echo(json.dumps({"count": store.count(), "records": listed}, indent=2))
+        return
     click.echo(f"{store.count()} parked")
-    shown = 0
-    for record in store.records():
-        if reason and record.get("reason") != reason:
-            continue
+    for record in listed:
         click.echo(
             f"{record['id']}  {record.get('type', '')[:40]:<40} {record.get('reason', '')}"
             f"  {when(record.get('parked_at'))}"
         )
-        shown += 1
-        if shown >= limit:
-            break
 
 
 @parked.command("show")

@@ -58,6 +58,10 @@ async def test_the_story_of_a_retried_event(
     assert "now: dispatch=done, flaky=done" in text
     listed = calhook(redis_url, "events", "list", "--type", FLAKY_TYPE, "--since", "10m")
     assert event_id in listed
+    entries = json.loads(
+        calhook(redis_url, "events", "list", "--type", FLAKY_TYPE, "--since", "10m", "--json")
+    )
+    assert [(e["event_id"], e["type"]) for e in entries] == [(event_id, FLAKY_TYPE)]
 
 
 async def test_a_parked_event_says_why(

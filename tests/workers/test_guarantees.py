@@ -116,6 +116,11 @@ async def test_a_permanent_error_skips_the_schedule_and_replay_after_the_fix_com
     assert redis_db.hget(f"calhook:dead:{dead_id}", "reason") == b"permanent"
     assert count(redis_db, RUNS_KEY, event_id, "permanent") == 1
     assert dead_id in calhook(redis_url, "dlq", "list")
+    listed = json.loads(calhook(redis_url, "dlq", "list", "--handler", "permanent", "--json"))
+    assert listed["count"] == 1
+    [record] = listed["records"]
+    assert (record["id"], record["reason"]) == (dead_id, "permanent")
+    assert "body" not in record  # a list never prints bodies; `dlq show` does
 
     redis_db.set(FIXED_KEY, 1)
     replayed = calhook(redis_url, "dlq", "replay", "--handler", "permanent")
@@ -242,6 +247,11 @@ async def test_a_parked_event_replays_through_dispatch(
     event_id = str((await response.json())["event_id"])
     await await_for(lambda: redis_db.zscore("calhook:parked", event_id) is not None)
     assert event_id in calhook(redis_url, "parked", "list")
+    listed = json.loads(
+        calhook(redis_url, "parked", "list", "--reason", "schema_invalid", "--json")
+    )
+    assert [r["id"] for r in listed["records"]] == [event_id]
+    assert "body" not in listed["records"][0]
 
     assert "1 replayed" in calhook(redis_url, "parked", "replay", "--reason", "schema_invalid")
 
