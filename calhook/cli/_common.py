@@ -4,6 +4,7 @@ the time format, and the choice of records by id, ``--all`` or a filter."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable, Iterable
 from itertools import islice
 
@@ -51,20 +52,6 @@ def when(epoch: str | None) -> str:
     return dt.datetime.fromtimestamp(float(epoch), dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def select(
-    records: Iterable[dict[str, str]],
-    ids: tuple[str, ...],
-    select_all: bool,
-    matches: Callable[[dict[str, str]], bool] | None,
-) -> list[str]:
-    """The ids named, or those of ``records`` that ``matches`` (all with ``--all``)."""
-    if not ids and not select_all and matches is None:
-        raise click.UsageError("name records by ID, or select them with --all or a filter")
-    if ids:
-        return list(ids)
-    return [r["id"] for r in records if matches is None or matches(r)]
-
-
 def first(
     records: Iterable[dict[str, str]],
     matches: Callable[[dict[str, str]], bool] | None,
@@ -72,3 +59,16 @@ def first(
 ) -> list[dict[str, str]]:
     """The first ``limit`` of ``records`` that ``matches`` (all of them without a filter)."""
     return list(islice((r for r in records if matches is None or matches(r)), limit))
+
+
+def parse_time(value: str) -> float:
+    """``30m``, ``2h``, ``7d`` ago, or an ISO time (UTC unless it says), as epoch seconds; the
+    one time syntax of every command."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+    if value and value[-1] in units and value[:-1].isdigit():
+        return time.time() - int(value[:-1]) * units[value[-1]]
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use 30m, 2h, 7d or an ISO time") from None
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()

@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import time
 
 import click
 
-from calhook.cli._common import broker_client
+from calhook.cli._common import broker_client, parse_time
 from calhook.settings import get_settings
 from calhook.store.pairs import PairState
 
@@ -17,18 +16,6 @@ from calhook.store.pairs import PairState
 @click.group()
 def events() -> None:
     """The story of each event: received, dispatched or parked, every handler attempt."""
-
-
-def _since(value: str) -> float:
-    """``30m``, ``2h``, ``7d`` ago, or an ISO time, as epoch seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
-    if value and value[-1] in units and value[:-1].isdigit():
-        return time.time() - int(value[:-1]) * units[value[-1]]
-    try:
-        when = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: use 30m, 2h, 7d or an ISO time") from None
-    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
 
 
 def _stamp(epoch: float) -> str:
@@ -84,7 +71,7 @@ def events_list(event_type: str | None, since: str, limit: int, as_json: bool) -
     from calhook.store.trail import Trail
 
     trail = Trail(broker_client(), get_settings().trail_keep_s)
-    entries = list(trail.events(since=_since(since), event_type=event_type, limit=limit))
+    entries = list(trail.events(since=parse_time(since), event_type=event_type, limit=limit))
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return
