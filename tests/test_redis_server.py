@@ -12,7 +12,8 @@ import pytest
 import redis
 import redis.sentinel
 
-from calhook.redis_server import RedisServer, RedisServerError, SentinelCluster
+from calhook.redis_server import RedisServer, RedisServerError
+from calhook.sentinel_cluster import SentinelCluster
 from tests.support.waiting import wait_for
 
 HOST = "127.0.0.1"

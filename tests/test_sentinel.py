@@ -18,7 +18,7 @@ import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
 
-from calhook.redis_server import SentinelCluster
+from calhook.sentinel_cluster import SentinelCluster
 from calhook.settings import load_settings
 from calhook.store.connect import async_client, async_twin, celery_broker, sync_client
 from ingest import create_app

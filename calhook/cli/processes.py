@@ -128,7 +128,8 @@ def exporter(host: str, port: int) -> None:
 )
 def dev(port: int | None, sentinel: bool) -> None:
     """Run everything for development: Redis (embedded if REDIS_URL is unset), ingress, worker."""
-    from calhook.redis_server import RedisServer, RedisServerError, SentinelCluster
+    from calhook.redis_server import RedisServer, RedisServerError
+    from calhook.sentinel_cluster import SentinelCluster
 
     settings = cli_settings()
     env = dict(os.environ)

@@ -31,7 +31,8 @@ import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from calhook.redis_server import RedisServer, SentinelCluster
+from calhook.redis_server import RedisServer
+from calhook.sentinel_cluster import SentinelCluster
 from calhook.settings import Settings, load_settings
 from calhook.store.connect import pair_store, sync_client
 from calhook.store.keys import DUE, OPEN_STATES, event_key, pairs_key

@@ -39,7 +39,8 @@ from typing import Any
 import pytest
 import redis
 
-from calhook.redis_server import RedisServer, SentinelCluster
+from calhook.redis_server import RedisServer
+from calhook.sentinel_cluster import SentinelCluster
 from calhook.store.connect import async_client
 from calhook.store.keys import DISPATCH_PAIR, DONE, event_key
 from ingest.app import WRITER
