@@ -219,8 +219,8 @@ class Settings(BaseSettings):
     ack_timeout_s: float = Field(
         1.5,
         gt=0,
-        description="How long the ingress waits for `fsynced`/`replicated` confirmation of a batch "
-        "before it spools the batch instead (above a second with appendfsync everysec).",
+        description="How long the ingress waits for each confirmation of a batch (the master's "
+        "disk, then the replicas) before it spools the batch instead.",
     )
     spool_dir: str = Field(
         ".calhook/spool", description="Folder of the ingress's local spool (one slot a process)."

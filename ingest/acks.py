@@ -2,8 +2,8 @@
 
 ``written`` (the default) answers once Redis has run the write: it is in the server's memory and
 in its append-only file's buffer, fsynced within a second (``appendfsync everysec``), so a crash
-of the Redis host can lose the last second of acknowledged events. The two stronger levels add
-one command after each publish batch, on the same connection, in the same round trip:
+of the Redis host can lose the last second of acknowledged events. The two stronger levels send
+their waits after each publish batch, on the same connection, in the same round trip:
 
 * ``fsynced``: ``WAITAOF 1 0``, the batch is in the master's AOF on disk; a ``kill -9`` or a
   power cut of the Redis host loses nothing acknowledged. Needs WAITAOF (Redis 7.2+, Valkey),
