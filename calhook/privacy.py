@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+# A run of digits (with the separators of phone numbers) long enough to be a phone number.
+_DIGITS = re.compile(r"\+?\d[\d ()/.-]{5,}\d")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_QUOTED = re.compile(r"(['\"])(?:(?!\1).){1,200}\1")
+
 
 def mask_email(email: str | None) -> str | None:
     """``luca.brunner@example.org`` → ``l***@e***.org``."""
@@ -29,3 +37,13 @@ def mask_name(name: str | None) -> str | None:
     if not name:
         return None
     return f"{name[:1]}."
+
+
+def scrub(text: str, limit: int = 300) -> str:
+    """An error's text fit to show beside its failure group: e-mail addresses, phone-like
+    numbers and quoted values (where libraries echo what they were given) masked; at most
+    ``limit`` characters."""
+    text = _EMAIL.sub(lambda m: mask_email(m.group()) or "***", text)
+    text = _QUOTED.sub(lambda m: f"{m.group(1)}***{m.group(1)}", text)
+    text = _DIGITS.sub(lambda m: m.group() if _DATE.fullmatch(m.group()) else "***", text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -298,6 +298,30 @@ class Settings(BaseSettings):
         description="How often the scheduler queues what is due: retries, runs whose worker "
         "died, messages lost in transit.",
     )
+    breaker_failures: int = Field(
+        5,
+        ge=0,
+        description="Transient failures in a row (no success between) that open a circuit's "
+        "breaker and hold its handlers (0: no breaker).",
+    )
+    breaker_window_s: float = Field(
+        300.0, gt=0, description="The failures that open a breaker fall within this many seconds."
+    )
+    breaker_probe_s: float = Field(
+        30.0,
+        gt=0,
+        description="An open breaker lets one held event through after this long, then after "
+        "twice as long each time it fails again.",
+    )
+    breaker_probe_max_s: float = Field(
+        900.0, gt=0, description="The longest an open breaker waits between two probes."
+    )
+    release_rate_per_s: float = Field(
+        10.0,
+        gt=0,
+        description="How fast a resumed handler's held events are queued again, oldest first "
+        "(calhook handlers resume --rate chooses another).",
+    )
     ledger_ttl_s: int = Field(
         7 * 86_400,
         ge=86_400,

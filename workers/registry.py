@@ -79,6 +79,12 @@ class Handler:
     order_key: OrderKey | None = None
     order_scope: str | None = None
     concurrency: int | None = None
+    # The circuit whose breaker holds it: its own name, or a destination shared with others.
+    circuit: str = ""
+
+    @property
+    def breaker_circuit(self) -> str:
+        return self.circuit or self.name
 
     @property
     def is_async(self) -> bool:
@@ -99,6 +105,8 @@ class Registry:
             raise DuplicateHandler(f"a handler named {handler.name!r} is already registered")
         if not _NAME.match(handler.name) or not _NAME.match(handler.queue):
             raise ValueError(f"handler name and queue must match {_NAME.pattern}")
+        if handler.circuit and not _NAME.match(handler.circuit):
+            raise ValueError(f"a circuit's name must match {_NAME.pattern}")
         if not handler.event_types:
             raise ValueError(f"handler {handler.name!r} names no event type")
         self._by_name[handler.name] = handler
@@ -116,6 +124,7 @@ class Registry:
         order_key: OrderKey | None = None,
         order_scope: str | None = None,
         concurrency: int | None = None,
+        circuit: str | None = None,
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Register the decorated function for ``event_types`` on ``queue``.
 
@@ -127,6 +136,9 @@ class Registry:
         The function may be ``async def``: the events of a batch then run concurrently on the
         worker process's event loop, at most ``concurrency`` at once (default
         ``CALHOOK_ASYNC_CONCURRENCY``), each under the handler's rate limit if it has one.
+
+        ``circuit`` names the destination whose breaker holds it (default: its own name):
+        handlers calling the same service share one, so its outage holds them all at once.
         """
         if concurrency is not None and concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -143,6 +155,7 @@ class Registry:
                     order_key,
                     order_scope,
                     concurrency,
+                    circuit or "",
                 )
             )
             return fn
@@ -159,6 +172,10 @@ class Registry:
             return self._by_name[name]
         except KeyError:
             raise UnknownHandler(f"no handler named {name!r} is loaded") from None
+
+    def circuit(self, name: str) -> tuple[str, ...]:
+        """The handlers whose breaker is circuit ``name``."""
+        return tuple(h.name for h in self._by_name.values() if h.breaker_circuit == name)
 
     def queues(self) -> frozenset[str]:
         """Every queue some handler uses."""

@@ -55,6 +55,7 @@ from tenacity import (
 )
 
 from calhook import logs
+from calhook.privacy import scrub
 from calhook.settings import Settings
 from calhook.store.connect import async_twin
 from calhook.store.keys import due_member
@@ -92,6 +93,8 @@ class _Failure:
     outcome: str
     delay_s: float | None = None
     reason: str = ""
+    # A failure of the destination rather than of the event: it counts towards the breaker.
+    transient: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,6 +452,7 @@ class HandlerRunner:
         if failure.delay_s is not None:
             fields["retry_in_s"] = round(failure.delay_s, 3)
             fields["next_attempt_at"] = round(time.time() + failure.delay_s, 3)
+        error = f"{type(exc).__name__}: {exc}"[:2000]
         return Ending(
             s.event_id,
             failure.do,
@@ -457,10 +461,27 @@ class HandlerRunner:
             delay_s=failure.delay_s,
             duration_s=duration_s if failure.do != "defer" else None,
             reason=failure.reason,
-            error=f"{type(exc).__name__}: {exc}"[:2000],
+            error=error,
             traceback=_trace(exc) if failure.do == "dead" else "",
             cost_s=cost_s,
+            gist=scrub(error) if failure.do != "defer" else "",
+            breaker=self._breaker(h) if failure.transient else None,
         )
+
+    def _breaker(self, h: Handler) -> dict[str, Any] | None:
+        """What finish.lua needs to count a transient failure towards ``h``'s breaker."""
+        settings = self._settings
+        if settings.breaker_failures <= 0:
+            return None
+        circuit = h.breaker_circuit
+        return {
+            "c": circuit,
+            "h": list(self._registry.circuit(circuit)) or [h.name],
+            "n": settings.breaker_failures,
+            "w": int(settings.breaker_window_s * 1000),
+            "p": int(settings.breaker_probe_s * 1000),
+            "m": int(max(settings.breaker_probe_max_s, settings.breaker_probe_s) * 1000),
+        }
 
     def _failure(self, h: Handler, attempt: int, exc: BaseException) -> _Failure:
         if isinstance(exc, Defer):
@@ -469,13 +490,13 @@ class HandlerRunner:
             return _Failure("dead", "dead_permanent", reason="permanent")
         schedule = h.retry.schedule_s or self._settings.retry_schedule_s
         if attempt > len(schedule):
-            return _Failure("dead", "dead_exhausted", reason="exhausted")
+            return _Failure("dead", "dead_exhausted", reason="exhausted", transient=True)
         if isinstance(exc, RetryLater):
             delay_s = max(exc.after_s, 0.0)
         else:
             jitter = self._settings.retry_jitter
             delay_s = schedule[attempt - 1] * (1 + random.uniform(-jitter, jitter))  # noqa: S311
-        return _Failure("retry", "retry_scheduled", delay_s)
+        return _Failure("retry", "retry_scheduled", delay_s, transient=True)
 
 
 def _done(s: Started, duration_s: float, cost_s: float) -> Ending:
@@ -522,6 +543,11 @@ def _not_run(s: Started) -> str:
     if s.what == "deferred":
         log.info("waits for its entity", extra={"event_id": s.event_id, "outcome": "deferred"})
         return "deferred"
+    if s.what == "held":
+        # Its handler is paused or its breaker open (calhook handlers): one line per event
+        # would flood the log for as long as the outage lasts.
+        log.debug("held", extra={"event_id": s.event_id, "outcome": "held"})
+        return "held"
     log.info("not run", extra={"event_id": s.event_id, "why": s.what})
     return f"not_run_{s.what}"
 

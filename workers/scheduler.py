@@ -7,6 +7,9 @@ at those whose time has come and queues one message for each that needs one; a p
 message is still pending gets none, so a backlog or a stopped scheduler never piles up copies.
 Several schedulers may run: each sweep is one atomic script.
 
+Each tick it also runs the release (:mod:`calhook.store.health`): an open breaker's probe, and the
+held events of a resumed handler, oldest first at its pace.
+
 Once a minute (and at start) it also enforces the retention (``CALHOOK_RETENTION_DAYS``): dead
 letters, parked records and trails older than it are erased even if nothing is written or read
 any more.
@@ -21,6 +24,7 @@ import time
 import redis
 
 from calhook.settings import Settings
+from calhook.store.health import Health, Released
 from calhook.store.pairs import PairStore
 from calhook.store.records import DEAD, PARKED, RecordStore
 from calhook.store.trail import Trail
@@ -31,6 +35,8 @@ log = logging.getLogger("calhook.scheduler")
 # Records expire by their own TTL; the sweep only keeps indexes tidy, so once a minute is plenty.
 RETENTION_SWEEP_S = 60.0
 _SWEEP_LIMIT = 1000
+# Held events one release queues per handler at most, whatever the pace.
+_RELEASE_MOST = 1000
 
 
 def sweep_retention(pairs: PairStore, settings: Settings, now_s: float | None = None) -> int:
@@ -68,6 +74,21 @@ def sweep_once(pairs: PairStore, settings: Settings, now_s: float | None = None)
             return queued
 
 
+def release_once(health: Health, settings: Settings) -> Released:
+    """Let the probes of open breakers through, and queue the held events of resumed handlers
+    at their pace (``lua/release.lua``)."""
+    released = health.release(
+        rate_per_s=settings.release_rate_per_s,
+        most=_RELEASE_MOST,
+        batch_max=settings.batch_max,
+    )
+    for circuit, pair in released.probes:
+        log.info("breaker probe", extra={"circuit": circuit, "pair": pair})
+    for handler, n, left in released.released:
+        log.info("released held events", extra={"handler": handler, "queued": n, "left": left})
+    return released
+
+
 def run_scheduler(pairs: PairStore, settings: Settings, stop: threading.Event) -> None:
     """Sweep every ``CALHOOK_SCHEDULER_INTERVAL_S`` until ``stop`` is set; every minute (and at
     start), erase what is past the retention. Redis errors are waited out."""
@@ -77,6 +98,7 @@ def run_scheduler(pairs: PairStore, settings: Settings, stop: threading.Event) -
     except redis.RedisError as exc:
         log.warning("cannot look for calhook 0.1's delayed store", extra={"error": repr(exc)})
     next_retention = 0.0
+    health = Health(pairs.scripts)
     while not stop.is_set():
         try:
             if time.monotonic() >= next_retention:
@@ -85,6 +107,7 @@ def run_scheduler(pairs: PairStore, settings: Settings, stop: threading.Event) -
                 if erased:
                     log.info("retention: erased old records", extra={"erased": erased})
             sweep_once(pairs, settings)
+            release_once(health, settings)
         except redis.RedisError as exc:
             log.warning("scheduler cannot reach redis", extra={"error": repr(exc)})
         stop.wait(settings.scheduler_interval_s)

@@ -47,6 +47,19 @@ RECENT_FAILURES: Final = f"{PREFIX}stats:recent_failures"
 CONFIRMED: Final = f"{PREFIX}ingest:confirmed"
 THROUGHPUT: Final = f"{PREFIX}throughput:"
 RATELIMIT: Final = f"{PREFIX}ratelimit:"  # ratelimit:<destination> token bucket
+# A handler held by an operator or its breaker, and what happens while it is (store/health.py).
+HOLD: Final = f"{PREFIX}hold"  # hash: handler -> "operator" or "breaker:<circuit>"
+PAUSE: Final = f"{PREFIX}pause:"  # pause:<handler>: why an operator paused it
+HELD: Final = f"{PREFIX}held:"  # held:<handler>: its held events by when they were received
+HOLDING: Final = f"{PREFIX}holding"  # set: handlers with held events
+RELEASED: Final = f"{PREFIX}released"  # hash: handler -> when its release was last paced (ms)
+RELEASE_RATE: Final = f"{PREFIX}release_rate"  # hash: handler -> events/s chosen at resume
+BREAKER: Final = f"{PREFIX}breaker:"  # breaker:<circuit>: its state
+BREAKERS: Final = f"{PREFIX}breakers"  # set: circuits open or probing
+RECOVERING: Final = f"{PREFIX}recovering"  # hash: handler -> circuit; its next success counts
+FAILURE_GROUPS: Final = f"{PREFIX}fgroups"  # sorted set: group id by last seen (s)
+FAILURE_GROUP: Final = f"{PREFIX}fgroup:"  # fgroup:<id>: one group; fgroup:open:<handler> set
+NOTICES: Final = f"{PREFIX}notices"  # stream of operational transitions (workers/notices.py)
 NOTIFY: Final = f"{PREFIX}notify:"  # notify:sent:<pair key> e-mail marks, notify:posted:<pair key>
 # What calhook 0.1 kept, read once on upgrade (workers/legacy.py).
 LEGACY_DELAYED: Final = f"{PREFIX}delayed"
@@ -62,12 +75,13 @@ UNACKED_INDEX: Final = "unacked_index"
 QUEUED: Final = "queued"
 RUNNING: Final = "running"
 WAITING: Final = "waiting"
+HELD_STATE: Final = "held"
 DONE: Final = "done"
 STALE: Final = "stale"
 DEAD_STATE: Final = "dead"
 PARKED_STATE: Final = "parked"
 FINAL_STATES: Final = frozenset({DONE, STALE, DEAD_STATE, PARKED_STATE})
-OPEN_STATES: Final = (QUEUED, RUNNING, WAITING)
+OPEN_STATES: Final = (QUEUED, RUNNING, WAITING, HELD_STATE)
 
 LUA_KEYS: Final = {
     "confirmed": CONFIRMED,
@@ -86,6 +100,18 @@ LUA_KEYS: Final = {
     "duration": STATS_DURATION,
     "failures": RECENT_FAILURES,
     "unacked": UNACKED,
+    "hold": HOLD,
+    "held": HELD,
+    "holding": HOLDING,
+    "released": RELEASED,
+    "release_rate": RELEASE_RATE,
+    "pause": PAUSE,
+    "breaker": BREAKER,
+    "breakers": BREAKERS,
+    "recovering": RECOVERING,
+    "fgroups": FAILURE_GROUPS,
+    "fgroup": FAILURE_GROUP,
+    "notices": NOTICES,
     "unacked_index": UNACKED_INDEX,
     "dispatch_pair": DISPATCH_PAIR,
     "dispatch_queue": DISPATCH_QUEUE,

@@ -83,6 +83,10 @@ class Ending:
     # What one more event adds to a batch of this handler (s): its duration for a sync handler,
     # 0 for an async one; how many events the handler's messages name follows it.
     cost_s: float | None = None
+    # A failure's error text scrubbed of personal data (its failure group shows it).
+    gist: str = ""
+    # A transient failure: its circuit's breaker, as finish.lua's breaker_failure reads it.
+    breaker: dict[str, Any] | None = None
 
     def encode(self, pair: str | None = None, throughput_key: str | None = None) -> bytes:
         """As ``finish.lua`` reads it; ``pair`` and ``throughput_key`` when one call records
@@ -107,6 +111,10 @@ class Ending:
             entry["traceback"] = self.traceback
         if self.error:
             entry["error"] = self.error
+        if self.gist:
+            entry["gist"] = self.gist
+        if self.breaker is not None:
+            entry["brk"] = self.breaker
         return orjson.dumps(entry)
 
 

@@ -22,7 +22,7 @@ from calhook.store.keys import LUA_KEYS
 
 _LUA_DIR: Final = Path(__file__).with_name("lua")
 NAMES: Final = ("accept", "start", "finish", "fan_out", "sweep", "renew", "replay", "purge",
-                "forget")  # fmt: skip
+                "forget", "release", "hold")  # fmt: skip
 
 
 @functools.cache

@@ -16,7 +16,7 @@ local KEEP_TTL = tonumber(ARGV[5])   -- s a dead letter or parked record (and it
 local TRAIL_TTL = tonumber(ARGV[6])  -- s an event's trail stays
 
 local FINAL = {done = true, stale = true, dead = true, parked = true}
-local COUNTED = {queued = true, running = true, waiting = true}
+local COUNTED = {queued = true, running = true, waiting = true, held = true}
 local ORDER_TTL = 90 * 86400
 local DELETE_KIND = 2
 local CREATE_KIND = 0
@@ -53,13 +53,80 @@ local function note(id, pair, attempt, outcome, fields)
   redis.call('HINCRBY', K.outcomes, pair .. '\t' .. outcome, 1)
 end
 
+-- An operational transition (a breaker opened, a failure group opened, a handler paused …) for
+-- the notices (workers/notices.py), which send each once.
+local NOTICES_MAX = 10000
+local function notice(kind, subject, text, data)
+  redis.call('XADD', K.notices, 'MAXLEN', '~', NOTICES_MAX, '*', 'kind', kind,
+    'subject', subject, 'text', text, 'at', string.format('%.3f', NOW / 1000),
+    'data', cjson.encode(data or {}))
+end
+
+-- Failure groups: failures grouped by (handler, error class, reason), each an "issue" with a
+-- count, first and last seen, a few sample events and the latest error text, scrubbed of
+-- personal data by the worker (its 'gist'). A group of transient failures (retrying, or
+-- exhausted) closes by itself at the handler's next success; others stay until resolved.
+local GROUP_SAMPLES = 5
+local GROUP_KEEP_S = 30 * 86400
+local AUTO_CLOSE = {transient = true, exhausted = true}
+
+local function group_failure(id, pair, reason, error, gist)
+  local class = string.match(error or '', '^[^:]*') or ''
+  local gid = string.sub(redis.sha1hex(pair .. '\t' .. class .. '\t' .. reason), 1, 12)
+  local key = K.fgroup .. gid
+  local got = redis.call('HMGET', key, 'state', 'samples')
+  if not got[1] or got[1] == 'resolved' or got[1] == 'closed' then
+    redis.call('DEL', key)
+    redis.call('HSET', key, 'id', gid, 'handler', pair, 'error', class, 'reason', reason,
+      'state', 'open', 'count', 0, 'first', string.format('%.3f', NOW / 1000))
+    got[2] = nil
+    notice('group_opened', pair, pair .. ': ' .. class .. ' (' .. reason .. ')',
+      {group = gid, handler = pair, error = class, reason = reason, message = gist or ''})
+  end
+  local samples = got[2] and cjson.decode(got[2]) or {}
+  local seen = false
+  for _, s in ipairs(samples) do if s == id then seen = true end end
+  if not seen then
+    samples[#samples + 1] = id
+    if #samples > GROUP_SAMPLES then table.remove(samples, 1) end
+  end
+  redis.call('HINCRBY', key, 'count', 1)
+  redis.call('HSET', key, 'last', string.format('%.3f', NOW / 1000), 'samples',
+    cjson.encode(samples), 'message', gist or '')
+  redis.call('PERSIST', key)
+  redis.call('ZADD', K.fgroups, NOW / 1000, gid)
+  if AUTO_CLOSE[reason] then
+    redis.call('SADD', K.fgroup .. 'open:' .. pair, gid)
+    redis.call('HSETNX', K.recovering, pair, '')
+  end
+end
+
+-- A group's end: 'closed' (the handler recovered) or 'resolved' (an operator said so).
+local function end_group(gid, state, by)
+  local key = K.fgroup .. gid
+  local got = redis.call('HMGET', key, 'state', 'handler', 'error', 'reason', 'count', 'first')
+  if not got[1] or got[1] == 'closed' or got[1] == 'resolved' then return false end
+  redis.call('HSET', key, 'state', state, 'ended', string.format('%.3f', NOW / 1000), 'by', by)
+  redis.call('EXPIRE', key, GROUP_KEEP_S)
+  redis.call('SREM', K.fgroup .. 'open:' .. got[2], gid)
+  notice('group_' .. state, got[2], got[2] .. ': ' .. got[3] .. ' (' .. got[4] .. '), '
+    .. got[5] .. ' failures', {group = gid, handler = got[2], error = got[3], reason = got[4],
+    count = tonumber(got[5]), first = tonumber(got[6]), by = by})
+  return true
+end
+
 -- The status page's latest failures: the error's class only (its text may quote personal data,
--- and stays in the dead letter).
-local function note_failure(id, pair, attempt, outcome, error)
+-- and stays in the dead letter); and the failure's group.
+local function note_failure(id, pair, attempt, outcome, error, gist)
   redis.call('LPUSH', K.failures, cjson.encode({
     at = NOW / 1000, event_id = id, handler = pair, attempt = tonumber(attempt),
     outcome = outcome, error = string.match(error or '', '^[^:]*')}))
   redis.call('LTRIM', K.failures, 0, 49)
+  if pair ~= K.dispatch_pair then
+    local reason = 'transient'
+    if string.sub(outcome, 1, 5) == 'dead_' then reason = string.sub(outcome, 6) end
+    group_failure(id, pair, reason, error, gist)
+  end
 end
 
 local EMBED = '{"callbacks":null,"errbacks":null,"chain":null,"chord":null}'
@@ -129,16 +196,44 @@ local function batch_size(pair, batch_max)
   return math.max(1, math.min(batch_max, math.floor(BATCH_S / cost)))
 end
 
+-- Holding: a handler paused by an operator ('operator') or by its circuit's breaker
+-- ('breaker:<circuit>') has its pairs held, not run: no attempt is spent, nothing is
+-- dead-lettered, and they wait in held:<handler> by when their event was received, for the
+-- release (release.lua) to queue them, oldest first, at the handler's pace once it resumes.
+local function hold_of(pair)
+  if pair == K.dispatch_pair then return nil end
+  return redis.call('HGET', K.hold, pair)
+end
+
+-- The one pair a breaker lets through while it probes (release.lua chose it).
+local function is_probe(how, id, pair)
+  if not how or string.sub(how, 1, 8) ~= 'breaker:' then return false end
+  return redis.call('HGET', K.breaker .. string.sub(how, 9), 'probe') == member(id, pair)
+end
+
+local function to_held(ev, id, pair, queue, old)
+  set_state(ev, pair, queue, old, 'held')
+  redis.call('HDEL', ev, f(pair, 'o'), f(pair, 'l'), f(pair, 't'))
+  redis.call('ZREM', K.due, member(id, pair))
+  redis.call('ZADD', K.held .. pair, tonumber(redis.call('HGET', ev, 'at') or '') or NOW / 1000,
+    id)
+  redis.call('SADD', K.holding, pair)
+end
+
 local function flush(groups, batch_max)
   for _, g in ipairs(groups.keys) do
     local sep = string.find(g, '\n', 1, true)
     local pair, queue = string.sub(g, 1, sep - 1), string.sub(g, sep + 1)
     local ids = groups.ids[g]
-    local size = batch_size(pair, batch_max)
-    for j = 1, #ids, size do
-      local chunk = {}
-      for k = j, math.min(j + size - 1, #ids) do chunk[#chunk + 1] = ids[k] end
-      enqueue(queue, pair, chunk)
+    if hold_of(pair) then
+      for _, id in ipairs(ids) do to_held(K.ev .. id, id, pair, queue, 'queued') end
+    else
+      local size = batch_size(pair, batch_max)
+      for j = 1, #ids, size do
+        local chunk = {}
+        for k = j, math.min(j + size - 1, #ids) do chunk[#chunk + 1] = ids[k] end
+        enqueue(queue, pair, chunk)
+      end
     end
   end
 end
@@ -243,7 +338,7 @@ local function write_record(index, record_id, fields)
 end
 
 -- A pair that will not run again by itself: its dead letter keeps what replay needs.
-local function dead_letter(id, pair, queue, old, reason, error, traceback, owner)
+local function dead_letter(id, pair, queue, old, reason, error, traceback, owner, gist)
   local ev = K.ev .. id
   local meta = redis.call('HMGET', ev, 'type', 'ep', 'at', f(pair, 'a'))
   write_record(K.dead, id .. '.' .. pair, {
@@ -252,7 +347,7 @@ local function dead_letter(id, pair, queue, old, reason, error, traceback, owner
     error = error, traceback = traceback or '', attempts = meta[4] or '1',
     failed_at = string.format('%.3f', NOW / 1000)})
   close_pair(ev, id, pair, queue, old, 'dead', owner)
-  note_failure(id, pair, meta[4] or '1', 'dead_' .. reason, error)
+  note_failure(id, pair, meta[4] or '1', 'dead_' .. reason, error, gist)
   return meta[4] or '1'
 end
 
@@ -319,4 +414,97 @@ local function order_commit(ev, pair)
     redis.call('HSET', key, 'kind', DELETE_KIND, 'event_id', e1)
   end
   redis.call('EXPIRE', key, ORDER_TTL)
+end
+
+-- The circuit breaker of a circuit (a handler, or a destination its handlers share): a run of
+-- transient failures (b.n within b.w ms, no success between) opens it, which holds its handlers;
+-- the release (release.lua) then lets one held pair through at growing intervals (b.p ms, doubled
+-- up to b.m): the first success closes it, and its handlers' held pairs are released. A
+-- permanent error never counts. b = {c = circuit, h = {handlers}, n, w, p, m} from the worker.
+local function held_count(handlers)
+  local n = 0
+  for _, h in ipairs(handlers) do n = n + redis.call('ZCARD', K.held .. h) end
+  return n
+end
+
+local function split_list(text)
+  local out = {}
+  for name in string.gmatch(text or '', '[^,]+') do out[#out + 1] = name end
+  return out
+end
+
+local function open_breaker(key, c, handlers, fails, interval, class)
+  redis.call('HSET', key, 'state', 'open', 'opened_at', string.format('%.3f', NOW / 1000),
+    'interval', interval, 'probe_at', NOW + interval, 'fails', fails, 'error', class or '')
+  redis.call('HDEL', key, 'probe')
+  redis.call('SADD', K.breakers, c)
+  for _, h in ipairs(handlers) do
+    if not redis.call('HGET', K.hold, h) then redis.call('HSET', K.hold, h, 'breaker:' .. c) end
+  end
+  notice('breaker_opened', c, c .. ': ' .. fails .. ' failures in a row (' .. (class or '')
+    .. '); holding ' .. table.concat(handlers, ', '), {circuit = c, handlers = handlers,
+    failures = fails, error = class or '', probe_in_s = interval / 1000})
+end
+
+local function breaker_failure(b, id, pair, error)
+  local key = K.breaker .. b.c
+  local got = redis.call('HMGET', key, 'state', 'fails', 'since', 'probe', 'interval')
+  local class = string.match(error or '', '^[^:]*')
+  redis.call('HSET', K.recovering, pair, b.c)
+  local state = got[1] or 'closed'
+  if state == 'closed' then
+    local fails, since = tonumber(got[2] or '0'), tonumber(got[3] or '0')
+    if fails == 0 or NOW - since > b.w then fails, since = 0, NOW end
+    fails = fails + 1
+    redis.call('HSET', key, 'state', 'closed', 'fails', fails, 'since', since, 'handlers',
+      table.concat(b.h, ','))
+    if fails >= b.n then open_breaker(key, b.c, b.h, fails, b.p, class) end
+  elseif state == 'half_open' and got[4] == member(id, pair) then
+    -- The probe failed: open again, for twice as long.
+    local interval = math.min(tonumber(got[5] or b.p) * 2, b.m)
+    redis.call('HSET', key, 'state', 'open', 'interval', interval, 'probe_at', NOW + interval,
+      'error', class or '')
+    redis.call('HINCRBY', key, 'fails', 1)
+    redis.call('HDEL', key, 'probe')
+  else
+    redis.call('HINCRBY', key, 'fails', 1)
+  end
+end
+
+-- Close a circuit's breaker: its handlers are no longer held (unless an operator paused one),
+-- and the release queues their held pairs at their pace. `why` is 'recovered' or 'resumed'.
+local function close_breaker(c, why)
+  local key = K.breaker .. c
+  local got = redis.call('HMGET', key, 'state', 'handlers', 'opened_at', 'fails')
+  redis.call('DEL', key)
+  redis.call('SREM', K.breakers, c)
+  if got[1] ~= 'open' and got[1] ~= 'half_open' then return false end
+  local handlers = split_list(got[2])
+  for _, h in ipairs(handlers) do
+    if redis.call('HGET', K.hold, h) == 'breaker:' .. c then redis.call('HDEL', K.hold, h) end
+  end
+  local opened = tonumber(got[3] or '0')
+  notice('breaker_closed', c, c .. ': ' .. why .. ' after ' .. math.floor(NOW / 1000 - opened)
+    .. ' s; releasing ' .. held_count(handlers) .. ' held events', {circuit = c,
+    handlers = handlers, why = why, open_s = NOW / 1000 - opened,
+    failures = tonumber(got[4] or '0'), held = held_count(handlers)})
+  return true
+end
+
+-- A success of `pair` after failures: its circuit's run of failures ends (an open breaker
+-- closes), and its groups of transient failures close.
+local function recovered(id, pair, circuit)
+  if circuit ~= '' then
+    local state = redis.call('HGET', K.breaker .. circuit, 'state')
+    if state == 'open' or state == 'half_open' then
+      close_breaker(circuit, 'recovered')
+    else
+      redis.call('DEL', K.breaker .. circuit)
+    end
+  end
+  for _, gid in ipairs(redis.call('SMEMBERS', K.fgroup .. 'open:' .. pair)) do
+    end_group(gid, 'closed', 'recovery')
+  end
+  redis.call('DEL', K.fgroup .. 'open:' .. pair)
+  redis.call('HDEL', K.recovering, pair)
 end

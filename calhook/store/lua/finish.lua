@@ -4,7 +4,9 @@
 -- the endings of several runs of the process), do = done|retry|defer|dead, outcome (the trail's and the counters'
 -- word), delay (ms from now, for retry and defer), fields (more of the trail entry), bucket and dur
 -- (its duration histogram), cost (s one more event adds to a batch: its duration for a sync
--- handler, 0 for an async one), reason, error, traceback (for a dead letter)}.
+-- handler, 0 for an async one), reason, error, traceback (for a dead letter), gist (the error
+-- scrubbed of personal data, for its failure group), brk (a transient failure: its circuit's
+-- breaker, see breaker_failure in _lib.lua)}.
 -- 'done' counts from whoever ran it (the effect happened); the other endings only from the
 -- owner of a live run, so a copy that lost its lease cannot undo or re-arm anything.
 -- Returns per event 'ok', 'late' (already final) or 'lost' (not this run's any more).
@@ -29,22 +31,34 @@ for i = 10, #ARGV do
   elseif e['do'] ~= 'done' and (s ~= 'running' or o ~= owner) then
     r = 'lost'
   else
+    local outcome = e.outcome
+    if e.brk then breaker_failure(e.brk, id, pair, e.error) end
     if e['do'] == 'done' then
       order_commit(ev, pair)
       close_pair(ev, id, pair, q, s, 'done', owner)
       redis.call('INCR', tput)
       redis.call('EXPIRE', tput, 120)
+      local circuit = redis.call('HGET', K.recovering, pair)
+      if circuit then recovered(id, pair, circuit) end
     elseif e['do'] == 'retry' then
       to_waiting(ev, id, pair, q, s, NOW + e.delay, owner)
       redis.call('HSET', ev, f(pair, 'a'), tonumber(attempt) + 1, f(pair, 'n'), 0)
-      note_failure(id, pair, attempt, e.outcome, e.error or '')
+      note_failure(id, pair, attempt, e.outcome, e.error or '', e.gist)
     elseif e['do'] == 'defer' then
       to_waiting(ev, id, pair, q, s, NOW + e.delay, owner)
       redis.call('HINCRBY', ev, f(pair, 'n'), -1)
+    elseif e.reason == 'exhausted' and hold_of(pair) and not is_probe(hold_of(pair), id, pair) then
+      -- Its last attempt failed while its handler is held (its breaker opened, say): it waits
+      -- with the others rather than be dead-lettered, and gets that attempt again on release.
+      release_lock(ev, id, pair, owner)
+      to_held(ev, id, pair, q, s)
+      redis.call('HSET', ev, f(pair, 'n'), 0)
+      note_failure(id, pair, attempt, 'retry_scheduled', e.error or '', e.gist)
+      outcome = 'held'
     else
-      dead_letter(id, pair, q, s, e.reason, e.error or '', e.traceback or '', owner)
+      dead_letter(id, pair, q, s, e.reason, e.error or '', e.traceback or '', owner, e.gist)
     end
-    note(id, pair, attempt, e.outcome, e.fields)
+    note(id, pair, attempt, outcome, e.fields)
     if e.bucket then
       redis.call('HINCRBY', K.duration .. pair, e.bucket, 1)
       redis.call('HINCRBYFLOAT', K.duration .. pair, 'sum', e.dur)

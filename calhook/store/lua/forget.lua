@@ -14,6 +14,7 @@ for i = 7, #ARGV do
         release_lock(ev, id, pair, nil)
         set_state(ev, pair, redis.call('HGET', ev, f(pair, 'q')), value, 'forgotten')
         redis.call('ZREM', K.due, member(id, pair))
+        redis.call('ZREM', K.held .. pair, id)
         dropped = dropped + 1
       end
       records = records + redis.call('DEL', K.dead .. ':' .. id .. '.' .. pair)

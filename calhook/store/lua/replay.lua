@@ -26,7 +26,10 @@ if not s or FINAL[s] then
   redis.call('HINCRBY', ev, 'open', 1)
   redis.call('HSET', ev, f(pair, 'a'), 1, f(pair, 'n'), 0, f(pair, 'q'), queue)
   set_state(ev, pair, queue, s, 'queued')
-  enqueue(queue, pair, {id})
+  -- Held instead, if its handler is paused or its breaker open.
+  local groups = new_groups()
+  add_to_group(groups, pair, queue, id)
+  flush(groups, 1)
 end
 trail(id, cjson.encode({at = NOW / 1000, what = 'replayed', handler = pair}))
 return {'queued', queue}

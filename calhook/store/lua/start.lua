@@ -13,7 +13,7 @@
 -- (no such event or pair), a final state, 'early' (its retry is not due: a stale copy), 'busy'
 -- (running under a live lease), 'poison' (started too often without finishing: dead-lettered),
 -- 'deferred' (its entity's lock is held: the same attempt waits), 'stale' (an equal or newer
--- version of its entity was applied).
+-- version of its entity was applied), 'held' (its handler is paused or its breaker open).
 local pair, owner, max_starts = ARGV[7], ARGV[8], tonumber(ARGV[9])
 local seq, queue, defer_ms = tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
 local batch, most = ARGV[13] == 'batch', tonumber(ARGV[14])
@@ -31,6 +31,7 @@ mark_taken(seq)
 
 local ids = {}
 for i = 15, #ARGV do ids[#ids + 1] = ARGV[i] end
+local holding = hold_of(pair)
 
 -- The messages waiting next on the queue for the same pair join this run while they fit: under
 -- a backlog one task runs many events, under light load the queue is empty and nothing waits.
@@ -90,10 +91,18 @@ local function start_one(id)
   if s == 'running' and tonumber(redis.call('HGET', ev, f(pair, 'l')) or '0') > NOW then
     return {'busy'}
   end
+  if s == 'held' then return {'held'} end
   local got = redis.call('HMGET', ev, f(pair, 'q'), f(pair, 'a'), f(pair, 'n'), f(pair, 'e'),
     f(pair, 'v'))
   local q, attempt, n = got[1], got[2], tonumber(got[3] or '0') + 1
   local entity, version = got[4], got[5] or ''
+  if holding and not is_probe(holding, id, pair) then
+    -- Its handler is paused, or its breaker open: held, no attempt spent. A run cut before
+    -- (its lease ran out) keeps its entity until it runs again.
+    if s == 'running' then keep_lock_for_cut_run(ev, id, pair) end
+    to_held(ev, id, pair, q, s)
+    return {'held'}
+  end
   if batch and n > 1 then
     -- It starts alone, at the end of this run: the others of its entity wait behind it.
     if entity and first_of[entity] and first_of[entity][1] == id then
