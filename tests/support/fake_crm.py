@@ -46,6 +46,8 @@ class FakeCrm:
     calls: list[Call] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     delay_s: float = 0.0
+    # While set, every call is answered with this status (a CRM down for a long stretch).
+    outage_status: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadedServer | None = None
 
@@ -72,6 +74,7 @@ class FakeCrm:
             self.calls.clear()
             self.faults.clear()
             self.delay_s = 0.0
+            self.outage_status = None
 
     def fail_next(self, *faults: Fault) -> None:
         with self._lock:
@@ -90,6 +93,8 @@ class FakeCrm:
         with self._lock:
             self.calls.append(call)
             fault = self.faults.pop(0) if self.faults else None
+            if fault is None and self.outage_status is not None:
+                fault = Fault(self.outage_status, "down for maintenance")
             delay_s = self.delay_s
         await asyncio.sleep(delay_s)
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":

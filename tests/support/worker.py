@@ -28,6 +28,9 @@ TEST_ENV = {
     "CALHOOK_LEASE_S": "3",
     "CALHOOK_RECOVERY_S": "2",
     "CALHOOK_ORDER_WAIT_S": "0.2",
+    # Tests make handlers fail on purpose, many in a row: the breaker would hold them. The tests
+    # of the breaker switch it on (tests/faults/test_outage.py).
+    "CALHOOK_BREAKER_FAILURES": "0",
 }
 
 

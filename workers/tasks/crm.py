@@ -36,6 +36,8 @@ T = TypeVar("T")
 
 CRM_QUEUE = "crm"
 ORDER_SCOPE = "crm"
+# The CRM handlers call one service: its outage opens one breaker that holds them all.
+CIRCUIT = "crm"
 BOOKING_TYPES = (
     "appointment.booking.created",
     "appointment.manual.booking.created",
@@ -132,6 +134,7 @@ def _register() -> None:
         name="crm.sync_customer",
         ordered=True,
         order_scope=ORDER_SCOPE,
+        circuit=CIRCUIT,
     )(sync_customer)
     if settings.crm_sync_bookings:
         handler(
@@ -140,8 +143,9 @@ def _register() -> None:
             name="crm.sync_booking_customer",
             order_key=booking_customer_version,
             order_scope=ORDER_SCOPE,
+            circuit=CIRCUIT,
         )(sync_booking_customer)
-    handler("lead.created", queue=CRM_QUEUE, name="crm.sync_lead")(sync_lead)
+    handler("lead.created", queue=CRM_QUEUE, name="crm.sync_lead", circuit=CIRCUIT)(sync_lead)
 
 
 _register()
