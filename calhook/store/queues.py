@@ -4,8 +4,9 @@
 that workers took and have not acked (kombu's ``unacked`` hash), and retries wait in the pair
 states, not in any queue. Flower shows none of these (RELIABILITY.md item 14). So the table
 counts pairs, from the per-queue counts every transition keeps: ready (queued, not yet started),
-running, delayed (waiting for a retry, a lock or a rate limit), dead and parked, with the unacked
-messages, the age of the oldest waiting event and how much finished in the last minute.
+running, delayed (waiting for a retry, a lock or a rate limit), held (their handler is paused or
+its breaker open), dead and parked, with the unacked messages, the age of the oldest waiting
+event, how long the oldest held one has waited and how much finished in the last minute.
 """
 
 from __future__ import annotations
@@ -21,13 +22,24 @@ import redis
 
 from calhook.constants import DISPATCH_QUEUE
 from calhook.messages import read_task_message
-from calhook.store.keys import QUEUED, RUNNING, UNACKED, WAITING, event_key, pairs_key
+from calhook.store.keys import (
+    HELD,
+    HELD_STATE,
+    HOLDING,
+    QUEUED,
+    RUNNING,
+    UNACKED,
+    WAITING,
+    event_key,
+    pairs_key,
+)
 from calhook.store.keys import throughput_key as _throughput_key
 from calhook.store.records import DEAD, PARKED, RecordStore
 
 UNACKED_KEY = UNACKED
 # The table's columns, as the terminal and the status page head them.
-HEAD = ("queue", "ready", "running", "unacked", "delayed", "dead", "parked", "oldest", "done/min")
+HEAD = ("queue", "ready", "running", "unacked", "delayed", "held", "dead", "parked", "oldest",
+        "held-for", "done/min")  # fmt: skip
 _BUCKET_S = 10
 _WINDOW_S = 60
 
@@ -50,6 +62,8 @@ class QueueRow:
     parked: int
     oldest_age_s: float | None
     done_last_min: int
+    held: int = 0
+    oldest_held_age_s: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +89,23 @@ def _oldest_age_s(client: redis.Redis, queue: str, now: float) -> float | None:
     return max(now - float(received_at), 0.0)
 
 
+def _oldest_held(client: redis.Redis, now: float) -> dict[str, float]:
+    """Per queue, how long its oldest held event has waited (since it was received)."""
+    oldest: dict[str, float] = {}
+    handlers: set[bytes] = client.smembers(HOLDING)  # type: ignore[assignment]
+    for raw in handlers:
+        handler = raw.decode()
+        first: list[tuple[bytes, float]] = client.zrange(f"{HELD}{handler}", 0, 0, withscores=True)  # type: ignore[assignment]
+        if not first:
+            continue
+        event_id, received_at = first[0]
+        queue: bytes | None = client.hget(event_key(event_id.decode()), f"{handler}/q")  # type: ignore[assignment]
+        if queue is not None:
+            name = queue.decode()
+            oldest[name] = max(oldest.get(name, 0.0), max(now - float(received_at), 0.0))
+    return oldest
+
+
 def queue_table(client: redis.Redis, queues: Iterable[str]) -> list[QueueRow]:
     """A row for each of ``queues`` and for every other queue the stores mention."""
     now = time.time()
@@ -84,12 +115,17 @@ def queue_table(client: redis.Redis, queues: Iterable[str]) -> list[QueueRow]:
             unacked[str(orjson.loads(raw)[2])] += 1
         except (orjson.JSONDecodeError, IndexError, TypeError):
             continue
-    ready, running, delayed = (_counts(client, s) for s in (QUEUED, RUNNING, WAITING))
+    ready, running, delayed, held = (
+        _counts(client, s) for s in (QUEUED, RUNNING, WAITING, HELD_STATE)
+    )
+    held_for = _oldest_held(client, now)
     dead: Counter[str] = Counter(
         r.get("queue", "?") for r in RecordStore(client, DEAD).records(with_body=False)
     )
     parked = RecordStore(client, PARKED).count()
-    names = sorted({*queues, DISPATCH_QUEUE, *unacked, *(+ready), *(+running), *(+delayed), *dead})
+    names = sorted(
+        {*queues, DISPATCH_QUEUE, *unacked, *(+ready), *(+running), *(+delayed), *(+held), *dead}
+    )
     buckets = [int(now) // _BUCKET_S - i for i in range(_WINDOW_S // _BUCKET_S)]
     rows = []
     for name in names:
@@ -105,6 +141,8 @@ def queue_table(client: redis.Redis, queues: Iterable[str]) -> list[QueueRow]:
                 parked=parked if name == DISPATCH_QUEUE else 0,
                 oldest_age_s=_oldest_age_s(client, name, now),
                 done_last_min=sum(int(v) for v in done if v),
+                held=held[name],
+                oldest_held_age_s=held_for.get(name),
             )
         )
     return rows
@@ -130,9 +168,11 @@ def render_table(rows: list[QueueRow]) -> str:
             r.running,
             r.unacked,
             r.delayed,
+            r.held,
             r.dead,
             r.parked,
             _age(r.oldest_age_s),
+            _age(r.oldest_held_age_s),
             r.done_last_min,
         )
         for r in rows

@@ -16,7 +16,7 @@ from calhook.constants import DISPATCH_QUEUE
 from calhook.store.health import Health, HealthError
 from calhook.store.keys import HELD_STATE, QUEUED, pairs_key
 from calhook.store.pairs import Ending, PairStore
-from calhook.store.queues import throughput_key
+from calhook.store.queues import queue_table, render_table, throughput_key
 from calhook.store.records import DEAD, RecordStore
 from tests.support.store import OWNER, accept, dead_letter, route, start
 
@@ -339,3 +339,18 @@ def test_a_dispatch_pair_is_never_held(quiet_pairs: PairStore, health: Health) -
     health.pause("@dispatch")
     event_id = accept(quiet_pairs)
     assert start(quiet_pairs, "@dispatch", [event_id], DISPATCH_QUEUE) == ["run"]
+
+
+def test_the_queue_view_shows_held_pairs_and_how_long_the_oldest_has_waited(
+    quiet_pairs: PairStore, quiet_db: redis.Redis, health: Health
+) -> None:
+    ids = _routed(quiet_pairs, 3, spacing_s=60.0)
+    health.pause(H)
+    start(quiet_pairs, H, ids, Q)
+    (row,) = [r for r in queue_table(quiet_db, [Q]) if r.queue == Q]
+    assert (row.ready, row.held) == (0, 3)
+    assert row.oldest_held_age_s is not None
+    assert 3590 < row.oldest_held_age_s < 3700
+    line = next(x for x in render_table([row]).splitlines() if x.startswith(Q))
+    assert line.split()[5] == "3"
+    assert line.split()[9] == "60m"

@@ -89,10 +89,11 @@ def test_every_kind_of_pending_work_is_counted_with_no_worker_running(
     table = calhook_queues(redis_url)
     header, *lines = table.splitlines()
     assert header.split() == [
-        "queue", "ready", "running", "unacked", "delayed", "dead", "parked", "oldest", "done/min"
+        "queue", "ready", "running", "unacked", "delayed", "held", "dead", "parked", "oldest",
+        "held-for", "done/min"
     ]  # fmt: skip
     [dispatch_line] = [line.split() for line in lines if line.startswith("dispatch")]
-    assert dispatch_line[:7] == ["dispatch", "3", "0", "0", "0", "0", "1"]
-    assert dispatch_line[7].endswith("s")
-    assert 99 <= int(dispatch_line[7][:-1]) < 130
-    assert dispatch_line[8] == "9"
+    assert dispatch_line[:8] == ["dispatch", "3", "0", "0", "0", "0", "0", "1"]
+    assert dispatch_line[8].endswith("s")
+    assert 99 <= int(dispatch_line[8][:-1]) < 130
+    assert dispatch_line[9:] == ["-", "9"]

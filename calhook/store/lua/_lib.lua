@@ -220,20 +220,31 @@ local function to_held(ev, id, pair, queue, old)
   redis.call('SADD', K.holding, pair)
 end
 
+-- Whether new work of `pair` waits behind held work: while its handler is held, and while the
+-- release still queues what was held (new events line up behind it, so oldest first holds).
+local function held_back(pair)
+  return hold_of(pair) or redis.call('SISMEMBER', K.holding, pair) == 1
+end
+
+local function push_chunks(queue, pair, ids, batch_max)
+  local size = batch_size(pair, batch_max)
+  for j = 1, #ids, size do
+    local chunk = {}
+    for k = j, math.min(j + size - 1, #ids) do chunk[#chunk + 1] = ids[k] end
+    enqueue(queue, pair, chunk)
+  end
+end
+
+-- Queue the groups' pairs (one message per batch), or hold them if their handler is held back.
 local function flush(groups, batch_max)
   for _, g in ipairs(groups.keys) do
     local sep = string.find(g, '\n', 1, true)
     local pair, queue = string.sub(g, 1, sep - 1), string.sub(g, sep + 1)
     local ids = groups.ids[g]
-    if hold_of(pair) then
+    if pair ~= K.dispatch_pair and held_back(pair) then
       for _, id in ipairs(ids) do to_held(K.ev .. id, id, pair, queue, 'queued') end
     else
-      local size = batch_size(pair, batch_max)
-      for j = 1, #ids, size do
-        local chunk = {}
-        for k = j, math.min(j + size - 1, #ids) do chunk[#chunk + 1] = ids[k] end
-        enqueue(queue, pair, chunk)
-      end
+      push_chunks(queue, pair, ids, batch_max)
     end
   end
 end
@@ -303,6 +314,8 @@ local function forget_entity(ev, id, pair)
 end
 
 local function close_pair(ev, id, pair, queue, old, new, owner)
+  -- A held pair that a late run of it finished (its lease had run out) leaves the held ones.
+  if old == 'held' then redis.call('ZREM', K.held .. pair, id) end
   release_lock(ev, id, pair, owner)
   set_state(ev, pair, queue, old, new)
   redis.call('HDEL', ev, f(pair, 'o'), f(pair, 'l'), f(pair, 't'))
@@ -417,10 +430,10 @@ local function order_commit(ev, pair)
 end
 
 -- The circuit breaker of a circuit (a handler, or a destination its handlers share): a run of
--- transient failures (b.n within b.w ms, no success between) opens it, which holds its handlers;
--- the release (release.lua) then lets one held pair through at growing intervals (b.p ms, doubled
--- up to b.m): the first success closes it, and its handlers' held pairs are released. A
--- permanent error never counts. b = {c = circuit, h = {handlers}, n, w, p, m} from the worker.
+-- transient failures (b.n within b.w ms, no success of the circuit between) opens it, which
+-- holds its handlers; the release (release.lua) then lets one held pair through at growing
+-- intervals (b.p ms, doubled up to b.m): the first success closes it, and its handlers' held
+-- pairs are released. A permanent error never counts. b = {c = circuit, h = {handlers}, n, w, p, m} from the worker.
 local function held_count(handlers)
   local n = 0
   for _, h in ipairs(handlers) do n = n + redis.call('ZCARD', K.held .. h) end
@@ -448,17 +461,22 @@ end
 
 local function breaker_failure(b, id, pair, error)
   local key = K.breaker .. b.c
-  local got = redis.call('HMGET', key, 'state', 'fails', 'since', 'probe', 'interval')
+  local got = redis.call('HMGET', key, 'state', 'fails', 'times', 'probe', 'interval')
   local class = string.match(error or '', '^[^:]*')
-  redis.call('HSET', K.recovering, pair, b.c)
+  -- A success of any handler of the circuit ends the run (recovered(), in finish.lua).
+  for _, h in ipairs(b.h) do redis.call('HSET', K.recovering, h, b.c) end
   local state = got[1] or 'closed'
   if state == 'closed' then
-    local fails, since = tonumber(got[2] or '0'), tonumber(got[3] or '0')
-    if fails == 0 or NOW - since > b.w then fails, since = 0, NOW end
-    fails = fails + 1
-    redis.call('HSET', key, 'state', 'closed', 'fails', fails, 'since', since, 'handlers',
-      table.concat(b.h, ','))
-    if fails >= b.n then open_breaker(key, b.c, b.h, fails, b.p, class) end
+    -- The times of the run's last n failures: n of them within the window open it.
+    local times = got[3] and cjson.decode(got[3]) or {}
+    times[#times + 1] = NOW
+    while #times > b.n do table.remove(times, 1) end
+    local fails = tonumber(got[2] or '0') + 1
+    redis.call('HSET', key, 'state', 'closed', 'fails', fails, 'times', cjson.encode(times),
+      'handlers', table.concat(b.h, ','))
+    if #times >= b.n and NOW - times[1] <= b.w then
+      open_breaker(key, b.c, b.h, fails, b.p, class)
+    end
   elseif state == 'half_open' and got[4] == member(id, pair) then
     -- The probe failed: open again, for twice as long.
     local interval = math.min(tonumber(got[5] or b.p) * 2, b.m)

@@ -20,7 +20,11 @@ elseif action == 'resume' then
   if not prev then return {'not_paused'} end
   redis.call('HDEL', K.hold, name)
   redis.call('DEL', K.pause .. name)
-  if tonumber(extra) then redis.call('HSET', K.release_rate, name, extra) end
+  if tonumber(extra) then
+    redis.call('HSET', K.release_rate, name, extra)
+  else
+    redis.call('HDEL', K.release_rate, name)
+  end
   -- Its breaker starts afresh (an operator's pause may have taken over from it).
   local circuit = redis.call('HGET', K.recovering, name) or ''
   if string.sub(prev, 1, 8) == 'breaker:' then circuit = string.sub(prev, 9) end

@@ -3,7 +3,8 @@
 --   queued while the handlers stay held; start.lua runs it as the breaker's probe); a probe that
 --   went missing (held again, or final without a success) is replaced;
 -- - a handler no longer held has its held pairs queued, oldest first, at its pace: the rate
---   chosen at resume, else ARGV[7] events/s; at most ARGV[8] per handler per call.
+--   chosen at resume, else ARGV[7] events/s; at most ARGV[8] per handler per call. Its new
+--   events are held behind them until the last is queued (flush, held_back).
 -- ARGV[9] most events per message.
 -- Returns {{'probe', circuit, member} | {'released', handler, n, left}, ...}.
 local default_rate, most, batch_max = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -45,6 +46,17 @@ for _, c in ipairs(redis.call('SMEMBERS', K.breakers)) do
       end
     end
     if best then
+      -- A pair whose entity is kept for a cut run (its worker died) would only wait for that
+      -- run, itself held: the cut run is the probe instead (it goes first in the entity's order).
+      local base = redis.call('HGET', K.ev .. best[1], f(best[2], 'e'))
+      local holder = base and redis.call('GET', lock_key(base))
+      if holder and string.sub(holder, -(#CUT + 1)) == '|' .. CUT then
+        local cid, cpair = split_member(string.sub(holder, 1, -(#CUT + 2)))
+        if redis.call('HGET', K.ev .. cid, f(cpair, 's')) == 'held'
+            and redis.call('HGET', K.hold, cpair) == 'breaker:' .. c then
+          best = {cid, cpair}
+        end
+      end
       local queue = queue_pair(best[1], best[2])
       if queue then
         redis.call('HSET', key, 'state', 'half_open', 'probe', member(best[1], best[2]))
@@ -59,9 +71,11 @@ end
 for _, h in ipairs(redis.call('SMEMBERS', K.holding)) do
   if not redis.call('HGET', K.hold, h) then
     local rate = tonumber(redis.call('HGET', K.release_rate, h) or '') or default_rate
-    local last = tonumber(redis.call('HGET', K.released, h) or '') or (NOW - 1000)
-    -- At most a second's worth at once after a pause in the releasing.
-    if NOW - last > 1000 then last = NOW - 1000 end
+    -- At most a second's worth at once after a pause in the releasing (or one event, at a
+    -- pace below one a second).
+    local span = math.max(1000, 1000 / rate)
+    local last = tonumber(redis.call('HGET', K.released, h) or '') or (NOW - span)
+    if NOW - last > span then last = NOW - span end
     local quota = math.min(math.floor((NOW - last) * rate / 1000), most)
     local n = 0
     if quota >= 1 then
@@ -73,7 +87,11 @@ for _, h in ipairs(redis.call('SMEMBERS', K.holding)) do
           n = n + 1
         end
       end
-      flush(groups, batch_max)
+      -- Queued, not held back: the handler is in calhook:holding until its last one goes.
+      for _, g in ipairs(groups.keys) do
+        local sep = string.find(g, '\n', 1, true)
+        push_chunks(string.sub(g, sep + 1), h, groups.ids[g], batch_max)
+      end
       redis.call('HSET', K.released, h, last + quota * 1000 / rate)
     end
     local left = redis.call('ZCARD', K.held .. h)
