@@ -76,14 +76,21 @@ class Trail:
         return [orjson.loads(entry) for entry in raw]
 
     def events(
-        self, *, since: float = 0.0, event_type: str | None = None, limit: int = 50
+        self,
+        *,
+        since: float = 0.0,
+        until: float | None = None,
+        event_type: str | None = None,
+        limit: int = 50,
     ) -> Iterator[dict[str, Any]]:
-        """The ``received`` entries of events that arrived since ``since``, newest first."""
+        """The ``received`` entries of events that arrived between ``since`` and ``until``,
+        newest first."""
         found = 0
         offset = 0
+        top = "+inf" if until is None else repr(until)
         while found < limit:
             ids: list[bytes] = self._redis.zrevrangebyscore(  # type: ignore[assignment]
-                INDEX_KEY, "+inf", since, start=offset, num=200
+                INDEX_KEY, top, since, start=offset, num=200
             )
             if not ids:
                 return
