@@ -49,7 +49,7 @@ def test_events_list_selects_by_handler_state_and_time(
             "--state",
             "held",
             "--json",
-        )  # fmt: skip
+        )
     )
     assert [e["event_id"] for e in held] == [ids[1], ids[0]]
     assert {e["state"] for e in held} == {"held"}
