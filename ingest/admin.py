@@ -21,8 +21,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from calhook.constants import DISPATCH_QUEUE
+from calhook.store.connect import pair_store
+from calhook.store.health import Health
 from ingest.errors import Unauthorized
-from ingest.keys import METRICS, STATUS_REDIS
+from ingest.keys import METRICS, SETTINGS, STATUS_REDIS
 from ingest.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ingest.status import page as status_page
 
@@ -54,6 +56,10 @@ def admin_routes(ingress: web.Application, token: str | None) -> list[web.RouteD
         """The read-only status page."""
         if token is not None and not authorised(request, secret, query=True):
             raise Unauthorized("the status page needs the admin token")
-        return await status_page(request, ingress[STATUS_REDIS], set(_STATUS_QUEUES))
+        client = ingress[STATUS_REDIS]
+        # Built per request: the client is made at startup, after these routes; the page only
+        # reads, so no script of the store is ever run from here.
+        health = Health(pair_store(client, ingress[SETTINGS]).scripts)
+        return await status_page(request, client, set(_STATUS_QUEUES), health)
 
     return [web.get("/metrics", metrics), web.get("/status", status)]

@@ -3,7 +3,8 @@
 One module per command group, each above every other layer of calhook (no module of the kernel,
 the store, the ingress or the workers imports this package): ``processes`` (serve, worker,
 scheduler, exporter, dev), ``send`` (send, schema), ``queues``, ``events``, ``dlq``, ``parked``,
-``forget``; ``_common`` holds what they share.
+``handlers`` (pause, resume), ``failures`` (failure groups), ``forget``; ``_common`` holds what
+they share.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import click
 
 from calhook import __version__
-from calhook.cli import dlq, events, forget, parked, processes, queues, send
+from calhook.cli import dlq, events, failures, forget, handlers, parked, processes, queues, send
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,6 +33,8 @@ for _command in (
     events.events,
     dlq.dlq,
     parked.parked,
+    handlers.handlers,
+    failures.failures,
     forget.forget,
 ):
     main.add_command(_command)
