@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from calhook.store.health import Health
+from calhook.store.health import Breaker, Health
 from calhook.store.keys import DEAD, HELD_STATE, NOTICES
 from tests.conftest import FIXTURES
 from tests.faults.rig import AUTH, Rig, rig
@@ -64,7 +64,15 @@ async def _post(r: Rig, body: bytes) -> str:
 
 
 def _notices(r: Rig) -> Counter[str]:
-    return Counter(f[b"kind"].decode() for _, f in r.redis.xrange(NOTICES))
+    entries = r.redis.xrange(NOTICES)
+    assert entries is not None
+    kinds: Counter[str] = Counter()
+    for _, f in entries:
+        assert f is not None
+        kind = f[b"kind"]
+        assert isinstance(kind, bytes)
+        kinds[kind.decode()] += 1
+    return kinds
 
 
 def _held(r: Rig, ids: list[str]) -> int:
@@ -86,10 +94,12 @@ async def test_a_long_crm_outage_is_held_and_every_event_lands_once_after(tmp_pa
             ids = list(customers)
 
             # The breaker opens within its window and holds the handler.
-            breaker = await await_for(
-                lambda: (b := health.breaker(CIRCUIT)) and b.state != "closed" and b,
-                what="the breaker to open",
-            )
+            def opened() -> Breaker | None:
+                b = health.breaker(CIRCUIT)
+                return b if b is not None and b.state != "closed" else None
+
+            breaker = await await_for(opened, what="the breaker to open")
+            assert breaker is not None
             assert breaker.failures >= 5
             assert set(breaker.handlers) >= {HANDLER}
             await await_for(lambda: _held(r, ids) >= EVENTS - 1, what="the events held")

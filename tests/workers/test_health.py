@@ -8,12 +8,13 @@ processes is in ``tests/faults/test_outage.py``.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import redis
 
 from calhook.constants import DISPATCH_QUEUE
-from calhook.store.health import Health, HealthError
+from calhook.store.health import Breaker, Health, HealthError
 from calhook.store.keys import HELD_STATE, QUEUED, pairs_key
 from calhook.store.pairs import Ending, PairStore
 from calhook.store.queues import queue_table, render_table, throughput_key
@@ -21,10 +22,12 @@ from calhook.store.records import DEAD, RecordStore
 from tests.support.store import OWNER, accept, dead_letter, route, start
 
 H, Q = "crm.sync_customer", "crm"
-BREAKER = {"c": H, "h": [H], "n": 3, "w": 60_000, "p": 30_000, "m": 120_000}
+BREAKER: dict[str, Any] = {"c": H, "h": [H], "n": 3, "w": 60_000, "p": 30_000, "m": 120_000}
 
 
-def _fail(event_id: str, *, exhausted: bool = False, breaker: dict | None = BREAKER) -> Ending:
+def _fail(
+    event_id: str, *, exhausted: bool = False, breaker: dict[str, Any] | None = BREAKER
+) -> Ending:
     if exhausted:
         return Ending(
             event_id,
@@ -75,6 +78,25 @@ def _state(pairs: PairStore, event_id: str) -> str:
 
 def _counts(client: redis.Redis, state: str) -> int:
     return int(client.hget(pairs_key(state), Q) or 0)
+
+
+def _breaker(health: Health) -> Breaker:
+    """H's breaker, which must be there."""
+    breaker = health.breaker(H)
+    assert breaker is not None
+    return breaker
+
+
+def _notice_kinds(client: redis.Redis) -> list[str]:
+    entries = client.xrange("calhook:notices")
+    assert entries is not None
+    kinds = []
+    for _, fields in entries:
+        assert fields is not None
+        kind = fields[b"kind"]
+        assert isinstance(kind, bytes)
+        kinds.append(kind.decode())
+    return kinds
 
 
 @pytest.fixture
@@ -143,9 +165,9 @@ def test_the_breaker_opens_after_a_run_of_transient_failures_and_holds(
     ids = _routed(quiet_pairs, 6)
     assert _run(quiet_pairs, ids[0], _fail(ids[0])) == ["run", "ok"]
     assert _run(quiet_pairs, ids[1], _fail(ids[1])) == ["run", "ok"]
-    assert health.breaker(H).state == "closed"
+    assert _breaker(health).state == "closed"
     assert _run(quiet_pairs, ids[2], _fail(ids[2])) == ["run", "ok"]
-    breaker = health.breaker(H)
+    breaker = _breaker(health)
     assert (breaker.state, breaker.failures, breaker.error) == ("open", 3, "CrmUnavailable")
     assert [b.circuit for b in health.breakers()] == [H]
     # Open: the next pairs are held, the failed ones too once due (the sweep).
@@ -182,13 +204,13 @@ def test_a_permanent_error_or_a_success_between_never_opens_it(
                 error="CrmRejected: HubSpot answered 400",
             ),
         )
-    assert health.breaker(H).state == "closed"
-    assert health.breaker(H).failures == 2
+    assert _breaker(health).state == "closed"
+    assert _breaker(health).failures == 2
     _run(quiet_pairs, ids[5], Ending(ids[5], "done", "ok"))
     assert health.breaker(H) is None
     _run(quiet_pairs, ids[6], _fail(ids[6]))
     _run(quiet_pairs, ids[7], _fail(ids[7]))
-    assert health.breaker(H).state == "closed"
+    assert _breaker(health).state == "closed"
 
 
 def test_half_open_probe_fails_then_succeeds_and_releases(
@@ -209,11 +231,11 @@ def test_half_open_probe_fails_then_succeeds_and_releases(
     probe_id = released[0][2].decode().split("/")[0]
     assert probe_id == ids[0]
     assert _state(quiet_pairs, probe_id) == QUEUED
-    assert health.breaker(H).state == "half_open"
+    assert _breaker(health).state == "half_open"
     assert quiet_db.llen(Q) == 1
     # The others stay held; the probe runs although the handler is held, and fails.
     assert _run(quiet_pairs, probe_id, _fail(probe_id)) == ["run", "ok"]
-    breaker = health.breaker(H)
+    breaker = _breaker(health)
     assert (breaker.state, breaker.probes) == ("open", 1)
     assert breaker.probe_at is not None
     assert breaker.probe_at > now + 55  # twice as long
@@ -245,7 +267,7 @@ def test_a_lost_probe_is_replaced(
     assert _state(quiet_pairs, probe.split("/")[0]) == HELD_STATE
     released = health.scripts.call("release", ["100", 1000, 10], now_s=now + 401)
     assert [r[0] for r in released] == [b"probe"]
-    assert health.breaker(H).state == "half_open"
+    assert _breaker(health).state == "half_open"
 
 
 def test_an_exhausted_pair_is_held_not_dead_lettered_while_its_breaker_is_open(
@@ -254,7 +276,7 @@ def test_an_exhausted_pair_is_held_not_dead_lettered_while_its_breaker_is_open(
     ids = _routed(quiet_pairs, 4)
     for event_id in ids[:3]:
         _run(quiet_pairs, event_id, _fail(event_id))
-    assert health.breaker(H).state == "open"
+    assert _breaker(health).state == "open"
     # ids[3] was running when the breaker opened, on its last attempt.
     assert _run(quiet_pairs, ids[3], _fail(ids[3], exhausted=True)) == ["held"]
     health.resume(H)
@@ -312,7 +334,7 @@ def test_notices_are_written_once_per_transition(
     health.pause(H, by="ops", reason="x")
     health.pause(H, by="ops", reason="y")
     health.resume(H, by="ops")
-    kinds = [fields[b"kind"].decode() for _, fields in quiet_db.xrange("calhook:notices")]
+    kinds = _notice_kinds(quiet_db)
     assert kinds == [
         "group_opened",
         "breaker_opened",
