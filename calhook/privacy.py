@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 # A run of digits (with the separators of phone numbers) long enough to be a phone number.
 _DIGITS = re.compile(r"\+?\d[\d ()/.-]{5,}\d")
+# A customer's or an appointment's uuid identifies a person as well as a name does.
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _QUOTED = re.compile(r"(['\"])(?:(?!\1).){1,200}\1")
 
@@ -39,10 +42,30 @@ def mask_name(name: str | None) -> str | None:
     return f"{name[:1]}."
 
 
-def scrub(text: str, limit: int = 300) -> str:
-    """An error's text fit to show beside its failure group: e-mail addresses, phone-like
-    numbers and quoted values (where libraries echo what they were given) masked; at most
-    ``limit`` characters."""
+def payload_strings(payload: object, shortest: int = 3) -> set[str]:
+    """Every string value in a (parsed JSON) payload at least ``shortest`` long: what a
+    library's error may echo of the person (a name, a street, a remark)."""
+    found: set[str] = set()
+    stack = [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and len(item.strip()) >= shortest:
+            found.add(item.strip())
+    return found
+
+
+def scrub(text: str, known: Iterable[str] = (), limit: int = 300) -> str:
+    """An error's text fit to show beside its failure group: the ``known`` values (the event's
+    own strings, :func:`payload_strings`), e-mail addresses, uuids, phone-like numbers and quoted
+    values (where libraries echo what they were given) masked; at most ``limit`` characters."""
+    for value in sorted(known, key=len, reverse=True):
+        if value in text:
+            text = text.replace(value, "***")
+    text = _UUID.sub("<uuid>", text)
     text = _EMAIL.sub(lambda m: mask_email(m.group()) or "***", text)
     text = _QUOTED.sub(lambda m: f"{m.group(1)}***{m.group(1)}", text)
     text = _DIGITS.sub(lambda m: m.group() if _DATE.fullmatch(m.group()) else "***", text)

@@ -144,6 +144,9 @@ def everything(client: redis.Redis) -> dict[str, str]:
             items = sorted(client.smembers(key))  # type: ignore[arg-type]
         elif kind == "zset":
             items = client.zrange(key, 0, -1)  # type: ignore[assignment]
+        elif kind == "stream":
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(key)  # type: ignore[assignment]
+            items = [part for _, fields in entries for pair in fields.items() for part in pair]
         else:
             raise AssertionError(f"{name}: a {kind} calhook does not write")
         found[name] = "\n".join([name.lower(), *(readable(i) for i in items if i is not None)])

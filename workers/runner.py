@@ -55,7 +55,7 @@ from tenacity import (
 )
 
 from calhook import logs
-from calhook.privacy import scrub
+from calhook.privacy import payload_strings, scrub
 from calhook.settings import Settings
 from calhook.store.connect import async_twin
 from calhook.store.keys import due_member
@@ -464,7 +464,7 @@ class HandlerRunner:
             error=error,
             traceback=_trace(exc) if failure.do == "dead" else "",
             cost_s=cost_s,
-            gist=scrub(error) if failure.do != "defer" else "",
+            gist=scrub(error, _personal(s.body)) if failure.do != "defer" else "",
             breaker=self._breaker(h) if failure.transient else None,
         )
 
@@ -550,6 +550,14 @@ def _not_run(s: Started) -> str:
         return "held"
     log.info("not run", extra={"event_id": s.event_id, "why": s.what})
     return f"not_run_{s.what}"
+
+
+def _personal(body: str) -> set[str]:
+    """What of the event's body an error might echo (masked in its failure group's text)."""
+    try:
+        return payload_strings(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return set()
 
 
 def _name(exc: BaseException) -> str:
