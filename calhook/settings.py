@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.utils
 import functools
 import ipaddress
 import re
+import urllib.parse
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -381,6 +383,34 @@ class Settings(BaseSettings):
     template_dir: str = Field(
         "", description="Folder of templates overriding the built-in ones (same file names)."
     )
+    # Operational notices (workers/notices.py, run by `calhook scheduler`)
+    notice_chat: bool | None = Field(
+        None,
+        description="Send operational notices (a breaker opened or closed, a failure group, a "
+        "paused or resumed handler, the dead letters crossing their threshold) to "
+        "CALHOOK_CHAT_WEBHOOK_URL; unset: yes when that is set.",
+    )
+    notice_email: CsvList = Field(
+        (),
+        description="Comma-separated addresses mailed each operational notice (through "
+        "CALHOOK_SMTP_URL, from CALHOOK_NOTIFY_FROM); empty: none.",
+    )
+    notice_url: str = Field(
+        "",
+        description="An operator's http(s) URL each operational notice is POSTed to as JSON, "
+        "signed as Standard Webhooks with CALHOOK_NOTICE_SECRET; empty: none.",
+    )
+    notice_secret: SecretStr = Field(
+        SecretStr(""),
+        description="The whsec_<base64> key that signs the notices POSTed to CALHOOK_NOTICE_URL "
+        "(webhook-signature v1, HMAC-SHA256).",
+    )
+    notice_dead_letters: int = Field(
+        100,
+        ge=0,
+        description="A notice when the dead letters reach this many, and one when they fall "
+        "below it again (0: no such notice).",
+    )
     # Operations
     log_format: Literal["json", "console"] = Field("json", description="Log line format.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level.")
@@ -391,6 +421,7 @@ class Settings(BaseSettings):
         "auth_secrets",
         "retry_schedule_s",
         "notify_to",
+        "notice_email",
         "allowed_ips",
         "trusted_proxies",
         mode="before",
@@ -433,6 +464,41 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown time zone {value!r}") from exc
         return value
 
+    @field_validator("notice_email")
+    @classmethod
+    def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            if "@" not in email.utils.parseaddr(address)[1]:
+                # Not quoted: an address is personal data, and this message reaches the logs.
+                raise ValueError("each address must be name@domain")
+        return value
+
+    @field_validator("notice_url")
+    @classmethod
+    def _notice_url(cls, value: str) -> str:
+        if value:
+            parts = urllib.parse.urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("notice_secret")
+    @classmethod
+    def _notice_secret(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value():
+            decode_whsec(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _notice_channels(self) -> Settings:
+        if self.notice_chat and not self.chat_webhook_url.get_secret_value():
+            raise ValueError("CALHOOK_NOTICE_CHAT is true but CALHOOK_CHAT_WEBHOOK_URL is empty")
+        if self.notice_email and not self.smtp_url:
+            raise ValueError("CALHOOK_NOTICE_EMAIL is set but CALHOOK_SMTP_URL is empty")
+        if self.notice_url and not self.notice_secret.get_secret_value():
+            raise ValueError("CALHOOK_NOTICE_URL is set but CALHOOK_NOTICE_SECRET is empty")
+        return self
+
     @model_validator(mode="after")
     def _limits(self) -> Settings:
         if self.visibility_timeout_s <= self.task_time_limit_s:
@@ -447,6 +513,14 @@ class Settings(BaseSettings):
     def zone(self) -> ZoneInfo:
         """The zone of naive ``created`` timestamps."""
         return ZoneInfo(self.created_tz)
+
+    @property
+    def notices_to_chat(self) -> bool:
+        """Whether operational notices go to the chat webhook (CALHOOK_NOTICE_CHAT, by default
+        whenever the webhook is set)."""
+        if self.notice_chat is not None:
+            return self.notice_chat
+        return bool(self.chat_webhook_url.get_secret_value())
 
     @property
     def retention_s(self) -> int:

@@ -10,6 +10,10 @@ Several schedulers may run: each sweep is one atomic script.
 Each tick it also runs the release (:mod:`calhook.store.health`): an open breaker's probe, and the
 held events of a resumed handler, oldest first at its pace.
 
+It also starts the operational notices (:mod:`workers.notices`) in a thread of their own, so a
+slow receiver never delays a sweep, and each tick it writes a notice when the dead letters cross
+CALHOOK_NOTICE_DEAD_LETTERS.
+
 Once a minute (and at start) it also enforces the retention (``CALHOOK_RETENTION_DAYS``): dead
 letters, parked records and trails older than it are erased even if nothing is written or read
 any more.
@@ -29,6 +33,7 @@ from calhook.store.pairs import PairStore
 from calhook.store.records import DEAD, PARKED, RecordStore
 from calhook.store.trail import Trail
 from workers.legacy import migrate_stores
+from workers.notices import check_dead_letters, start_notices
 
 log = logging.getLogger("calhook.scheduler")
 
@@ -37,6 +42,9 @@ RETENTION_SWEEP_S = 60.0
 _SWEEP_LIMIT = 1000
 # Held events one release queues per handler at most, whatever the pace.
 _RELEASE_MOST = 1000
+# How long a stopping scheduler waits for a notice being sent; one cut short is sent again by
+# the next scheduler to read the stream (the channels that took it are not sent to again).
+_NOTICES_STOP_S = 5.0
 
 
 def sweep_retention(pairs: PairStore, settings: Settings, now_s: float | None = None) -> int:
@@ -99,6 +107,7 @@ def run_scheduler(pairs: PairStore, settings: Settings, stop: threading.Event) -
         log.warning("cannot look for calhook 0.1's delayed store", extra={"error": repr(exc)})
     next_retention = 0.0
     health = Health(pairs.scripts)
+    notices = start_notices(pairs.client, settings, stop)
     while not stop.is_set():
         try:
             if time.monotonic() >= next_retention:
@@ -108,7 +117,10 @@ def run_scheduler(pairs: PairStore, settings: Settings, stop: threading.Event) -
                     log.info("retention: erased old records", extra={"erased": erased})
             sweep_once(pairs, settings)
             release_once(health, settings)
+            check_dead_letters(pairs.client, settings.notice_dead_letters)
         except redis.RedisError as exc:
             log.warning("scheduler cannot reach redis", extra={"error": repr(exc)})
         stop.wait(settings.scheduler_interval_s)
+    if notices is not None:
+        notices.join(_NOTICES_STOP_S)
     log.info("scheduler stopped")
