@@ -19,9 +19,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient
 
 from calhook.settings import Settings
+from calhook.store.health import Health
 from calhook.store.pairs import Ending, PairStore
 from ingest import create_app
-from tests.support.store import accept, dead_letter, end, park, route
+from tests.support.store import accept, dead_letter, end, park, route, start
 
 ADMIN = "admin-test-token"
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,6 +80,27 @@ def lay_out(pairs: PairStore) -> Laid:
     parked = accept(pairs, b'{"type": "invoice.paid"}', event_type="invoice.paid")
     park(pairs, parked, "unknown_type", event_type="invoice.paid")
     return Laid(retried, dead, parked)
+
+
+def lay_out_outage(pairs: PairStore) -> None:
+    """The CRM down (its breaker open after five failures, events held) and the mail handler
+    paused by an operator, through the real transitions."""
+    breaker = {"c": "crm", "h": [CRM], "n": 5, "w": 300_000, "p": 30_000, "m": 900_000}
+    ids = []
+    for n in range(8):
+        event_id = accept(pairs, f'{{"outage": {n}}}'.encode(), received_at=time.time() - 600)
+        route(pairs, event_id, [(CRM, "crm"), ("notify.staff", "notify")])
+        ids.append(event_id)
+    for event_id in ids[:5]:
+        failed = Ending(
+            event_id, "retry", "retry_scheduled", {"error": "CrmUnavailable"}, delay_s=10,
+            error="CrmUnavailable: CRM answered 503: down for maintenance",
+            gist="CrmUnavailable: CRM answered 503: down for maintenance", breaker=breaker,
+        )  # fmt: skip
+        assert end(pairs, CRM, "crm", failed) == "ok"
+    Health(pairs.scripts).pause("notify.staff", reason="SMTP relay migration", by="ops")
+    assert start(pairs, CRM, ids[5:], "crm") == ["held"] * 3
+    assert start(pairs, "notify.staff", ids, "notify") == ["held"] * 8
 
 
 def tables(page: str) -> dict[str, list[list[str]]]:
@@ -171,6 +193,7 @@ async def test_a_real_browser_renders_the_page_without_personal_data(
 ) -> None:
     browser = chromium()
     laid = lay_out(quiet_pairs)
+    lay_out_outage(quiet_pairs)
     app = create_app(make_settings(admin_token=ADMIN, redis_url=quiet_url))
     async with TestClient(TestServer(app)) as client:
         url = f"http://127.0.0.1:{client.port}/status?token={ADMIN}"
@@ -179,7 +202,7 @@ async def test_a_real_browser_renders_the_page_without_personal_data(
                  "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
         dom = await run([*flags, "--dump-dom", url])
         shot = tmp_path / "status.png"
-        await run([*flags, f"--screenshot={shot}", "--window-size=1100,900", url])
+        await run([*flags, f"--screenshot={shot}", "--window-size=1100,1400", url])
 
     assert "crm.sync_customer" in dom
     assert "retry_scheduled" in dom
@@ -190,6 +213,9 @@ async def test_a_real_browser_renders_the_page_without_personal_data(
     assert "invoice.paid" in dom
     assert "unknown_type" in dom
     assert "anna.muster" not in dom
+    # The outage: the CRM's breaker holding its handler, the operator's pause, the group.
+    assert "SMTP relay migration" in dom
+    assert "down for maintenance" in dom
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("CALHOOK_UPDATE_SCREENSHOT"):
         SCREENSHOT.write_bytes(shot.read_bytes())
