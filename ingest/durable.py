@@ -9,6 +9,9 @@ resends through the same dedup-and-enqueue script, so an event whose first write
 (a timeout is not a refusal) is not queued twice.
 
 Only when Redis and the spool both fail is an event refused (503).
+
+When spooling ends, one operational notice tells how many events waited and for how long
+(``ingress_spooled`` in ``calhook:notices``, sent by :mod:`workers.notices`).
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
+from typing import Any
 
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from calhook.constants import trail_key
+from calhook.store.keys import NOTICES, NOTICES_MAX
 from ingest.publisher import Outgoing, Publisher, PublishError
 from ingest.spool import Spool, SpoolError
 
@@ -59,6 +65,8 @@ class DurableWriter:
         self._drainer: asyncio.Task[None] | None = None
         self.spooled = 0
         self.drained = 0
+        # The current spell of spooling: since when, and the spooled count when it began.
+        self._spell: tuple[float, int] | None = None
 
     @property
     def spooling(self) -> bool:
@@ -75,6 +83,7 @@ class DurableWriter:
         if self._spool.depth():
             log.warning("spool holds events from before", extra={"depth": self._spool.depth()})
             self._spooling = True
+            self._spell = (time.time(), -self._spool.depth())
             self._wake.set()
         self._drainer = asyncio.create_task(self._drain_forever(), name="calhook-spool-drainer")
 
@@ -100,6 +109,7 @@ class DurableWriter:
                 if not self._spooling:
                     log.warning("redis unavailable, spooling", extra={"error": str(exc)})
                     self._spooling = True
+                    self._spell = (time.time(), self.spooled)
                     self._wake.set()
         # append() counts the event in the spool's depth before its first await, so from the
         # moment it is chosen for the spool the drainer cannot end spooling ahead of it.
@@ -168,3 +178,24 @@ class DurableWriter:
         if self._spooling and self._spool.depth() == 0:
             self._spooling = False
             log.info("redis is back, spooling ends")
+            await self._tell_spooled()
+
+    async def _tell_spooled(self) -> None:
+        """One operational notice per spell of spooling, now that Redis answers (best effort:
+        a notice lost here loses no event)."""
+        if self._spell is None:
+            return
+        since, at_start = self._spell
+        self._spell = None
+        now, host = time.time(), socket.gethostname()
+        spooled = self.spooled - at_start
+        text = (f"ingress {host}: {spooled} events waited in its spool for {now - since:.0f} s "
+                "(Redis unavailable or too slow to confirm); all are in Redis now")  # fmt: skip
+        data = {"host": host, "spooled": spooled, "since": since, "until": now}
+        fields: dict[Any, Any] = {
+            "kind": "ingress_spooled", "subject": host, "text": text, "at": f"{now:.3f}",
+            "data": orjson.dumps(data)}  # fmt: skip
+        try:
+            await self._redis.xadd(NOTICES, fields, maxlen=NOTICES_MAX, approximate=True)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("cannot write the spooling notice", extra={"error": repr(exc)})

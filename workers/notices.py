@@ -50,7 +50,7 @@ import redis.asyncio
 
 from calhook.settings import Settings, decode_whsec
 from calhook.store.connect import async_twin
-from calhook.store.keys import DEAD, NOTICES
+from calhook.store.keys import DEAD, NOTICES, NOTICES_MAX
 from workers.errors import HandlerError, TransientError
 from workers.http import read_answer, sessions
 from workers.notify.chat import POSTED_TTL_S, post_chat, posted_key
@@ -71,8 +71,6 @@ DEAD_LETTER_STATE = f"{NOTICES}:dead_letters"
 """``above`` or ``below`` CALHOOK_NOTICE_DEAD_LETTERS, as last told."""
 # Entries one step handles at most from each source, so that retries cannot starve new ones.
 _STEP_MOST = 100
-# As _lib.lua's NOTICES_MAX: the stream keeps about this many entries.
-_NOTICES_MAX = 10_000
 
 _url_sessions = sessions(URL_TIMEOUT_S)
 
@@ -506,7 +504,7 @@ def check_dead_letters(client: redis.Redis, threshold: int) -> str | None:
     if threshold <= 0:
         return None
     state, count, told = client.register_script(_CROSSING)(
-        keys=[DEAD, DEAD_LETTER_STATE, NOTICES], args=[threshold, _NOTICES_MAX]
+        keys=[DEAD, DEAD_LETTER_STATE, NOTICES], args=[threshold, NOTICES_MAX]
     )
     if not told:
         return None

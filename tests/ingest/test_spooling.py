@@ -18,6 +18,7 @@ from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK, dedup_key
 from calhook.messages import task_message
 from calhook.redis_server import free_port
 from calhook.settings import Settings
+from calhook.store.keys import NOTICES
 from ingest import create_app
 from ingest.app import WRITER
 from ingest.publisher import Outgoing
@@ -62,6 +63,12 @@ async def test_a_stalled_redis_is_spooled_then_drained_without_duplicates(
     # Some first writes reached Redis before their deadline passed; drain found them by their
     # dedup key and did not queue them again.
     assert sorted(queued_ids(redis_db)) == sorted(ids)
+    # One operational notice tells of the spell (workers/notices.py sends it).
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = redis_db.xrange(NOTICES)  # type: ignore[assignment]
+    [(_, notice)] = entries
+    assert notice[b"kind"] == b"ingress_spooled"
+    assert orjson.loads(notice[b"data"])["spooled"] == 20
+    assert b"20 events waited in its spool" in notice[b"text"]
 
 
 async def test_spooled_events_survive_a_restart_and_drain_in_order(
