@@ -124,10 +124,7 @@ class Notice:
             return f"calhook failures show {data.get('group') or self.subject}"
         if kind == "handler_paused":
             return f"calhook handlers resume {data.get('handler') or self.subject}"
-        if kind == "breaker_opened":
-            handlers = _names(data.get("handlers")) or [self.subject]
-            return " / ".join(f"calhook handlers resume {h}" for h in handlers)
-        if kind in ("breaker_closed", "handler_resumed"):
+        if kind in ("breaker_opened", "breaker_closed", "handler_resumed"):
             return "calhook handlers list"
         if kind.startswith("dead_letters_"):
             return "calhook dlq list"
@@ -139,8 +136,14 @@ class Notice:
         """The one line people read; ``chat``: Slack mrkdwn, its control characters escaped."""
         text = self.text if self.subject in self.text else f"{self.subject}: {self.text}"
         command = self.next_command()
-        # An open breaker probes by itself: resuming is for when the destination is back.
-        hint = f" once {self.subject} works again" if self.kind == "breaker_opened" else ""
+        # An open breaker probes, and closes, by itself: pausing stops the probes for an outage
+        # known to last.
+        hint = (
+            " (it closes by itself at the first probe that succeeds; `calhook handlers pause` "
+            "stops the probes)"
+            if self.kind == "breaker_opened"
+            else ""
+        )
         if chat:
             parts = [f"*{_escape(self.kind)}*", _escape(self.when), _escape(text)]
             if command:

@@ -321,7 +321,8 @@ def test_the_lines_say_what_happened_and_what_to_run(
     opened = by_kind["breaker_opened"]
     assert opened.line().endswith(
         "crm.sync_customer: 3 failures in a row (CrmUnavailable); holding crm.sync_customer"
-        " | next: calhook handlers resume crm.sync_customer once crm.sync_customer works again"
+        " | next: calhook handlers list (it closes by itself at the first probe that succeeds;"
+        " `calhook handlers pause` stops the probes)"
     )
     resolved = by_kind["group_resolved"]
     assert resolved.line().endswith(f"next: calhook failures show {resolved.data['group']}")
