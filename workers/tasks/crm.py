@@ -29,7 +29,7 @@ from workers.crm.http import HttpCrm
 from workers.crm.ratelimit import AsyncRateLimiter, RateLimitedCrm
 from workers.errors import PermanentError
 from workers.ordering import booking_customer_version
-from workers.registry import HandlerContext, handler
+from workers.registry import HandlerContext, RetryPolicy, handler
 
 log = logging.getLogger("calhook.crm")
 T = TypeVar("T")
@@ -38,6 +38,9 @@ CRM_QUEUE = "crm"
 ORDER_SCOPE = "crm"
 # The CRM handlers call one service: its outage opens one breaker that holds them all.
 CIRCUIT = "crm"
+# The CRM client retries a call quickly itself (workers/crm/client.py), Retry-After aware: the
+# runner's own quick retries on top would make each failed attempt nine calls, not three.
+RETRY = RetryPolicy(quick_retries=0)
 BOOKING_TYPES = (
     "appointment.booking.created",
     "appointment.manual.booking.created",
@@ -135,6 +138,7 @@ def _register() -> None:
         ordered=True,
         order_scope=ORDER_SCOPE,
         circuit=CIRCUIT,
+        retry=RETRY,
     )(sync_customer)
     if settings.crm_sync_bookings:
         handler(
@@ -144,8 +148,11 @@ def _register() -> None:
             order_key=booking_customer_version,
             order_scope=ORDER_SCOPE,
             circuit=CIRCUIT,
+            retry=RETRY,
         )(sync_booking_customer)
-    handler("lead.created", queue=CRM_QUEUE, name="crm.sync_lead", circuit=CIRCUIT)(sync_lead)
+    handler("lead.created", queue=CRM_QUEUE, name="crm.sync_lead", circuit=CIRCUIT, retry=RETRY)(
+        sync_lead
+    )
 
 
 _register()
