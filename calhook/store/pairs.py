@@ -6,6 +6,7 @@ A pair is (event, handler), or the event's dispatch. Its states::
        ▲                 │ ──retry / defer──▶ waiting ──(due: sweep)──▶ queued
        │                 └──dead (permanent, exhausted, poison)──▶ dead ──replay──▶ queued
        └──(lease ran out, or the message was lost: sweep)
+    queued ──(its handler paused, or its breaker open)──▶ held ──(release)──▶ queued
 
 A run owns its pair through a lease (an owner token and a deadline) that the worker's heartbeat
 renews; a second copy of a message finds the pair running, done or dead and runs nothing. Every
