@@ -22,6 +22,7 @@ from calhook.store.health import Breaker, Health
 from calhook.store.keys import DEAD, HELD_STATE, NOTICES
 from tests.conftest import FIXTURES
 from tests.faults.rig import AUTH, Rig, rig
+from tests.support.chat_server import ChatServer
 from tests.support.fake_crm import TOKEN, FakeCrm
 from tests.support.waiting import await_for
 
@@ -81,8 +82,11 @@ def _held(r: Rig, ids: list[str]) -> int:
 
 async def test_a_long_crm_outage_is_held_and_every_event_lands_once_after(tmp_path: Path) -> None:
     crm = FakeCrm().start()
+    chat = ChatServer().start()
     try:
-        async with rig(tmp_path, CALHOOK_CRM_URL=crm.url, **ENV) as r:
+        async with rig(
+            tmp_path, CALHOOK_CRM_URL=crm.url, CALHOOK_CHAT_WEBHOOK_URL=chat.url, **ENV
+        ) as r:
             health = Health(r.pairs.scripts)
             r.start_worker(concurrency=2)
             r.start_scheduler()
@@ -145,6 +149,13 @@ async def test_a_long_crm_outage_is_held_and_every_event_lands_once_after(tmp_pa
             took_s = time.monotonic() - start
             await await_for(lambda: r.quiet(ids), what="every pair final")
             notices = _notices(r)
+            # The scheduler told the chat of each transition once.
+            await await_for(lambda: len(chat.posts) >= 4, what="the notices in the chat")
+            await asyncio.sleep(2)  # time for a duplicate to show, were there one
+            told = Counter(str(p["text"]).split("*")[1] for p in chat.posts)
+            assert told == Counter(
+                {"group_opened": 1, "breaker_opened": 1, "breaker_closed": 1, "group_closed": 1}
+            )
             assert health.holds() == []
             assert health.breakers() == []
             assert health.groups() == []
@@ -165,4 +176,5 @@ async def test_a_long_crm_outage_is_held_and_every_event_lands_once_after(tmp_pa
         assert notices["group_opened"] == 1
         assert notices["group_closed"] == 1
     finally:
+        chat.stop()
         crm.stop()
