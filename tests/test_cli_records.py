@@ -73,10 +73,11 @@ def test_a_bulk_replay_stopped_halfway_and_run_again_replays_each_once(
     others = lay_out(quiet_pairs, 20, "crm.sync", "KeyError: 'email'")
     quiet_db.delete("crm")  # the messages of the handlers' first runs (no worker reads here)
 
-    # When a replay of the outage's letters at 500 a second is stopped with Ctrl-C
-    first = cli(quiet_url, "dlq", "replay", "--error", "CrmDown", "--since", "1h", "--rate", "500")
-    wait_for(lambda: 200 <= 1000 - _left(quiet_db, events) <= 800, timeout_s=30,
-             what="the replay halfway")  # fmt: skip
+    # When a replay of the outage's letters at 200 a second is stopped with Ctrl-C (slow enough
+    # that a loaded machine still stops it well before the end)
+    first = cli(quiet_url, "dlq", "replay", "--error", "CrmDown", "--since", "1h", "--rate", "200")
+    wait_for(lambda: 100 <= 1000 - _left(quiet_db, events) <= 500, timeout_s=30,
+             what="the replay under way")  # fmt: skip
     first.send_signal(signal.SIGINT)
     out, err = first.communicate(timeout=60)
     assert first.returncode == 130, err
