@@ -54,6 +54,7 @@ from calhook.store.keys import DEAD, NOTICES, NOTICES_MAX
 from workers.errors import HandlerError, TransientError
 from workers.http import read_answer, sessions
 from workers.notify.chat import POSTED_TTL_S, post_chat, posted_key
+from workers.notify.errors import SmtpUrlError
 from workers.notify.mail import SentLog, SmtpUrl, message_id, send_messages
 
 log = logging.getLogger("calhook.notices")
@@ -61,6 +62,8 @@ log = logging.getLogger("calhook.notices")
 GROUP = "calhook-notices"
 CLAIM_IDLE_S = 60.0
 """An entry pending this long (a channel failed, or its scheduler died) is taken and tried again."""
+SETUP_LOOKBACK_S = 3600.0
+"""How far back a new consumer group starts reading."""
 GIVE_UP_S = 86_400.0
 """An entry not delivered this long after it was written is dropped, with an error log."""
 SEND_DEADLINE_S = 30.0
@@ -283,16 +286,19 @@ class UrlChannel:
 
 
 def channels_of(settings: Settings) -> list[Channel]:
-    """The channels the settings configure; SmtpUrlError if CALHOOK_SMTP_URL is unusable."""
+    """The channels the settings configure (e-mail left out, with an error logged, if
+    CALHOOK_SMTP_URL is unusable)."""
     channels: list[Channel] = []
     if settings.notices_to_chat:
         channels.append(ChatChannel(settings.chat_webhook_url.get_secret_value()))
     if settings.notice_email:
-        channels.append(
-            MailChannel(
-                SmtpUrl.parse(settings.smtp_url), settings.notify_from, settings.notice_email
-            )
-        )
+        try:
+            smtp = SmtpUrl.parse(settings.smtp_url)
+        except SmtpUrlError as exc:
+            # The sweep must not stop for a notice setting: the other channels still run.
+            log.error("operational notices by e-mail are off", extra={"error": str(exc)})
+        else:
+            channels.append(MailChannel(smtp, settings.notify_from, settings.notice_email))
     if settings.notice_url:
         key = decode_whsec(settings.notice_secret.get_secret_value())
         channels.append(UrlChannel(settings.notice_url, key))
@@ -328,11 +334,12 @@ class NoticeLoop:
         self.deadline_s = min(SEND_DEADLINE_S, claim_idle_s / 2)
 
     async def setup(self) -> None:
-        """Create the consumer group (and the stream) unless it exists. A new group starts at
-        the stream's first entry: what was written before any scheduler read is told too (save
-        what is older than a day)."""
+        """Create the consumer group (and the stream) unless it exists. A new group starts an
+        hour back: what was written just before the first scheduler read is told too, and
+        switching notices on for a deployment that ran long without does not replay its past."""
+        start = f"{int((time.time() - SETUP_LOOKBACK_S) * 1000)}-0"
         try:
-            await self.client.xgroup_create(NOTICES, GROUP, id="0", mkstream=True)
+            await self.client.xgroup_create(NOTICES, GROUP, id=start, mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise

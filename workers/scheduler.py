@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 
@@ -89,12 +90,26 @@ def release_once(health: Health, settings: Settings) -> Released:
         rate_per_s=settings.release_rate_per_s,
         most=_RELEASE_MOST,
         batch_max=settings.batch_max,
+        tick_s=settings.scheduler_interval_s,
     )
     for circuit, pair in released.probes:
         log.info("breaker probe", extra={"circuit": circuit, "pair": pair})
     for handler, n, left in released.released:
         log.info("released held events", extra={"handler": handler, "queued": n, "left": left})
     return released
+
+
+def _step(name: str, fn: Callable[..., object], *args: object) -> bool:
+    """Run one step of a tick; log and carry on if it fails. True if it ran."""
+    try:
+        fn(*args)
+    except redis.ConnectionError as exc:
+        log.warning("scheduler cannot reach redis", extra={"step": name, "error": repr(exc)})
+    except redis.RedisError as exc:
+        log.error("scheduler step failed", extra={"step": name, "error": repr(exc)})
+    else:
+        return True
+    return False
 
 
 def run_scheduler(pairs: PairStore, settings: Settings, stop: threading.Event) -> None:
@@ -109,17 +124,19 @@ def run_scheduler(pairs: PairStore, settings: Settings, stop: threading.Event) -
     health = Health(pairs.scripts)
     notices = start_notices(pairs.client, settings, stop)
     while not stop.is_set():
-        try:
-            if time.monotonic() >= next_retention:
-                erased = sweep_retention(pairs, settings)
-                next_retention = time.monotonic() + RETENTION_SWEEP_S
-                if erased:
-                    log.info("retention: erased old records", extra={"erased": erased})
-            sweep_once(pairs, settings)
-            release_once(health, settings)
-            check_dead_letters(pairs.client, settings.notice_dead_letters)
-        except redis.RedisError as exc:
-            log.warning("scheduler cannot reach redis", extra={"error": repr(exc)})
+        if time.monotonic() >= next_retention and _step(
+            "retention", sweep_retention, pairs, settings
+        ):
+            next_retention = time.monotonic() + RETENTION_SWEEP_S
+        # Each step on its own: one that fails (Redis away, a script refused) holds up no other.
+        _step("sweep", sweep_once, pairs, settings)
+        _step("release", release_once, health, settings)
+        _step(
+            "dead-letter threshold", check_dead_letters, pairs.client, settings.notice_dead_letters
+        )
+        if notices is not None and not notices.is_alive() and not stop.is_set():
+            log.error("the notices thread ended; starting it again")
+            notices = start_notices(pairs.client, settings, stop)
         stop.wait(settings.scheduler_interval_s)
     if notices is not None:
         notices.join(_NOTICES_STOP_S)

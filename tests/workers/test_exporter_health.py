@@ -72,7 +72,7 @@ def test_holds_breakers_and_failure_groups_are_gauges(
         (("by", "operator"), ("handler", MAIL)): 1.0,
     }
     assert samples(registry, "calhook_held_events") == {
-        (("handler", CRM),): 1.0,
+        (("handler", CRM),): 2.0,  # the failure that opened it, and the event after
         (("handler", MAIL),): 2.0,
     }
     assert samples(registry, "calhook_breaker_open") == {

@@ -328,20 +328,45 @@ def test_failure_groups_count_sample_and_close_on_recovery(
 def test_notices_are_written_once_per_transition(
     quiet_pairs: PairStore, quiet_db: redis.Redis, health: Health
 ) -> None:
-    ids = _routed(quiet_pairs, 6)
-    for event_id in ids[:5]:
+    ids = _routed(quiet_pairs, 8)
+    # Two retried failures, then three with the breaker counting (it opens at the third): the
+    # group is told at its fifth failure, after the breaker.
+    for event_id in ids[:2]:
+        _run(quiet_pairs, event_id, _fail(event_id, breaker=None))
+    for event_id in ids[2:5]:
         _run(quiet_pairs, event_id, _fail(event_id))
     health.pause(H, by="ops", reason="x")
     health.pause(H, by="ops", reason="y")
     health.resume(H, by="ops")
+    health.release(rate_per_s=100, most=1000, batch_max=10)
+    _run(quiet_pairs, ids[5], Ending(ids[5], "done", "ok"))
     kinds = _notice_kinds(quiet_db)
     assert kinds == [
-        "group_opened",
         "breaker_opened",
+        "group_opened",
         "handler_paused",
         "breaker_closed",
         "handler_resumed",
+        "group_closed",
     ]
+
+
+def test_a_blip_of_retried_failures_is_not_told(
+    quiet_pairs: PairStore, quiet_db: redis.Redis, health: Health
+) -> None:
+    ids = _routed(quiet_pairs, 10)
+    for n in range(5):
+        # Four failures and a success, twice less one: never five in a group.
+        for event_id in ids[2 * n : 2 * n + 1]:
+            _run(quiet_pairs, event_id, _fail(event_id, breaker=None))
+        _run(quiet_pairs, ids[2 * n + 1], Ending(ids[2 * n + 1], "done", "ok"))
+    assert _notice_kinds(quiet_db) == []
+    # The groups were kept all the same, each closed by the success after it.
+    (group,) = health.groups(states=("closed",))
+    assert group.count == 1
+    # A dead letter is told at once.
+    dead_letter(quiet_pairs, accept(quiet_pairs, b'{"z": 2}'), H, Q, error="CrmRejected: 400")
+    assert _notice_kinds(quiet_db) == ["group_opened"]
 
 
 def test_forget_drops_a_held_pair(
@@ -377,3 +402,55 @@ def test_the_queue_view_shows_held_pairs_and_how_long_the_oldest_has_waited(
     line = next(x for x in render_table([row]).splitlines() if x.startswith(Q))
     assert line.split()[5] == "3"
     assert line.split()[9] == "60m"
+
+
+def test_a_failed_probe_goes_back_to_the_held_without_spending_its_attempt(
+    quiet_pairs: PairStore, health: Health
+) -> None:
+    ids = _routed(quiet_pairs, 4)
+    for event_id in ids[:3]:
+        _run(quiet_pairs, event_id, _fail(event_id))
+    now = time.time()
+    # The failure that opened it is held with its attempt; so is each failed probe after.
+    assert quiet_pairs.states(ids[2])[H].state == HELD_STATE
+    for n in range(4):
+        quiet_pairs.sweep(limit=100, batch_max=10, now_s=now + 5)
+        released = health.scripts.call(
+            "release", ["100", 1000, 10, 1000], now_s=now + 1000 * (n + 1)
+        )
+        probe = released[0][2].decode().split("/")[0]
+        assert _run(quiet_pairs, probe, _fail(probe)) == ["run", "ok"]
+        state = quiet_pairs.states(probe)[H]
+        assert (state.state, state.due_s) == (HELD_STATE, None)
+    # Four probes failed and the first two events were retried once: no one walked the schedule.
+    assert max(quiet_pairs.states(e)[H].attempt for e in ids) <= 2
+
+
+def test_new_events_go_straight_through_while_held_ones_are_released(
+    quiet_pairs: PairStore, quiet_db: redis.Redis, health: Health
+) -> None:
+    ids = _routed(quiet_pairs, 20)
+    health.pause(H)
+    start(quiet_pairs, H, ids, Q)
+    quiet_db.delete(Q)
+    health.resume(H, rate_per_s=5)
+    health.release(rate_per_s=100, most=1000, batch_max=1)
+    (late,) = _routed(quiet_pairs, 1)
+    # Not lined up behind the 15 still held: its own flow is never held back by the release.
+    assert _state(quiet_pairs, late) == QUEUED
+    assert health.holds()[0].held == 15
+
+
+def test_a_slower_scheduler_releases_a_ticks_worth_at_a_time(
+    quiet_pairs: PairStore, quiet_db: redis.Redis, health: Health
+) -> None:
+    ids = _routed(quiet_pairs, 100)
+    health.pause(H)
+    start(quiet_pairs, H, ids, Q)
+    health.resume(H, rate_per_s=5)
+    now = time.time()
+    counts = []
+    for n in range(3):  # a scheduler ticking every 5 s
+        raw = health.scripts.call("release", ["100", 1000, 10, 5000], now_s=now + 5 * n)
+        counts.append(int(raw[0][2]) if raw else 0)
+    assert counts == [25, 25, 25]

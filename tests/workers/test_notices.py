@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from typing import Any
 
+import orjson
 import pytest
 import redis
 import redis.asyncio
@@ -182,7 +183,7 @@ def _run(pairs: PairStore, event_id: str, ending: Ending) -> None:
     pairs.finish(H, OWNER, throughput_key(Q), [ending])
 
 
-def _transient(event_id: str) -> Ending:
+def _transient(event_id: str, *, breaker: bool = True) -> Ending:
     return Ending(
         event_id,
         "retry",
@@ -190,7 +191,7 @@ def _transient(event_id: str) -> Ending:
         delay_s=0.0,
         error="CrmUnavailable: HubSpot answered 503",
         gist="CrmUnavailable: HubSpot answered 503",
-        breaker=BREAKER,
+        breaker=BREAKER if breaker else None,
     )
 
 
@@ -198,10 +199,11 @@ def every_transition(pairs: PairStore, health: Health, db: redis.Redis) -> None:
     """Make each kind of notice through the store: a breaker and a failure group open, an
     operator pauses and resumes the handler (closing the breaker), its next success closes the
     group; another handler's permanent failure opens a group that is resolved; the dead letters
-    cross a threshold of 1 up and back down."""
-    for _ in range(3):
+    cross a threshold of 1 up and back down. (A group of retried failures is told at its fifth:
+    two of them are counted without the breaker first.)"""
+    for n in range(5):
         event_id = _routed(pairs)
-        _run(pairs, event_id, _transient(event_id))
+        _run(pairs, event_id, _transient(event_id, breaker=n >= 2))
     health.pause(H, reason="HubSpot maintenance", by="ops")
     health.resume(H, by="ops")
     event_id = _routed(pairs)
@@ -594,3 +596,39 @@ def test_unusable_notice_settings_are_named_at_load(
         make_settings(**overrides)
     assert message in str(caught.value)
     assert "s3cr3t" not in str(caught.value)
+
+
+def test_an_unusable_smtp_url_leaves_out_only_the_e_mail_channel(
+    notice_settings: MakeSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = notice_settings(smtp_url="smtp://mail.example.org:notaport")
+    with caplog.at_level(logging.ERROR, logger="calhook.notices"):
+        channels = channels_of(settings)
+    assert len(channels) == 2  # the chat and the signed URL; the scheduler runs on
+    assert [r.getMessage() for r in caplog.records] == ["operational notices by e-mail are off"]
+
+
+async def test_a_new_group_starts_an_hour_back(
+    notice_settings: MakeSettings,
+    quiet_db: redis.Redis,
+    aquiet: redis.asyncio.Redis,
+    receiver: Receiver,
+) -> None:
+    # Given a stream that ran long before anyone sent notices: one entry of two hours ago, one
+    # of ten minutes ago
+    now_ms = int(time.time() * 1000)
+    for ago_s, text in ((7200, "long ago"), (600, "just now")):
+        quiet_db.xadd(
+            NOTICES,
+            {"kind": "handler_paused", "subject": H, "text": text, "at": "0", "data": "{}"},
+            id=f"{now_ms - ago_s * 1000}-0",
+        )
+    settings = notice_settings(notice_chat=False, notice_email="")
+    loop = NoticeLoop(aquiet, channels_of(settings))
+
+    # When the first scheduler reads
+    await loop.setup()
+    await step_until([loop], quiet_db)
+
+    # Then only the recent one is told
+    assert [orjson.loads(body)["data"]["text"] for _, body in receiver.posts] == ["just now"]

@@ -69,19 +69,26 @@ end
 local GROUP_SAMPLES = 5
 local GROUP_KEEP_S = 30 * 86400
 local AUTO_CLOSE = {transient = true, exhausted = true}
+local GROUP_TOLD_AT = 5
 
 local function group_failure(id, pair, reason, error, gist)
   local class = string.match(error or '', '^[^:]*') or ''
   local gid = string.sub(redis.sha1hex(pair .. '\t' .. class .. '\t' .. reason), 1, 12)
   local key = K.fgroup .. gid
-  local got = redis.call('HMGET', key, 'state', 'samples')
+  local got = redis.call('HMGET', key, 'state', 'samples', 'count', 'told')
   if not got[1] or got[1] == 'resolved' or got[1] == 'closed' then
     redis.call('DEL', key)
     redis.call('HSET', key, 'id', gid, 'handler', pair, 'error', class, 'reason', reason,
       'state', 'open', 'count', 0, 'first', string.format('%.3f', NOW / 1000))
-    got[2] = nil
+    got = {nil, nil, '0', nil}
+  end
+  -- A retried failure is told once it is not a blip: at its GROUP_TOLD_AT-th (a breaker
+  -- opening is told on its own); a dead letter at once.
+  if not got[4] and (reason ~= 'transient' or tonumber(got[3]) + 1 >= GROUP_TOLD_AT) then
+    redis.call('HSET', key, 'told', 1)
     notice('group_opened', pair, pair .. ': ' .. class .. ' (' .. reason .. ')',
-      {group = gid, handler = pair, error = class, reason = reason, message = gist or ''})
+      {group = gid, handler = pair, error = class, reason = reason, message = gist or '',
+       failures = tonumber(got[3]) + 1})
   end
   local samples = got[2] and cjson.decode(got[2]) or {}
   local seen = false
@@ -104,11 +111,14 @@ end
 -- A group's end: 'closed' (the handler recovered) or 'resolved' (an operator said so).
 local function end_group(gid, state, by)
   local key = K.fgroup .. gid
-  local got = redis.call('HMGET', key, 'state', 'handler', 'error', 'reason', 'count', 'first')
+  local got = redis.call('HMGET', key, 'state', 'handler', 'error', 'reason', 'count', 'first',
+    'told')
   if not got[1] or got[1] == 'closed' or got[1] == 'resolved' then return false end
   redis.call('HSET', key, 'state', state, 'ended', string.format('%.3f', NOW / 1000), 'by', by)
   redis.call('EXPIRE', key, GROUP_KEEP_S)
   redis.call('SREM', K.fgroup .. 'open:' .. got[2], gid)
+  -- The end of a group nobody was told of is not told either.
+  if not got[7] then return true end
   notice('group_' .. state, got[2], got[2] .. ': ' .. got[3] .. ' (' .. got[4] .. '), '
     .. got[5] .. ' failures', {group = gid, handler = got[2], error = got[3], reason = got[4],
     count = tonumber(got[5]), first = tonumber(got[6]), by = by})
@@ -220,12 +230,6 @@ local function to_held(ev, id, pair, queue, old)
   redis.call('SADD', K.holding, pair)
 end
 
--- Whether new work of `pair` waits behind held work: while its handler is held, and while the
--- release still queues what was held (new events line up behind it, so oldest first holds).
-local function held_back(pair)
-  return hold_of(pair) or redis.call('SISMEMBER', K.holding, pair) == 1
-end
-
 local function push_chunks(queue, pair, ids, batch_max)
   local size = batch_size(pair, batch_max)
   for j = 1, #ids, size do
@@ -235,13 +239,13 @@ local function push_chunks(queue, pair, ids, batch_max)
   end
 end
 
--- Queue the groups' pairs (one message per batch), or hold them if their handler is held back.
+-- Queue the groups' pairs (one message per batch), or hold them if their handler is held.
 local function flush(groups, batch_max)
   for _, g in ipairs(groups.keys) do
     local sep = string.find(g, '\n', 1, true)
     local pair, queue = string.sub(g, 1, sep - 1), string.sub(g, sep + 1)
     local ids = groups.ids[g]
-    if pair ~= K.dispatch_pair and held_back(pair) then
+    if hold_of(pair) then
       for _, id in ipairs(ids) do to_held(K.ev .. id, id, pair, queue, 'queued') end
     else
       push_chunks(queue, pair, ids, batch_max)

@@ -89,7 +89,7 @@ for _, g in ipairs(groups.keys) do
   local sep = string.find(g, '\n', 1, true)
   local pair, queue = string.sub(g, 1, sep - 1), string.sub(g, sep + 1)
   local ids = groups.ids[g]
-  if here[pair] and not held_back(pair) and redis.call('LLEN', queue) == 0 then
+  if here[pair] and not hold_of(pair) and redis.call('LLEN', queue) == 0 then
     -- One batch of it (a slow sync handler's is one event); the rest is queued as usual.
     local entry, rest = {pair, queue}, {}
     local size = batch_size(pair, batch_max)

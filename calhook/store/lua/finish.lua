@@ -40,6 +40,16 @@ for i = 10, #ARGV do
       redis.call('EXPIRE', tput, 120)
       local circuit = redis.call('HGET', K.recovering, pair)
       if circuit then recovered(id, pair, circuit) end
+    elseif (e['do'] == 'retry' or e.reason == 'exhausted') and hold_of(pair)
+        and not is_probe(hold_of(pair), id, pair) then
+      -- A transient failure while its handler is held (its breaker just opened, or this was the
+      -- breaker's probe): the destination's fault, not the event's. It waits with the others,
+      -- its attempt not spent, rather than walk the retry schedule or be dead-lettered.
+      release_lock(ev, id, pair, owner)
+      to_held(ev, id, pair, q, s)
+      redis.call('HSET', ev, f(pair, 'n'), 0)
+      note_failure(id, pair, attempt, 'retry_scheduled', e.error or '', e.gist)
+      outcome = 'held'
     elseif e['do'] == 'retry' then
       to_waiting(ev, id, pair, q, s, NOW + e.delay, owner)
       redis.call('HSET', ev, f(pair, 'a'), tonumber(attempt) + 1, f(pair, 'n'), 0)
@@ -47,14 +57,6 @@ for i = 10, #ARGV do
     elseif e['do'] == 'defer' then
       to_waiting(ev, id, pair, q, s, NOW + e.delay, owner)
       redis.call('HINCRBY', ev, f(pair, 'n'), -1)
-    elseif e.reason == 'exhausted' and hold_of(pair) and not is_probe(hold_of(pair), id, pair) then
-      -- Its last attempt failed while its handler is held (its breaker opened, say): it waits
-      -- with the others rather than be dead-lettered, and gets that attempt again on release.
-      release_lock(ev, id, pair, owner)
-      to_held(ev, id, pair, q, s)
-      redis.call('HSET', ev, f(pair, 'n'), 0)
-      note_failure(id, pair, attempt, 'retry_scheduled', e.error or '', e.gist)
-      outcome = 'held'
     else
       dead_letter(id, pair, q, s, e.reason, e.error or '', e.traceback or '', owner, e.gist)
     end

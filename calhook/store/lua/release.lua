@@ -4,10 +4,11 @@
 --   went missing (held again, or final without a success) is replaced;
 -- - a handler no longer held has its held pairs queued, oldest first, at its pace: the rate
 --   chosen at resume, else ARGV[7] events/s; at most ARGV[8] per handler per call. Its new
---   events are held behind them until the last is queued (flush, held_back).
--- ARGV[9] most events per message.
+--   events go straight through: the release adds at most its pace to the handler's own flow.
+-- ARGV[9] most events per message, ARGV[10] ms between two calls (the scheduler's interval).
 -- Returns {{'probe', circuit, member} | {'released', handler, n, left}, ...}.
 local default_rate, most, batch_max = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local tick = tonumber(ARGV[10]) or 1000
 local out = {}
 
 local function queue_pair(id, pair)
@@ -71,9 +72,9 @@ end
 for _, h in ipairs(redis.call('SMEMBERS', K.holding)) do
   if not redis.call('HGET', K.hold, h) then
     local rate = tonumber(redis.call('HGET', K.release_rate, h) or '') or default_rate
-    -- At most a second's worth at once after a pause in the releasing (or one event, at a
-    -- pace below one a second).
-    local span = math.max(1000, 1000 / rate)
+    -- At most a tick's worth at once (a second's at least; one event, at a pace below one a
+    -- second), so a pause in the releasing is not made up in one burst.
+    local span = math.max(1000, 1000 / rate, tick)
     local last = tonumber(redis.call('HGET', K.released, h) or '') or (NOW - span)
     if NOW - last > span then last = NOW - span end
     local quota = math.min(math.floor((NOW - last) * rate / 1000), most)
@@ -87,11 +88,7 @@ for _, h in ipairs(redis.call('SMEMBERS', K.holding)) do
           n = n + 1
         end
       end
-      -- Queued, not held back: the handler is in calhook:holding until its last one goes.
-      for _, g in ipairs(groups.keys) do
-        local sep = string.find(g, '\n', 1, true)
-        push_chunks(string.sub(g, sep + 1), h, groups.ids[g], batch_max)
-      end
+      flush(groups, batch_max)
       redis.call('HSET', K.released, h, last + quota * 1000 / rate)
     end
     local left = redis.call('ZCARD', K.held .. h)
