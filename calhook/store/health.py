@@ -197,9 +197,7 @@ class Health:
         self, *, rate_per_s: float, most: int, batch_max: int, tick_s: float = 1.0
     ) -> Released:
         """One step of the release (the scheduler's, once per tick of ``tick_s``)."""
-        raw = self.scripts.call(
-            "release", [repr(rate_per_s), most, batch_max, int(tick_s * 1000)]
-        )
+        raw = self.scripts.call("release", [repr(rate_per_s), most, batch_max, int(tick_s * 1000)])
         probes, released = [], []
         for row in raw:
             if _text(row[0]) == "probe":
