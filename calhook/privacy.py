@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)*")
+_WORD = re.compile(r"\w+")
 # A run of digits (with the separators of phone numbers) long enough to be a phone number.
 _DIGITS = re.compile(r"\+?\d[\d ()/.-]{5,}\d")
 # A customer's or an appointment's uuid identifies a person as well as a name does.
@@ -42,9 +43,10 @@ def mask_name(name: str | None) -> str | None:
     return f"{name[:1]}."
 
 
-def payload_strings(payload: object, shortest: int = 3) -> set[str]:
-    """Every string value in a (parsed JSON) payload at least ``shortest`` long: what a
-    library's error may echo of the person (a name, a street, a remark)."""
+def payload_strings(payload: object, shortest: int = 2) -> set[str]:
+    """Every string value in a (parsed JSON) payload, and each of its words, at least
+    ``shortest`` long: what a library's error may echo of the person (a name, a street, a
+    remark), whole or in part."""
     found: set[str] = set()
     stack = [payload]
     while stack:
@@ -53,18 +55,25 @@ def payload_strings(payload: object, shortest: int = 3) -> set[str]:
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-        elif isinstance(item, str) and len(item.strip()) >= shortest:
-            found.add(item.strip())
+        elif isinstance(item, str):
+            value = item.strip()
+            if len(value) >= shortest:
+                found.add(value)
+            # A number on its own (a day, a house number) tells little; a long one is caught as
+            # a phone number.
+            found.update(w for w in _WORD.findall(value) if len(w) >= shortest and not w.isdigit())
     return found
 
 
 def scrub(text: str, known: Iterable[str] = (), limit: int = 300) -> str:
     """An error's text fit to show beside its failure group: the ``known`` values (the event's
-    own strings, :func:`payload_strings`), e-mail addresses, uuids, phone-like numbers and quoted
-    values (where libraries echo what they were given) masked; at most ``limit`` characters."""
-    for value in sorted(known, key=len, reverse=True):
-        if value in text:
-            text = text.replace(value, "***")
+    own strings and their words, :func:`payload_strings`) wherever they stand as words, in any
+    case; e-mail addresses, uuids, phone-like numbers and quoted values (where libraries echo
+    what they were given); at most ``limit`` characters."""
+    values = sorted({v for v in known if v}, key=len, reverse=True)
+    if values:
+        pattern = "|".join(re.escape(v) for v in values)
+        text = re.sub(rf"(?<!\w)(?:{pattern})(?!\w)", "***", text, flags=re.IGNORECASE)
     text = _UUID.sub("<uuid>", text)
     text = _EMAIL.sub(lambda m: mask_email(m.group()) or "***", text)
     text = _QUOTED.sub(lambda m: f"{m.group(1)}***{m.group(1)}", text)

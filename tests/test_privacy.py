@@ -32,6 +32,11 @@ def test_scrub_masks_what_the_event_says_of_the_person_and_common_identifiers() 
     assert scrub("CrmUnavailable: CRM answered 503: down for maintenance") == (
         "CrmUnavailable: CRM answered 503: down for maintenance"
     )
+    # In another case, in part, and a name of two letters.
+    assert scrub("contact LUCA BRUNNER rejected", known) == "contact *** *** rejected"
+    assert scrub("Name Li, Wei", payload_strings({"name": "Li", "first": "Wei"})) == "Name ***, ***"
+    assert scrub("street Musterweg", known) == "street ***"
+    assert "luca.brunner@example" not in scrub("to luca.brunner@example failed")
     # Without the event's strings, the patterns still catch the usual suspects.
     assert scrub("for luca.brunner@example.org, +41 79 000 01 42, 'Anna'") == (
         "for l***@e***.org, ***, '***'"
