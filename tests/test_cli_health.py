@@ -269,7 +269,8 @@ def test_failure_groups_are_listed_shown_acknowledged_and_resolved(
     assert json.loads(ok(quiet_url, "failures", "show", rejected["id"], "--json")) == rejected
     shown = ok(quiet_url, "failures", "show", rejected["id"])
     assert f"samples  {ids[3]}" in shown
-    assert f"replay:  calhook dlq replay --handler {H} --error CrmRejected" in shown
+    replay = f"calhook dlq replay --handler {H} --reason permanent --error CrmRejected --dry-run"
+    assert f"replay:  {replay}" in shown
     assert "replay:" not in ok(quiet_url, "failures", "show", down["id"])
 
     # When one is acknowledged and the other resolved

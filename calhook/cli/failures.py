@@ -132,7 +132,10 @@ def show(group_id: str, as_json: bool) -> None:
     if group.reason != "transient":
         # Transient failures are still being retried; the others wait as dead letters.
         error = f" --error {group.error}" if group.error else ""
-        click.echo(f"replay:  calhook dlq replay --handler {group.handler}{error}")
+        click.echo(
+            f"replay:  calhook dlq replay --handler {group.handler} --reason {group.reason}"
+            f"{error} --dry-run"
+        )
 
 
 @failures.command("acknowledge")
