@@ -29,7 +29,14 @@ def cli(url: str, *args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a suite started in the background of a shell ignores SIGINT, and
+        # its children would inherit that (Python then never raises KeyboardInterrupt).
+        preexec_fn=_sigint_default,
     )
+
+
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def lay_out(pairs: PairStore, n: int, handler: str, error: str) -> list[str]:
