@@ -65,7 +65,7 @@ def _env(redis_url: str, work: Path, mode: str, slow_url: str) -> dict[str, str]
         "REDIS_URL": redis_url,
         "CALHOOK_AUTH_SECRETS": SECRET,
         "CALHOOK_SPOOL_DIR": str(work / "spool"),
-        "CALHOOK_HANDLER_MODULES": "bench.handlers",
+        "CALHOOK_HANDLER_MODULES": "bench.handlers,-audit",
         "BENCH_HANDLER": mode,
         "BENCH_SLOW_URL": slow_url,
     }

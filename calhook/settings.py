@@ -231,8 +231,10 @@ class Settings(BaseSettings):
     created_tz: str = Field("UTC", description="Zone of Calenso's naive `created` timestamps.")
     # Workers
     handler_modules: CsvList = Field(
-        ("workers.tasks.audit", "workers.tasks.crm", "workers.tasks.notify"),
-        description="Comma-separated modules whose handlers the workers load.",
+        (),
+        description="Comma-separated handler modules the workers load besides the built-in "
+        "ones and those installed (entry points `calhook.handlers`); `-NAME` switches a module, "
+        "an entry point or a handler off.",
     )
     task_time_limit_s: int = Field(300, ge=1, description="Hard wall-time limit of one task.")
     visibility_timeout_s: int = Field(

@@ -30,7 +30,7 @@ from calhook.redis_url import parse_sentinel
 from calhook.settings import Settings, env_names, load_settings
 from ingest.app import create_app
 from ingest.server import SHUTDOWN_TIMEOUT_S
-from workers.registry import load_modules, registry
+from workers.registry import BUILTIN_MODULES, load_modules, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "deploy" / "kubernetes" / "base"
@@ -380,10 +380,11 @@ def test_the_sentinel_overlay_scales_every_queue_through_the_sentinels() -> None
 
 
 def test_a_worker_deployment_serves_every_queue() -> None:
-    load_modules(Settings.model_fields["handler_modules"].get_default())
-    # The CRM and notify handlers register only when configured; their queues are named here.
-    needed = {DISPATCH_QUEUE, "crm", "notify"}
-    needed |= {h.queue for h in registry if h.fn.__module__.startswith("workers")}
+    load_modules(BUILTIN_MODULES)
+    # Every built-in handler, configured or not (it runs where its service is).
+    needed = {DISPATCH_QUEUE}
+    needed |= {h.queue for h in registry if h.module.startswith("workers")}
+    needed |= {h.queue for h, _ in registry.inactive.values() if h.module.startswith("workers")}
     served = {queue for queues in worker_queues().values() for queue in queues}
     assert needed <= served
 

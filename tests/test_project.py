@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from calhook.cli import main
 from calhook.constants import DISPATCH_QUEUE
 from calhook.settings import Settings, env_names
-from workers.registry import load_modules, registry
+from workers.registry import BUILTIN_MODULES, load_modules, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -72,10 +72,11 @@ def test_compose_variables_are_settings() -> None:
 
 
 def test_compose_runs_a_worker_for_every_queue() -> None:
-    load_modules(Settings.model_fields["handler_modules"].get_default())
-    # The CRM and notify handlers register only when configured; their queues are named here.
-    needed = {DISPATCH_QUEUE, "crm", "notify"}
-    needed |= {h.queue for h in registry if h.fn.__module__.startswith("workers")}
+    load_modules(BUILTIN_MODULES)
+    # Every built-in handler, configured or not (it runs where its service is).
+    needed = {DISPATCH_QUEUE}
+    needed |= {h.queue for h in registry if h.module.startswith("workers")}
+    needed |= {h.queue for h, _ in registry.inactive.values() if h.module.startswith("workers")}
     served = set()
     for command in calhook_services().values():
         if command[1] == "worker":

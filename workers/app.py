@@ -26,7 +26,7 @@ from workers import kombu_fixes, legacy
 from workers.connections import redis_client
 from workers.dispatch import Dispatcher
 from workers.heartbeat import Heartbeat
-from workers.registry import load_modules, registry
+from workers.registry import load_handlers, registry
 from workers.runner import HandlerRunner
 
 log = logging.getLogger("calhook.worker")
@@ -184,7 +184,7 @@ def _register_tasks(app: Celery) -> None:
 def create_celery(settings: Settings | None = None) -> Celery:
     """The Celery app with calhook's settings, its handler modules loaded and their tasks."""
     settings = settings or get_settings()
-    load_modules(settings.handler_modules)
+    load_handlers(settings)
     kombu_fixes.apply()
     app = Celery("calhook", set_as_current=True)
     app.conf.update(celery_config(settings))

@@ -19,6 +19,10 @@ class HandlerModuleError(WorkerError):
     """Raised when a module listed in CALHOOK_HANDLER_MODULES cannot be imported."""
 
 
+class HandlerSignatureError(WorkerError, TypeError):
+    """Raised at import when a handler's event parameter cannot take the events of its types."""
+
+
 class HandlerError(WorkerError):
     """Base of the errors a handler raises to tell calhook how to go on."""
 

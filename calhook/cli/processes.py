@@ -35,9 +35,9 @@ def serve(host: str | None, port: int | None) -> None:
 
 
 def _all_queues() -> list[str]:
-    from workers.registry import load_modules, registry
+    from workers.registry import load_handlers
 
-    load_modules(cli_settings().handler_modules)
+    registry = load_handlers(cli_settings())
     return [DISPATCH_QUEUE, *sorted(registry.queues() - {DISPATCH_QUEUE})]
 
 
@@ -102,10 +102,10 @@ def exporter(host: str, port: int) -> None:
 
     from workers.connections import redis_client
     from workers.exporter import FleetCollector
-    from workers.registry import load_modules, registry
+    from workers.registry import load_handlers
 
     settings = broker_settings()
-    load_modules(settings.handler_modules)
+    registry = load_handlers(settings)
     metrics = CollectorRegistry(auto_describe=False)
     metrics.register(FleetCollector(redis_client(), {h.queue for h in registry}))
     server, thread = start_http_server(port, addr=host, registry=metrics)

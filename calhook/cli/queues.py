@@ -29,10 +29,10 @@ def queues(watch_s: float | None, as_json: bool) -> None:
     Reads Redis only; works with no worker running.
     """  # fmt: skip
     from calhook.store.queues import queue_table, render_table
-    from workers.registry import load_modules, registry
+    from workers.registry import load_handlers
 
     client = broker_client()
-    load_modules(get_settings().handler_modules)
+    registry = load_handlers(get_settings())
     names = {h.queue for h in registry}
     while True:
         rows = queue_table(client, names)

@@ -29,7 +29,7 @@ from workers.notify.messages import NOTIFY_TYPES, build_notice
 from workers.notify.send import send_chat, send_email
 from workers.notify.templates import check_templates
 from workers.registry import HandlerContext, Registry
-from workers.tasks.notify import CHAT_HANDLER, EMAIL_HANDLER, NOTIFY_QUEUE, register
+from workers.tasks.notify import CHAT_HANDLER, EMAIL_HANDLER, NOTIFY_QUEUE, declare
 
 EVENT_ID = "01JQ7Z4N6W3T2V8K5R9M0XB1CD"
 RECEIVED_AT = 1742316069.25
@@ -700,20 +700,29 @@ async def test_logs_hold_no_personal_data_and_no_webhook_url(
 # Registration
 
 
-def test_nothing_is_registered_unless_configured(make_settings: MakeSettings) -> None:
+def test_nothing_runs_unless_configured(make_settings: MakeSettings) -> None:
     registry = Registry()
+    declare(registry)
 
-    assert register(registry, make_settings()) == ()
+    registry.activate(make_settings())
+
     assert len(registry) == 0
+    assert {name: why for name, (_, why) in registry.inactive.items()} == {
+        EMAIL_HANDLER: "not configured",
+        CHAT_HANDLER: "not configured",
+    }
 
 
 def test_each_configured_channel_is_its_own_handler_on_the_notify_queue(
     make_settings: MakeSettings,
 ) -> None:
     registry = Registry()
+    declare(registry)
     settings = make_settings(smtp_url="smtp://mail.example.com", chat_webhook_url="https://x/y")
 
-    assert register(registry, settings) == (EMAIL_HANDLER, CHAT_HANDLER)
+    registry.activate(settings)
+
+    assert [h.name for h in registry] == [EMAIL_HANDLER, CHAT_HANDLER]
 
     for name in (EMAIL_HANDLER, CHAT_HANDLER):
         registered = registry.get(name)
@@ -731,10 +740,14 @@ def test_each_configured_channel_is_its_own_handler_on_the_notify_queue(
 def test_bad_configuration_fails_at_worker_start(
     tmp_path: Path, make_settings: MakeSettings
 ) -> None:
+    registry = Registry()
+    declare(registry)
     with pytest.raises(SmtpUrlError):
-        register(Registry(), make_settings(smtp_url="smtp://mail.example.com?tls=1"))
+        registry.activate(make_settings(smtp_url="smtp://mail.example.com?tls=1"))
 
     write(tmp_path / "en" / "cancelled.txt", "Subject: $nope\n")
     settings = make_settings(chat_webhook_url="https://x/y", template_dir=str(tmp_path))
+    registry = Registry()
+    declare(registry)
     with pytest.raises(TemplateError, match=r"en/cancelled\.txt"):
-        register(Registry(), settings)
+        registry.activate(settings)

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from schemas import CalensoEvent
-from workers.errors import DuplicateHandler, HandlerModuleError, UnknownHandler
+from calhook.settings import Settings
+from schemas import AppointmentEvent, CalensoEvent, CustomerEvent, GroupEventEvent, UnknownEvent
+from tests.conftest import ROOT
+from workers.errors import (
+    DuplicateHandler,
+    HandlerModuleError,
+    HandlerSignatureError,
+    UnknownHandler,
+)
 from workers.registry import Handler, HandlerContext, Registry, load_modules
 
 
@@ -78,3 +93,165 @@ def test_an_async_handler_is_told_apart_and_takes_a_concurrency_cap() -> None:
     assert not registry.get("s").is_async
     with pytest.raises(ValueError, match="concurrency"):
         registry.handler("customer.created", queue="crm", name="b", concurrency=0)(remote_call)
+
+
+# The event parameter ---------------------------------------------------------------------------
+
+
+def customer_only(event: CustomerEvent, ctx: HandlerContext) -> None:
+    """Takes customer events."""
+
+
+def bookings(event: AppointmentEvent | GroupEventEvent, ctx: HandlerContext) -> None:
+    """Takes appointment and group-event bookings."""
+
+
+def unknown(event: UnknownEvent, ctx: HandlerContext) -> None:
+    """Takes a custom type."""
+
+
+def untyped(event, ctx):  # type: ignore[no-untyped-def]
+    """Annotated with nothing: not checked."""
+
+
+def test_a_handler_whose_parameter_cannot_take_its_events_fails_at_registration() -> None:
+    registry = Registry()
+    with pytest.raises(HandlerSignatureError) as raised:
+        registry.handler("customer.created", "appointment.booking.created", queue="q",
+                         name="mixed")(customer_only)  # fmt: skip
+    assert str(raised.value) == (
+        "handler 'mixed' takes CustomerEvent, but 'appointment.booking.created' events come as "
+        "AppointmentEvent: annotate its event AppointmentEvent (or a union with it), or register "
+        "it for other types"
+    )
+    assert len(registry) == 0
+    # What fits: the family's model, a union of families, the base class, a custom type as
+    # UnknownEvent, no annotation.
+    registry.handler("customer.created", "customer.deleted", queue="q", name="c")(customer_only)
+    registry.handler("appointment.booking.created", "event.booking.created", queue="q",
+                     name="b")(bookings)  # fmt: skip
+    registry.handler("customer.created", "lead.created", queue="q", name="any")(noop)
+    registry.handler("acme.invoice.paid", queue="q", name="u")(unknown)
+    registry.handler("lead.created", queue="q", name="t")(untyped)
+    assert len(registry) == 5
+    with pytest.raises(HandlerSignatureError, match=r"'acme\.invoice\.paid' events come as Unk"):
+        registry.handler("acme.invoice.paid", queue="q", name="cu")(customer_only)
+
+
+def test_a_handler_must_take_the_event_and_its_context() -> None:
+    def one(event: CalensoEvent) -> None: ...
+
+    with pytest.raises(HandlerSignatureError, match=r"must take \(event, ctx\)"):
+        Registry().handler("lead.created", queue="q", name="one")(one)  # type: ignore[arg-type]
+
+
+# Which handlers run -------------------------------------------------------------------------
+
+
+def test_enabled_predicates_and_switches_decide_what_runs(
+    make_settings: Callable[..., Settings],
+) -> None:
+    registry = Registry()
+    registry.handler("lead.created", queue="q", name="always")(noop)
+    registry.handler("lead.created", queue="q", name="crm.x",
+                     enabled=lambda s: bool(s.crm_kind))(noop)  # fmt: skip
+    registry.handler("lead.created", queue="q", name="off.me")(noop)
+
+    registry.activate(make_settings(), off={"off.me"})
+
+    assert [h.name for h in registry.for_type("lead.created")] == ["always"]
+    assert {n: why for n, (_, why) in registry.inactive.items()} == {
+        "crm.x": "not configured",
+        "off.me": "switched off",
+    }
+    with pytest.raises(DuplicateHandler):
+        registry.handler("lead.created", queue="q", name="crm.x")(noop)
+
+
+LOADED = """
+import json, sys
+from calhook.settings import load_settings
+from workers.registry import load_handlers
+registry = load_handlers(load_settings(**json.loads(sys.argv[1])))
+print(json.dumps({"active": sorted(h.name for h in registry),
+                  "inactive": {n: why for n, (_, why) in sorted(registry.inactive.items())}}))
+"""
+
+
+def loaded(tmp_path: Path, **settings: Any) -> dict[str, Any]:
+    """What a worker process loads with ``settings`` (a process of its own: the registry is
+    the process's), with the distribution under ``tmp_path/site`` installed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}
+    env.pop("CALHOOK_HANDLER_MODULES", None)
+    values = json.dumps({"redis_url": "redis://127.0.0.1:1/0", **settings})
+    run = subprocess.run(
+        [sys.executable, "-c", LOADED, values],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return dict(json.loads(run.stdout))
+
+
+def install_team_package(site: Path) -> None:
+    """A distribution ``acme-handlers`` declaring the entry point ``acme`` (as pip leaves it)."""
+    (site / "acme_handlers").mkdir(parents=True)
+    (site / "acme_handlers" / "__init__.py").write_text(
+        "from schemas import CustomerEvent\n"
+        "from workers.registry import HandlerContext, handler\n\n\n"
+        '@handler("customer.created", queue="acme", name="acme.welcome")\n'
+        "def welcome(event: CustomerEvent, ctx: HandlerContext) -> None:\n"
+        "    pass\n"
+    )
+    info = site / "acme_handlers-1.2.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-handlers\nVersion: 1.2.0\n")
+    (info / "entry_points.txt").write_text("[calhook.handlers]\nacme = acme_handlers\n")
+
+
+def test_built_in_installed_and_listed_handlers_are_loaded_and_can_be_switched_off(
+    tmp_path: Path,
+) -> None:
+    install_team_package(tmp_path / "site")
+
+    # Built in and installed, with nothing listed: the CRM and notify handlers wait for their
+    # configuration, the team's handler is found through its entry point.
+    plain = loaded(tmp_path)
+    assert plain["active"] == ["acme.welcome", "audit"]
+    assert plain["inactive"] == {
+        "crm.sync_booking_customer": "not configured",
+        "crm.sync_customer": "not configured",
+        "crm.sync_lead": "not configured",
+        "notify.chat": "not configured",
+        "notify.email": "not configured",
+    }
+    # A module listed adds to them (it replaced them before), and configuration switches on.
+    listed = loaded(tmp_path, handler_modules="tests.support.recording", crm_kind="http",
+                    crm_url="http://crm.example")  # fmt: skip
+    assert {"acme.welcome", "audit", "crm.sync_customer", "record"} <= set(listed["active"])
+    # Off by a handler's name (its module is loaded), a built-in's name, a module's: the last
+    # two are not even imported.
+    off = loaded(tmp_path, handler_modules="-acme.welcome,-crm,-workers.tasks.audit",
+                 crm_kind="http", crm_url="http://crm.example")  # fmt: skip
+    assert off["active"] == []
+    assert off["inactive"] == {
+        "acme.welcome": "switched off",
+        "notify.chat": "not configured",
+        "notify.email": "not configured",
+    }
+    # And an entry point's name.
+    assert "acme.welcome" not in loaded(tmp_path, handler_modules="-acme")["active"]
+
+
+def test_an_entry_point_that_cannot_be_imported_names_its_distribution(tmp_path: Path) -> None:
+    install_team_package(tmp_path / "site")
+    (tmp_path / "site" / "acme_handlers" / "__init__.py").write_text("import no_such_module\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}
+    run = subprocess.run(
+        [sys.executable, "-c", LOADED, json.dumps({"redis_url": "redis://127.0.0.1:1/0"})],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert (
+        "cannot import handler module 'acme_handlers' (entry point acme of acme-handlers "
+        "1.2.0): No module named 'no_such_module'" in run.stderr
+    )

@@ -1,1 +1,2 @@
-"""Handler modules shipped with calhook, one per concern; list them in CALHOOK_HANDLER_MODULES."""
+"""Handler modules shipped with calhook, one per concern; every worker loads them (each handler
+runs where its service is configured); ``CALHOOK_HANDLER_MODULES=-crm`` switches one off."""

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-from calhook.settings import get_settings
+from calhook.settings import Settings, get_settings
 from schemas import CalensoEvent, CustomerEvent, LeadEvent
 from workers.connections import async_redis_client
 from workers.crm.client import CrmClient
@@ -29,7 +29,7 @@ from workers.crm.http import HttpCrm
 from workers.crm.ratelimit import AsyncRateLimiter, RateLimitedCrm
 from workers.errors import PermanentError
 from workers.ordering import booking_customer_version
-from workers.registry import HandlerContext, RetryPolicy, handler
+from workers.registry import HandlerContext, Registry, RetryPolicy, registry
 
 log = logging.getLogger("calhook.crm")
 T = TypeVar("T")
@@ -125,11 +125,19 @@ async def sync_lead(event: LeadEvent, ctx: HandlerContext, client: CrmClient | N
     log.info("lead upserted", extra={"lead_uuid": contact.calenso_uuid})
 
 
-def _register() -> None:
-    settings = get_settings()
-    if not settings.crm_kind:
-        return
-    handler(
+def crm_configured(settings: Settings) -> bool:
+    """The CRM handlers run when CALHOOK_CRM_KIND names a CRM."""
+    return bool(settings.crm_kind)
+
+
+def bookings_synced(settings: Settings) -> bool:
+    """The booking handler runs with the CRM, unless CALHOOK_CRM_SYNC_BOOKINGS is off."""
+    return bool(settings.crm_kind) and settings.crm_sync_bookings
+
+
+def declare(target: Registry) -> None:
+    """Register the CRM handlers with ``target``; they run where their predicate holds."""
+    target.handler(
         "customer.created",
         "customer.updated",
         "customer.deleted",
@@ -139,20 +147,26 @@ def _register() -> None:
         order_scope=ORDER_SCOPE,
         circuit=CIRCUIT,
         retry=RETRY,
+        enabled=crm_configured,
     )(sync_customer)
-    if settings.crm_sync_bookings:
-        handler(
-            *BOOKING_TYPES,
-            queue=CRM_QUEUE,
-            name="crm.sync_booking_customer",
-            order_key=booking_customer_version,
-            order_scope=ORDER_SCOPE,
-            circuit=CIRCUIT,
-            retry=RETRY,
-        )(sync_booking_customer)
-    handler("lead.created", queue=CRM_QUEUE, name="crm.sync_lead", circuit=CIRCUIT, retry=RETRY)(
-        sync_lead
-    )
+    target.handler(
+        *BOOKING_TYPES,
+        queue=CRM_QUEUE,
+        name="crm.sync_booking_customer",
+        order_key=booking_customer_version,
+        order_scope=ORDER_SCOPE,
+        circuit=CIRCUIT,
+        retry=RETRY,
+        enabled=bookings_synced,
+    )(sync_booking_customer)
+    target.handler(
+        "lead.created",
+        queue=CRM_QUEUE,
+        name="crm.sync_lead",
+        circuit=CIRCUIT,
+        retry=RETRY,
+        enabled=crm_configured,
+    )(sync_lead)
 
 
-_register()
+declare(registry)

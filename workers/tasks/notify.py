@@ -2,9 +2,9 @@
 payments, on the ``notify`` queue.
 
 Two handlers, ``notify.email`` and ``notify.chat``, so a chat outage never re-sends an e-mail and
-vice versa. Each is registered only when configured (CALHOOK_SMTP_URL, CALHOOK_CHAT_WEBHOOK_URL):
-a deployment without them parks nothing and fails nothing. A bad SMTP URL or template override
-fails at worker start, not at the first cancellation.
+vice versa. Each runs only when configured (CALHOOK_SMTP_URL, CALHOOK_CHAT_WEBHOOK_URL: their
+``enabled=`` predicates): a deployment without them parks nothing and fails nothing. A bad SMTP
+URL or template override fails at worker start, not at the first cancellation.
 
 Both are ``async def``: they run on the worker process's event loop (aiosmtplib, aiohttp,
 redis.asyncio), the events of a batch concurrently.
@@ -35,19 +35,30 @@ async def notify_chat(event: NotifyEvent, ctx: HandlerContext) -> None:
     await send_chat(event, ctx, settings=get_settings(), client=await async_redis_client())
 
 
-def register(target: Registry, settings: Settings) -> tuple[str, ...]:
-    """Register the configured notify handlers with ``target``; return their names."""
-    names: list[str] = []
-    if settings.smtp_url:
-        SmtpUrl.parse(settings.smtp_url)
-        target.handler(*NOTIFY_TYPES, queue=NOTIFY_QUEUE, name=EMAIL_HANDLER)(notify_email)
-        names.append(EMAIL_HANDLER)
-    if settings.chat_webhook_url.get_secret_value():
-        target.handler(*NOTIFY_TYPES, queue=NOTIFY_QUEUE, name=CHAT_HANDLER)(notify_chat)
-        names.append(CHAT_HANDLER)
-    if names:
-        check_templates(settings.template_dir)
-    return tuple(names)
+def mail_configured(settings: Settings) -> bool:
+    """notify.email runs when CALHOOK_SMTP_URL is set; a bad URL or template override stops the
+    worker at start, not at the first cancellation."""
+    if not settings.smtp_url:
+        return False
+    SmtpUrl.parse(settings.smtp_url)
+    check_templates(settings.template_dir)
+    return True
 
 
-register(registry, get_settings())
+def chat_configured(settings: Settings) -> bool:
+    """notify.chat runs when CALHOOK_CHAT_WEBHOOK_URL is set."""
+    if not settings.chat_webhook_url.get_secret_value():
+        return False
+    check_templates(settings.template_dir)
+    return True
+
+
+def declare(target: Registry) -> None:
+    """Register both notify handlers with ``target``; each runs where it is configured."""
+    target.handler(*NOTIFY_TYPES, queue=NOTIFY_QUEUE, name=EMAIL_HANDLER,
+                   enabled=mail_configured)(notify_email)  # fmt: skip
+    target.handler(*NOTIFY_TYPES, queue=NOTIFY_QUEUE, name=CHAT_HANDLER,
+                   enabled=chat_configured)(notify_chat)  # fmt: skip
+
+
+declare(registry)
