@@ -15,14 +15,14 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Reject
-from celery.signals import setup_logging
+from celery.signals import setup_logging, worker_ready, worker_shutting_down
 
 from calhook import logs
 from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK, HANDLER_TASK
 from calhook.settings import Settings, get_settings
 from calhook.store.connect import celery_broker, pair_store
 from calhook.store.pairs import PairStore
-from workers import kombu_fixes, legacy
+from workers import kombu_fixes, legacy, routes
 from workers.connections import redis_client
 from workers.dispatch import Dispatcher
 from workers.heartbeat import Heartbeat
@@ -193,5 +193,21 @@ def create_celery(settings: Settings | None = None) -> Celery:
     @setup_logging.connect(weak=False)
     def _logging(**_: Any) -> None:
         logs.configure(settings.log_format, settings.log_level)
+
+    publisher: list[routes.Publisher] = []
+
+    @worker_ready.connect(weak=False)
+    def _publish_routes(sender: Any = None, **_: Any) -> None:
+        # What this worker serves, for `calhook handlers` (workers/routes.py); from the main
+        # process, which knows the queues it consumes.
+        queues = _consumed(app) or {DISPATCH_QUEUE, *registry.queues()}
+        described = routes.describe(registry, queues, routes.worker_id())
+        publisher.append(routes.Publisher(redis_client(), described).start())
+
+    @worker_shutting_down.connect(weak=False)
+    def _withdraw_routes(**_: Any) -> None:
+        # At the start of a warm or cold shutdown (SIGTERM is remapped to a cold one).
+        while publisher:
+            publisher.pop().stop()
 
     return app

@@ -30,9 +30,51 @@ NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(?:/s)?$")
 
 
-@click.group()
-def handlers() -> None:
-    """Handlers held (paused by an operator or by their circuit's breaker), and breakers."""
+@click.group(invoke_without_command=True)
+@click.pass_context
+def handlers(ctx: click.Context) -> None:
+    """The fleet's routes (alone: `calhook handlers routes`), and handlers held while their
+    destination is down (paused by an operator or by their circuit's breaker)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(routes_)
+
+
+@handlers.command("routes")
+@click.option("--json", "as_json", is_flag=True, help="The workers' entries and the problems.")
+@click.option("--check", is_flag=True, help="Exit 1 when there is a problem (for CI, probes).")
+def routes_(as_json: bool, check: bool) -> None:
+    """Type → handler → queue → the workers that run it, as the workers published it, and what
+    would park or strand events: a handler no dispatching worker knows, a queue nobody
+    consumes, workers that disagree about a handler."""
+    from workers import routes
+
+    workers = routes.read(broker_client())
+    found = routes.problems(workers)
+    if as_json:
+        click.echo(json.dumps({"workers": workers, "problems": found}, indent=2))
+    elif not workers:
+        click.echo("no worker has published its routes (none is running, or none since the "
+                   "upgrade)")  # fmt: skip
+    else:
+        rows = [
+            [r.event_type, r.handler, r.queue, ", ".join(r.served_by) or "NOBODY"]
+            for r in routes.routes(workers)
+        ]
+        click.echo(table(["type", "handler", "queue", "run by"], rows))
+        click.echo("")
+        for w in workers:
+            inactive = ", ".join(f"{n} ({why})" for n, why in w["inactive"].items())
+            click.echo(f"{w['worker']}: queues {', '.join(w['queues'])}"
+                       + (f"; not run here: {inactive}" if inactive else ""))  # fmt: skip
+        click.echo("")
+        if found:
+            click.echo(f"{len(found)} problem{'s' if len(found) != 1 else ''}:")
+            for line in found:
+                click.echo(f"- {line}")
+        else:
+            click.echo("no problem: every handler is known to the dispatch and has a consumer")
+    if check and found:
+        raise SystemExit(1)
 
 
 def health() -> Health:
