@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "calenso"
 SECRET = "test-webhook-token-0001"
 ALL_QUEUES = ("dispatch", "audit", "crm", "notify", RECORD_QUEUE)
+# The database calhook.testing's harness empties and uses (tests/test_testing.py).
+HARNESS_DB = 11
 OPS_MAILBOX = "ops@example.com"
 
 
@@ -104,6 +107,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def calhook_redis_url(redis_url: str) -> str:
+    """calhook.testing's harness runs on a database of the test Redis no worker reads (it
+    empties it each run)."""
+    return urllib.parse.urlsplit(redis_url)._replace(path=f"/{HARNESS_DB}").geturl()
 
 
 @pytest.fixture
