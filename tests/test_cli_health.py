@@ -309,3 +309,21 @@ def test_a_missing_group_exits_1_and_a_bad_id_2(quiet_url: str) -> None:
         bad = calhook(quiet_url, "failures", verb, "open:crm.sync")
         assert bad.returncode == 2
     assert ok(quiet_url, "failures") == "0 failure groups open or acknowledged\n"
+
+
+def test_resuming_one_handler_of_a_shared_circuit_says_the_others_run_again(
+    quiet_url: str, quiet_pairs: PairStore
+) -> None:
+    # Given the circuit "hubspot" of two handlers, open after three failures of one
+    shared = {**BREAKER, "h": [H, "crm.sync_lead"]}
+    for event_id in routed(quiet_pairs, 3):
+        fail(quiet_pairs, event_id, breaker=shared)
+
+    # When ops resume the one
+    out = ok(quiet_url, "handlers", "resume", H)
+
+    # Then they are told the breaker is closed for the other as well
+    assert "its breaker (circuit hubspot) is closed: crm.sync_lead run again too" in out
+    listed = ok(quiet_url, "handlers", "list")
+    assert "crm.sync_lead" not in listed
+    assert listed.endswith("no breaker is open\n")

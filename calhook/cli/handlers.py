@@ -214,18 +214,28 @@ def pause(name: str, reason: str, by: str | None) -> None:
 @by_option
 def resume(name: str, rate: float | None, by: str | None) -> None:
     """Let NAME run again; the scheduler releases its held events, oldest first, at a pace."""
+    store = health()
+    # A resume closes the breaker of its circuit: the circuit's other handlers run again too.
+    closing = [b for b in store.breakers() if name in b.handlers]
     try:
-        held = health().resume(name, by=by or who(), rate_per_s=rate)
+        held = store.resume(name, by=by or who(), rate_per_s=rate)
     except HealthError as exc:
         raise click.ClickException(str(exc)) from None
     if held == 0:
         click.echo(f"resumed {name}: no held events to release")
-        return
-    pace = rate if rate is not None else cli_settings().release_rate_per_s
-    click.echo(
-        f"resumed {name}: {held} held events will be released, oldest first, at "
-        f"{pace:g}/s (about {age(held / pace)}) by the scheduler"
-    )
+    else:
+        pace = rate if rate is not None else cli_settings().release_rate_per_s
+        click.echo(
+            f"resumed {name}: {held} held events will be released, oldest first, at "
+            f"{pace:g}/s (about {age(held / pace)}) by the scheduler"
+        )
+    for breaker in closing:
+        others = [h for h in breaker.handlers if h != name]
+        if others:
+            click.echo(
+                f"its breaker (circuit {breaker.circuit}) is closed: {', '.join(others)} "
+                f"run again too, their held events released at their own pace"
+            )
 
 
 def ever_ran(client: redis.Redis, name: str) -> bool:
