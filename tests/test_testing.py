@@ -166,3 +166,31 @@ def test_a_teams_pytest_gets_the_fixtures_from_the_installed_plugin(
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     assert "1 passed" in run.stdout
+
+
+def test_an_override_by_a_name_the_payload_does_not_have_is_refused(
+    calenso_event: Callable[..., Sample],
+) -> None:
+    for shape in ("nested", "flat"):
+        with pytest.raises(SampleError) as raised:
+            calenso_event("customer.created", shape=shape, customer={"first_name": "Erika"})
+        assert str(raised.value).startswith(
+            "customer has no field 'first_name' in Calenso's payload (it has: "
+        ), shape
+        assert "prename" in str(raised.value)
+    with pytest.raises(SampleError, match="has no 'payment'"):
+        calenso_event("customer.created", payment={"amount": 1})
+    # What the sample lacks goes in through data=.
+    extra = calenso_event("customer.created", data={"customer": {"vip": True}})
+    assert extra.payload["data"]["customer"]["vip"] is True
+
+
+def test_the_same_body_twice_is_one_event_as_at_the_ingress(
+    calhook_harness: Harness, calenso_event: Callable[..., Sample]
+) -> None:
+    CALLS.clear()
+    sample = calenso_event("customer.created", customer={"lastname": "Twice"})
+    result = calhook_harness.run("testing.flaky", sample, sample)
+    assert result.of(0).event_id == result.of(1).event_id
+    assert result.of(0).runs == 3  # one event: its three calls, not six
+    assert sum(CALLS.values()) == 3

@@ -201,12 +201,7 @@ def problems(workers: Sequence[dict[str, Any]]) -> list[str]:
     for w in workers:
         for h in w["handlers"]:
             if dispatching and h["name"] not in routed and h["queue"] in w["queues"]:
-                found.append(
-                    f"{h['name']} runs on {w['worker']} (queue {h['queue']}), but no dispatching "
-                    f"worker knows it ({names}): no event is routed to it (one with no other "
-                    f"handler is parked as no_handler). Install its package, or list its "
-                    f"module, where the dispatch runs too."
-                )
+                found.append(_unrouted(h["name"], h["queue"], w["worker"], dispatching, names))
     for handler, queues in sorted(routed.items()):
         for queue in sorted(queues - consumed):
             found.append(
@@ -215,6 +210,23 @@ def problems(workers: Sequence[dict[str, Any]]) -> list[str]:
             )
     found += _disagreements(workers)
     return list(dict.fromkeys(found))
+
+
+def _unrouted(
+    name: str, queue: str, worker: str, dispatching: Sequence[dict[str, Any]], names: str
+) -> str:
+    """Why the dispatch does not route to a handler that ``worker`` runs, and what to do."""
+    why = {w["inactive"].get(name) for w in dispatching} - {None}
+    lead = f"{name} runs on {worker} (queue {queue}), but the dispatching workers ({names})"
+    tail = "no event is routed to it (one with no other handler is parked as no_handler)"
+    if why == {"not configured"}:
+        return (f"{lead} load it unconfigured, so {tail}. Give them its configuration too: its "
+                f"enabled= must answer the same on every worker.")  # fmt: skip
+    if "switched off" in why:
+        return (f"{lead} switch it off (CALHOOK_HANDLER_MODULES -NAME), so {tail}. Switch it "
+                f"off everywhere, or nowhere.")  # fmt: skip
+    return (f"{lead} do not know it: {tail}. Install its package, or list its module, where the "
+            f"dispatch runs too.")  # fmt: skip
 
 
 def _disagreements(workers: Sequence[dict[str, Any]]) -> list[str]:

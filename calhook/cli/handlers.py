@@ -62,8 +62,10 @@ def routes_(as_json: bool, check: bool) -> None:
         ]
         click.echo(table(["type", "handler", "queue", "run by"], rows))
         click.echo("")
+        # A handler some other worker runs but this one does not (unconfigured or off here).
+        running = {h["name"] for w in workers for h in w["handlers"]}
         for w in workers:
-            inactive = ", ".join(f"{n} ({why})" for n, why in w["inactive"].items())
+            inactive = ", ".join(f"{n} ({why})" for n, why in w["inactive"].items() if n in running)
             click.echo(f"{w['worker']}: queues {', '.join(w['queues'])}"
                        + (f"; not run here: {inactive}" if inactive else ""))  # fmt: skip
         click.echo("")

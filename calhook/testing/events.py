@@ -9,11 +9,13 @@ shape; the people in them are invented).
     sample.body       # the bytes Calenso would post
 
 An override names a part of the payload (``customer``, ``appointment``, ``worker``, ``store``,
-``user``, ``lead``, ``payment``, ``event``, ``event_slot`` …) and the fields to change in it,
-wherever the part sits in the type's payload (an appointment's customer is inside the
-appointment); in the flat shape the same fields are written under their flat keys
-(``appointment_customer_email``). ``data=`` merges into ``data`` itself, ``created=`` sets the
-envelope's time (Calenso's naive ``"YYYY-MM-DD HH:MM:SS"``).
+``user``, ``lead``, ``payment``, ``event``, ``event_slot`` …) and the fields to change in it, by
+Calenso's names (``prename``, ``lastname``, not the model's ``first_name``), wherever the part
+sits in the type's payload (an appointment's customer is inside the appointment); in the flat
+shape the same fields are written under their flat keys (``appointment_customer_email``). A part
+or field the sample does not have is refused (a typo would change nothing the handler reads);
+``data=`` merges anything into ``data`` itself, ``created=`` sets the envelope's time (Calenso's
+naive ``"YYYY-MM-DD HH:MM:SS"``).
 """
 
 from __future__ import annotations
@@ -96,24 +98,43 @@ def calenso_event(
         if not isinstance(fields, dict):
             raise SampleError(f"{part}=: give the fields to change as a dict")
         path = _path_of(event_type, part)
+        if path is None:
+            raise SampleError(
+                f"a {event_type} payload has no {part!r}; to add to it, use data={{...}}"
+            )
         if shape == "nested":
             target = body
             for key in path:
                 target = target.setdefault(key, {})
+            _check_fields(part, fields, set(target))
             _merge(target, fields)
         else:
             prefix = "_".join(path)
+            _check_fields(part, fields, {k.removeprefix(f"{prefix}_") for k in body})
             for key, value in fields.items():
                 body[f"{prefix}_{key}"] = value
     return Sample(event_type, shape, payload)
 
 
-def _path_of(event_type: str, part: str) -> list[str]:
+def _check_fields(part: str, fields: dict[str, Any], known: set[str]) -> None:
+    """An override names fields the payload has, as Calenso names them (``prename``, not the
+    model's ``first_name``); a typo would otherwise change nothing the handler reads."""
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise SampleError(
+            f"{part} has no field {', '.join(map(repr, unknown))} in Calenso's payload (it has: "
+            f"{', '.join(sorted(known))}); a field the sample lacks goes in with data={{...}}"
+        )
+
+
+def _path_of(event_type: str, part: str) -> list[str] | None:
     """Where ``part`` sits in the nested payload of ``event_type`` (``["appointment",
-    "customer"]``), breadth first; ``[part]`` at the top when the sample has none."""
+    "customer"]``), breadth first; None when the sample has none (a type with no nested sample:
+    ``[part]`` if its flat sample has keys for it)."""
     shapes = sample_types()[event_type]
     if "nested" not in shapes:
-        return [part]
+        flat = orjson.loads(_load(event_type, "flat"))["data"]
+        return [part] if any(k.startswith(f"{part}_") for k in flat) else None
     queue: list[tuple[list[str], Any]] = [([], orjson.loads(_load(event_type, "nested"))["data"])]
     while queue:
         path, node = queue.pop(0)
@@ -122,7 +143,7 @@ def _path_of(event_type: str, part: str) -> list[str]:
                 if key == part and (isinstance(value, dict) or value is None):
                     return [*path, key]
                 queue.append(([*path, key], value))
-    return [part]
+    return None
 
 
 def _merge(target: dict[str, Any], fields: dict[str, Any]) -> None:

@@ -7,11 +7,13 @@
     assert result.attempts(sample_2) == 3
 
 The events are accepted as the ingress accepts them, dispatched to the handler alone, and run by
-the workers' own runner (:class:`workers.runner.HandlerRunner`): each (event, handler) once,
+the workers' own runner (:class:`workers.runner.HandlerRunner`): each (event, handler) once (the
+same body given twice is one event, as the ingress recognises a retransmission),
 retried on a fast schedule, events of one entity in version order for an ordered handler, dead
 letters for what fails for good, sync and ``async def`` handlers alike. The run ends when every
 event's pair is final (or after ``timeout_s``). Nothing else of calhook runs: no Celery, no
-scheduler process; the harness takes the messages and sweeps for retries itself.
+scheduler process; the harness takes the messages and sweeps for retries itself. The handler
+runs whatever its ``enabled=`` says: the test decides.
 """
 
 from __future__ import annotations
@@ -147,10 +149,11 @@ class Harness:
             body = event.body if isinstance(event, Sample) else event
             event_type = event.type if isinstance(event, Sample) else ""
             event_id = new_event_id()
-            digest = hashlib.sha256(body + event_id.encode()).hexdigest()
+            # As the ingress: the same body posted again is the same event (a retransmission).
+            digest = hashlib.sha256(endpoint.encode() + b"\0" + body).hexdigest()
             record = event_record(endpoint, now + n / 1000, event_type, body)
-            pairs.accept([(dedup_key(digest), event_id, record)])
-            ids.append(event_id)
+            (first,) = pairs.accept([(dedup_key(digest), event_id, record)])
+            ids.append(first or event_id)
         return ids
 
     def _drive(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from schemas import CustomerEvent
 from workers.registry import HandlerContext, handler
 
@@ -9,3 +11,9 @@ from workers.registry import HandlerContext, handler
 @handler("customer.created", queue="team", name="team.welcome")
 def welcome(event: CustomerEvent, ctx: HandlerContext) -> None:
     """Would greet the new customer."""
+
+
+@handler("customer.updated", queue="team", name="team.mirror",
+         enabled=lambda settings: bool(os.environ.get("TEAM_MIRROR_URL")))  # fmt: skip
+def mirror(event: CustomerEvent, ctx: HandlerContext) -> None:
+    """Would mirror the customer to TEAM_MIRROR_URL (configured per worker: a mistake)."""

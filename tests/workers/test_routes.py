@@ -29,8 +29,8 @@ def calhook(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def worker(url: str, log: Path, queues: str, modules: str) -> WorkerProcess:
-    process = WorkerProcess(url, log, 1, CALHOOK_HANDLER_MODULES=modules)
+def worker(url: str, log: Path, queues: str, modules: str, **env: str) -> WorkerProcess:
+    process = WorkerProcess(url, log, 1, CALHOOK_HANDLER_MODULES=modules, **env)
     process.args = ["worker", "-Q", queues, "-c", "1"]
     return process
 
@@ -66,9 +66,10 @@ def test_a_module_listed_only_on_its_queues_worker_is_caught(
     assert ["customer.created", "team.welcome", "team", routes_name(team)] in rows
     assert "1 problem:" in shown.stdout
     assert (
-        f"- team.welcome runs on {routes_name(team)} (queue team), but no dispatching worker "
-        f"knows it ({routes_name(dispatching)})"
+        f"- team.welcome runs on {routes_name(team)} (queue team), but the dispatching workers "
+        f"({routes_name(dispatching)}) do not know it: no event is routed to it"
     ) in shown.stdout
+    assert "Install its package, or list its module, where the dispatch runs too." in shown.stdout
     assert calhook(quiet_url, "handlers", "routes", "--check").returncode == 1
 
 
@@ -108,3 +109,28 @@ def routes_name(process: WorkerProcess) -> str:
     import socket
 
     return f"{socket.gethostname()}:{process.process.pid}"
+
+
+def test_a_handler_configured_only_on_its_queues_worker_is_caught(
+    quiet_url: str, quiet_db: redis.Redis, tmp_path: Path, fleet: list[CalhookProcess]
+) -> None:
+    # Given the module everywhere, but its handler's configuration only on its own worker
+    modules = f"{TEST_HANDLER_MODULES},{TEAM}"
+    dispatching = worker(quiet_url, tmp_path / "a.log", "dispatch,audit,record", modules)
+    team = worker(quiet_url, tmp_path / "b.log", "team", modules,
+                  TEAM_MIRROR_URL="http://mirror.example")  # fmt: skip
+    fleet += [dispatching.start(), team.start()]
+    wait_for(lambda: published(quiet_db, 2), what="both workers' routes")
+
+    shown = calhook(quiet_url, "handlers")
+
+    # Then the dispatch is named as loading it unconfigured, with what to do
+    assert (
+        f"- team.mirror runs on {routes_name(team)} (queue team), but the dispatching workers "
+        f"({routes_name(dispatching)}) load it unconfigured, so no event is routed to it"
+    ) in shown.stdout
+    assert "its enabled= must answer the same on every worker" in shown.stdout
+    assert (
+        f"{routes_name(dispatching)}: queues audit, dispatch, record; not run here: "
+        "team.mirror (not configured)" in shown.stdout
+    )
