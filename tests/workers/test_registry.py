@@ -219,13 +219,16 @@ def test_built_in_installed_and_listed_handlers_are_loaded_and_can_be_switched_o
     plain = loaded(tmp_path)
     assert plain["active"] == ["acme.welcome", "audit"]
     # (and whatever else is installed here, the example package: not configured either)
-    assert plain["inactive"].items() >= {
-        "crm.sync_booking_customer": "not configured",
-        "crm.sync_customer": "not configured",
-        "crm.sync_lead": "not configured",
-        "notify.chat": "not configured",
-        "notify.email": "not configured",
-    }.items()
+    assert (
+        plain["inactive"].items()
+        >= {
+            "crm.sync_booking_customer": "not configured",
+            "crm.sync_customer": "not configured",
+            "crm.sync_lead": "not configured",
+            "notify.chat": "not configured",
+            "notify.email": "not configured",
+        }.items()
+    )
     # A module listed adds to them (it replaced them before), and configuration switches on.
     listed = loaded(tmp_path, handler_modules="tests.support.recording", crm_kind="http",
                     crm_url="http://crm.example")  # fmt: skip
@@ -235,11 +238,14 @@ def test_built_in_installed_and_listed_handlers_are_loaded_and_can_be_switched_o
     off = loaded(tmp_path, handler_modules="-acme.welcome,-crm,-workers.tasks.audit",
                  crm_kind="http", crm_url="http://crm.example")  # fmt: skip
     assert off["active"] == []
-    assert off["inactive"].items() >= {
-        "acme.welcome": "switched off",
-        "notify.chat": "not configured",
-        "notify.email": "not configured",
-    }.items()
+    assert (
+        off["inactive"].items()
+        >= {
+            "acme.welcome": "switched off",
+            "notify.chat": "not configured",
+            "notify.email": "not configured",
+        }.items()
+    )
     assert not {"audit", "crm.sync_customer"} & set(off["inactive"])
     # And an entry point's name.
     assert "acme.welcome" not in loaded(tmp_path, handler_modules="-acme")["active"]
