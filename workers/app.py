@@ -206,7 +206,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
 
     @worker_shutting_down.connect(weak=False)
     def _withdraw_routes(**_: Any) -> None:
-        # At the start of a warm or cold shutdown (SIGTERM is remapped to a cold one).
+        # When the worker shuts down (after the soft shutdown's wait: SIGTERM is remapped).
         while publisher:
             publisher.pop().stop()
 

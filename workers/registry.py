@@ -27,9 +27,11 @@ reading the environment as it is imported.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import inspect
+import logging
 import re
 import types
 import typing
@@ -49,6 +51,8 @@ from workers.errors import (
 
 if TYPE_CHECKING:
     from calhook.settings import Settings
+
+log = logging.getLogger("calhook.worker")
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
@@ -155,15 +159,30 @@ class Registry:
             self._by_type[event_type].append(handler)
         return handler
 
-    def activate(self, settings: Settings, off: Iterable[str] = ()) -> None:
+    def activate(
+        self, settings: Settings, off: Iterable[str] = (), *, tolerant: bool = False
+    ) -> None:
         """Keep only the handlers that run with ``settings``: not switched off (by their name or
-        their module's) and enabled by their predicate. A predicate's error propagates."""
+        their module's) and enabled by their predicate. A predicate's error propagates, unless
+        ``tolerant``: then its handler is dropped as misconfigured."""
         off = set(off)
         for h in list(self._by_name.values()):
             if h.name in off or h.module in off:
                 self._drop(h, "switched off")
-            elif h.enabled is not None and not h.enabled(settings):
-                self._drop(h, "not configured")
+            elif h.enabled is not None:
+                try:
+                    enabled = h.enabled(settings)
+                except Exception as exc:
+                    if not tolerant:
+                        raise
+                    self._drop(h, f"misconfigured: {type(exc).__name__}")
+                    continue
+                if not enabled:
+                    self._drop(h, "not configured")
+
+    def names(self) -> set[str]:
+        """Every handler registered, running here or not."""
+        return set(self._by_name) | set(self.inactive)
 
     def _drop(self, h: Handler, why: str) -> None:
         del self._by_name[h.name]
@@ -295,16 +314,24 @@ def handler_sources(listed: Iterable[str]) -> tuple[list[ModuleSource], set[str]
     return unique, off
 
 
-def load_handlers(settings: Settings) -> Registry:
+def load_handlers(settings: Settings, *, tolerant: bool = False) -> Registry:
     """Load every handler the workers run (see the module docstring) into :data:`registry` and
-    keep those that run with ``settings``; return it."""
+    keep those that run with ``settings``; return it. ``tolerant`` (the read-only tools): a
+    predicate that raises leaves its handler inactive ("misconfigured: …") instead of
+    stopping."""
     sources, off = handler_sources(settings.handler_modules)
     # A source switched off by its name (-crm, -an_entry_point) is off by its module too.
     off |= {source.module for source in sources if source.name and source.name in off}
     for source in sources:
         if source.module not in off:
             _import(source.module, source.origin)
-    registry.activate(settings, off)
+    registry.activate(settings, off, tolerant=tolerant)
+    known = {s.module for s in sources} | {s.name for s in sources} | set(registry.names())
+    for name in sorted(off - known):
+        log.warning(
+            "CALHOOK_HANDLER_MODULES switches off something that is not there",
+            extra={"switched_off": name},
+        )
     return registry
 
 
@@ -315,9 +342,12 @@ def _ep_key(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
 def _import(module: str, origin: str) -> None:
     try:
         importlib.import_module(module)
-    except ImportError as exc:
+    except Exception as exc:
+        # Whatever goes wrong (a missing dependency, a duplicate name, a bad signature), say
+        # where the module came from, and how to do without it.
         raise HandlerModuleError(
-            f"cannot import handler module {module!r} ({origin}): {exc}"
+            f"cannot import handler module {module!r} ({origin}): {type(exc).__name__}: {exc}"
+            f" (CALHOOK_HANDLER_MODULES=-{module} switches it off)"
         ) from exc
 
 
@@ -335,13 +365,26 @@ def check_signature(h: Handler) -> None:
     """Raise HandlerSignatureError if ``h``'s first parameter is annotated with a type that
     cannot take the model of one of its event types. An unannotated parameter, or one whose
     annotation cannot be resolved, is not checked."""
-    params = list(inspect.signature(h.fn).parameters.values())
-    if len(params) < 2:
-        raise HandlerSignatureError(
-            f"handler {h.name!r} must take (event, ctx); it takes {len(params)} parameter(s)"
-        )
     try:
-        hints = typing.get_type_hints(h.fn)
+        signature = inspect.signature(h.fn)
+    except (TypeError, ValueError):
+        return  # a builtin or an extension's callable: not checked
+    try:
+        signature.bind(object(), object())
+    except TypeError:
+        raise HandlerSignatureError(
+            f"handler {h.name!r} must take (event, ctx) as its two positional parameters; "
+            f"it is {h.fn!r}{signature}"
+        ) from None
+    params = list(signature.parameters.values())
+    if not params or params[0].kind not in (params[0].POSITIONAL_ONLY,
+                                            params[0].POSITIONAL_OR_KEYWORD):  # fmt: skip
+        return
+    target = h.fn.func if isinstance(h.fn, functools.partial) else h.fn
+    if not inspect.isfunction(target) and not inspect.ismethod(target):
+        target = getattr(target, "__call__", target)  # noqa: B004
+    try:
+        hints = typing.get_type_hints(target)
     except (NameError, TypeError):
         return
     accepted = _classes(hints.get(params[0].name))
@@ -349,7 +392,11 @@ def check_signature(h: Handler) -> None:
         return
     for event_type in sorted(h.event_types):
         model = model_of(event_type)
-        if not any(issubclass(model, a) for a in accepted):
+        try:
+            fits = any(issubclass(model, a) for a in accepted)
+        except TypeError:
+            return  # a protocol or another class that cannot be checked
+        if not fits:
             takes = " | ".join(a.__name__ for a in accepted)
             raise HandlerSignatureError(
                 f"handler {h.name!r} takes {takes}, but {event_type!r} events come as "
@@ -363,8 +410,13 @@ def _classes(annotation: Any) -> tuple[type, ...] | None:
     something else (Any, a protocol, a string) that is not checked."""
     if annotation is None or annotation is Any:
         return None
-    if isinstance(annotation, type):
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _classes(typing.get_args(annotation)[0])
+    if isinstance(annotation, type) and typing.get_origin(annotation) is None:
         return (annotation,)
+    origin = typing.get_origin(annotation)
+    if isinstance(origin, type) and origin is not types.UnionType:
+        return (origin,)  # dict[str, Any] takes dicts, not events
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         members = typing.get_args(annotation)
         if all(isinstance(m, type) for m in members):

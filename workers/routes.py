@@ -208,8 +208,38 @@ def problems(workers: Sequence[dict[str, Any]]) -> list[str]:
                 f"queue {queue} (handler {handler}) is consumed by no worker: its events wait. "
                 f"Run `calhook worker -Q {queue}`."
             )
+        for queue in sorted(queues & consumed):
+            # Routed there, but a worker taking its messages does not run it: what that worker
+            # takes is dead-lettered as unknown_handler.
+            lacking = [w["worker"] for w in workers if queue in w["queues"]
+                       and handler not in {h["name"] for h in w["handlers"]}]  # fmt: skip
+            if lacking:
+                why = "; ".join(f"{n}: {_why_not(workers, n, handler)}" for n in lacking)
+                found.append(
+                    f"{handler} is routed to queue {queue}, but {', '.join(lacking)} consume "
+                    f"it without running it ({why}): what they take is dead-lettered as "
+                    f"unknown_handler. Configure and install it the same on every worker of "
+                    f"the queue."
+                )
+    # Dispatching workers that disagree: only the events one of them dispatches reach it.
+    for handler in sorted(routed):
+        missing = [w["worker"] for w in dispatching
+                   if handler not in {h["name"] for h in w["handlers"]}]  # fmt: skip
+        if missing:
+            why = "; ".join(f"{n}: {_why_not(workers, n, handler)}" for n in missing)
+            found.append(
+                f"{handler} is routed by some dispatching workers but not by {', '.join(missing)}"
+                f" ({why}): the events those dispatch never reach it."
+            )
     found += _disagreements(workers)
     return list(dict.fromkeys(found))
+
+
+def _why_not(workers: Sequence[dict[str, Any]], worker: str, handler: str) -> str:
+    for w in workers:
+        if w["worker"] == worker:
+            return str(w["inactive"].get(handler, "not installed"))
+    return "not installed"
 
 
 def _unrouted(

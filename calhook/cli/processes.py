@@ -105,9 +105,11 @@ def exporter(host: str, port: int) -> None:
     from workers.registry import load_handlers
 
     settings = broker_settings()
-    registry = load_handlers(settings)
+    # Every queue a handler may use, configured here or not (the exporter reads, runs nothing).
+    registry = load_handlers(settings, tolerant=True)
+    queues = {h.queue for h in registry} | {h.queue for h, _ in registry.inactive.values()}
     metrics = CollectorRegistry(auto_describe=False)
-    metrics.register(FleetCollector(redis_client(), {h.queue for h in registry}))
+    metrics.register(FleetCollector(redis_client(), queues))
     server, thread = start_http_server(port, addr=host, registry=metrics)
     logging.getLogger("calhook.exporter").info("exporter listening", extra={"port": port})
     stop = threading.Event()

@@ -32,8 +32,9 @@ def queues(watch_s: float | None, as_json: bool) -> None:
     from workers.registry import load_handlers
 
     client = broker_client()
-    registry = load_handlers(get_settings())
-    names = {h.queue for h in registry}
+    # Every queue a handler may use, configured here or not (this reads, runs nothing).
+    registry = load_handlers(get_settings(), tolerant=True)
+    names = {h.queue for h in registry} | {h.queue for h, _ in registry.inactive.values()}
     while True:
         rows = queue_table(client, names)
         if as_json:

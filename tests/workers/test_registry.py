@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -262,5 +263,84 @@ def test_an_entry_point_that_cannot_be_imported_names_its_distribution(tmp_path:
     assert run.returncode != 0
     assert (
         "cannot import handler module 'acme_handlers' (entry point acme of acme-handlers "
-        "1.2.0): No module named 'no_such_module'" in run.stderr
+        "1.2.0): ModuleNotFoundError: No module named 'no_such_module'" in run.stderr
     )
+
+
+def test_the_signature_check_knows_the_shapes_handlers_come_in() -> None:
+    registry = Registry()
+
+    def star(*args: Any) -> None: ...
+
+    def with_client(event: CustomerEvent, ctx: HandlerContext, client: object = None) -> None: ...
+
+    class Readable(Protocol):
+        type: str
+
+    def protocol(event: Readable, ctx: HandlerContext) -> None: ...
+
+    # Accepted: *args, a defaulted third parameter, a protocol (not checkable), a partial.
+    registry.handler("lead.created", queue="q", name="star")(star)
+    registry.handler("customer.created", queue="q", name="client")(with_client)
+    registry.handler("lead.created", queue="q", name="proto")(protocol)
+    registry.handler("customer.created", queue="q", name="partial")(
+        functools.partial(with_client, client=1)
+    )
+
+    def kwargs_only(event: CalensoEvent, **kw: Any) -> None: ...
+
+    def three(event: CalensoEvent, ctx: HandlerContext, client: object) -> None: ...
+
+    def a_dict(event: dict[str, Any], ctx: HandlerContext) -> None: ...
+
+    # Refused: what the runner could not call as fn(event, ctx), and a wrong model.
+    wrong: list[tuple[str, Any]] = [("kw", kwargs_only), ("three", three)]
+    for name, fn in wrong:
+        with pytest.raises(HandlerSignatureError, match="must take \\(event, ctx\\) as its two"):
+            registry.handler("lead.created", queue="q", name=name)(fn)
+    with pytest.raises(HandlerSignatureError, match="takes dict"):
+        registry.handler("lead.created", queue="q", name="dict")(a_dict)
+    with pytest.raises(HandlerSignatureError, match="takes CustomerEvent"):
+        registry.handler("lead.created", queue="q", name="wrong_partial")(
+            functools.partial(with_client, client=1)
+        )
+
+
+def test_a_predicate_that_raises_is_fatal_for_a_worker_and_tolerated_by_read_only_tools(
+    make_settings: Callable[..., Settings],
+) -> None:
+    def broken(settings: Settings) -> bool:
+        raise ValueError("BOOKINGS_DSN is not a URL")
+
+    registry = Registry()
+    registry.handler("lead.created", queue="q", name="broken", enabled=broken)(noop)
+    with pytest.raises(ValueError, match="not a URL"):
+        registry.activate(make_settings())
+    registry.activate(make_settings(), tolerant=True)
+    assert registry.inactive["broken"][1] == "misconfigured: ValueError"
+
+
+def test_a_broken_installed_package_names_itself_and_the_way_out(tmp_path: Path) -> None:
+    install_team_package(tmp_path / "site")
+    (tmp_path / "site" / "acme_handlers" / "__init__.py").write_text(
+        "from schemas import CalensoEvent\n"
+        "from workers.registry import HandlerContext, handler\n\n\n"
+        '@handler("lead.created", queue="acme", name="audit")\n'
+        "def clash(event: CalensoEvent, ctx: HandlerContext) -> None:\n"
+        "    pass\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}
+    env.pop("CALHOOK_HANDLER_MODULES", None)
+    values = json.dumps({"redis_url": "redis://127.0.0.1:1/0"})
+    run = subprocess.run(
+        [sys.executable, "-c", LOADED, values],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert (
+        "cannot import handler module 'acme_handlers' (entry point acme of acme-handlers "
+        "1.2.0): DuplicateHandler: a handler named 'audit' is already registered "
+        "(CALHOOK_HANDLER_MODULES=-acme_handlers switches it off)"
+    ) in run.stderr
+    # And the way out works; a name that matches nothing is warned of.
+    assert "audit" in loaded(tmp_path, handler_modules="-acme,-typo")["active"]

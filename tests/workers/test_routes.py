@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -134,3 +135,44 @@ def test_a_handler_configured_only_on_its_queues_worker_is_caught(
         f"{routes_name(dispatching)}: queues audit, dispatch, record; not run here: "
         "team.mirror (not configured)" in shown.stdout
     )
+
+
+def entry(
+    worker: str, queues: list[str], handlers: dict[str, str], **inactive: str
+) -> dict[str, Any]:
+    """A worker's published entry: handler name -> queue; inactive name -> why."""
+    published = [
+        {"name": n, "types": ["lead.created"], "queue": q, "package": ""}
+        for n, q in handlers.items()
+    ]
+    return {
+        "worker": worker,
+        "queues": queues,
+        "handlers": published,
+        "inactive": {n.replace("_", "."): why for n, why in inactive.items()},
+    }
+
+
+def test_a_queue_worker_that_does_not_run_what_is_routed_to_it_is_named() -> None:
+    # The dispatch runs notify.chat (configured there); the notify queue's worker does not.
+    workers = [
+        entry("d", ["dispatch", "audit"], {"notify.chat": "notify", "audit": "audit"}),
+        entry("n", ["notify"], {"audit": "audit"}, notify_chat="not configured"),
+    ]
+    assert routes.problems(workers) == [
+        "notify.chat is routed to queue notify, but n consume it without running it (n: not "
+        "configured): what they take is dead-lettered as unknown_handler. Configure and install "
+        "it the same on every worker of the queue."
+    ]
+
+
+def test_dispatching_workers_that_disagree_are_named() -> None:
+    workers = [
+        entry("d1", ["dispatch"], {"bookings.table": "bookings"}),
+        entry("d2", ["dispatch"], {}, bookings_table="not configured"),
+        entry("q", ["bookings"], {"bookings.table": "bookings"}),
+    ]
+    assert routes.problems(workers) == [
+        "bookings.table is routed by some dispatching workers but not by d2 (d2: not "
+        "configured): the events those dispatch never reach it."
+    ]
