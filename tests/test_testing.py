@@ -8,6 +8,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -15,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from calhook.testing import Harness, Sample, SampleError, sample_types
-from schemas import AppointmentEvent, CustomerEvent, UnknownEvent
+from schemas import KNOWN_TYPES, AppointmentEvent, CalensoEvent, CustomerEvent, UnknownEvent
 from schemas.catalogue import family_of
 from schemas.events import MODEL_BY_FAMILY
 from tests.conftest import FIXTURES, ROOT
-from workers.errors import PermanentError
-from workers.registry import HandlerContext, handler
+from workers.errors import PermanentError, RetryLater
+from workers.registry import HandlerContext, RetryPolicy, handler
 
 CALLS: Counter[str] = Counter()
 SEEN: list[tuple[str, str]] = []
@@ -52,9 +53,13 @@ def test_every_sample_parses_in_every_shape_to_its_family(
     shipped = {p.name for p in FIXTURES.glob("*.json")} | {
         p.name for p in (FIXTURES / "planned").glob("*.json")
     }
+    derived = {f"{t}.{s}.json" for t in ("event.booking.payment_failed",
+               "event.manual.booking.created") for s in ("nested", "flat")}  # fmt: skip
     assert {f"{t}.{s}.json" for t, shapes in sample_types().items() for s in shapes} == (
-        shipped - {"request.example.json"}
+        shipped - {"request.example.json"} | derived
     )
+    # Every type Calenso's catalogue knows has a sample.
+    assert set(KNOWN_TYPES) <= set(sample_types())
     for event_type, shapes in sample_types().items():
         family = family_of(event_type)
         model = MODEL_BY_FAMILY[family] if family is not None else UnknownEvent
@@ -194,3 +199,26 @@ def test_the_same_body_twice_is_one_event_as_at_the_ingress(
     assert result.of(0).event_id == result.of(1).event_id
     assert result.of(0).runs == 3  # one event: its three calls, not six
     assert sum(CALLS.values()) == 3
+
+
+SLOW: Counter[str] = Counter()
+
+
+@handler("lead.created", queue="testing", name="testing.slow_schedule",
+         retry=RetryPolicy(quick_retries=0, schedule_s=(300.0, 3600.0)))  # fmt: skip
+def slow_schedule(event: CalensoEvent, ctx: HandlerContext) -> None:
+    SLOW[ctx.event_id] += 1
+    if SLOW[ctx.event_id] == 1:
+        raise RetryLater("the CRM asks for 30 s", after_s=30)
+    if SLOW[ctx.event_id] == 2:
+        raise ConnectionError("down")
+
+
+def test_a_handlers_own_schedule_and_retry_after_are_brought_forward(
+    calhook_harness: Harness, calenso_event: Callable[..., Sample]
+) -> None:
+    sample = calenso_event("lead.created")
+    started = time.monotonic()
+    result = calhook_harness.run(slow_schedule, sample, timeout_s=10)
+    assert time.monotonic() - started < 10
+    assert (result.outcome(sample), result.of(sample).runs) == ("done", 3)

@@ -31,7 +31,7 @@ from calhook.ids import new_event_id
 from calhook.messages import event_record, read_task_message
 from calhook.settings import Settings, load_settings
 from calhook.store.connect import pair_store
-from calhook.store.keys import dedup_key
+from calhook.store.keys import DISPATCH_PAIR, DUE, dedup_key, due_member
 from calhook.store.pairs import PairStore
 from calhook.store.records import DEAD, RecordStore
 from calhook.store.trail import Trail
@@ -182,8 +182,22 @@ class Harness:
                 else:
                     runner.run(kwargs["handler"], kwargs["ids"], kwargs.get("seq"), queue)
             if not worked:
-                sweep_once(pairs, self.settings)
-                time.sleep(0.005)
+                # Nothing runs between two steps here: a retry or a deferral due later (the
+                # handler's own schedule, a Retry-After) is brought forward, not waited for.
+                sweep_once(pairs, self.settings, now_s=self._next_due(ids, h))
+                time.sleep(0.001)
+
+    def _next_due(self, ids: list[str], h: Handler) -> float | None:
+        """When the earliest of the run's pairs the sweep watches is due (s), if it is later
+        than now; None to sweep at the present time."""
+        members = [due_member(i, p) for i in ids for p in (DISPATCH_PAIR, h.name)]
+        with self.client.pipeline(transaction=False) as pipe:
+            for m in members:
+                pipe.zscore(DUE, m)
+            scores = [float(s) for s in pipe.execute() if s is not None]
+        if not scores:
+            return None
+        return max(min(scores) / 1000 + 0.001, time.time())
 
     @staticmethod
     def _settled(pairs: PairStore, h: Handler, ids: list[str]) -> bool:
