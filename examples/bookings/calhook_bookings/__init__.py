@@ -9,8 +9,11 @@ configured (``BOOKINGS_DSN``). calhook gives it the rest:
 - **Order per appointment.** ``ordered=True``: a late, older event (a retry, a slow network)
   never overwrites a newer one, and a cancelled booking stays cancelled.
 - **Retries.** A database that is down raises; calhook retries on its schedule and holds the
-  handler if its breaker opens. A bad event (no appointment uuid) is a PermanentError: a dead
-  letter at once, not a retry.
+  handler if its breaker opens. An event without an appointment uuid never gets here (calhook
+  parks it: an ordered handler's event needs its entity); were one to, it would be a
+  PermanentError, a dead letter at once.
+- **Configuration** is read when the handler runs, and ``enabled=`` reads ``BOOKINGS_DSN`` when
+  the worker loads its handlers: give it to every worker, the dispatching ones included.
 """
 
 from __future__ import annotations
