@@ -31,7 +31,7 @@ def dsn(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         pytest.skip(f"no PostgreSQL at {base}: {exc}")
     schema = f"bookings_{secrets.token_hex(4)}"
     admin.execute(f"CREATE SCHEMA {schema}")
-    dsn = f"{base}?options=-csearch_path%3D{schema}"
+    dsn = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
     monkeypatch.setenv(calhook_bookings.DSN_ENV, dsn)
     yield dsn
     admin.execute(f"DROP SCHEMA {schema} CASCADE")
