@@ -222,3 +222,12 @@ def test_a_handlers_own_schedule_and_retry_after_are_brought_forward(
     result = calhook_harness.run(slow_schedule, sample, timeout_s=10)
     assert time.monotonic() - started < 10
     assert (result.outcome(sample), result.of(sample).runs) == ("done", 3)
+
+
+def test_the_package_names_resolve_on_first_use() -> None:
+    import calhook.testing as kit
+
+    for name in kit.__all__:
+        assert getattr(kit, name) is not None
+    with pytest.raises(AttributeError):
+        kit.nothing_here  # noqa: B018

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from calhook.testing.events import Sample
-from calhook.testing.events import calenso_event as _calenso_event
-from calhook.testing.harness import Harness
+if TYPE_CHECKING:
+    from calhook.testing.events import Sample
+    from calhook.testing.harness import Harness
+
+# The fixtures import calhook when a test asks for them: every pytest run where calhook is
+# installed loads this plugin, and most of them never use it.
 
 REDIS_URL_ENV = "CALHOOK_TEST_REDIS_URL"
 
@@ -46,12 +49,16 @@ def calhook_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
 def calenso_event() -> Callable[..., Sample]:
     """Build a Calenso event: ``calenso_event("customer.created", shape="flat",
     customer={"email": "anna@example.org"})``."""
-    return _calenso_event
+    from calhook.testing.events import calenso_event as build
+
+    return build
 
 
 @pytest.fixture
 def calhook_harness(calhook_redis_url: str) -> Iterator[Harness]:
     """Run a handler as calhook runs it: ``calhook_harness.run(handler, *events)``."""
+    from calhook.testing.harness import Harness
+
     harness = Harness(calhook_redis_url)
     yield harness
     harness.close()
