@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
 import time
 from collections import Counter
@@ -127,11 +128,25 @@ def show_dry_run(kind: str, verb: str, records: list[dict[str, str]]) -> None:
         click.echo(f"  {n:>7}  {'  '.join(group)}")
 
 
-def _paced(items: list[str], rate: float | None) -> Iterator[str]:
+class _Stop:
+    """Ctrl-C, taken as a wish: the loop ends after the record in hand, counted."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.asked = True
+
+
+def _paced(items: list[str], rate: float | None, stop: _Stop) -> Iterator[str]:
     began = time.monotonic()
     for n, item in enumerate(items):
         if rate:
-            time.sleep(max(0.0, began + n / rate - time.monotonic()))
+            until = began + n / rate
+            while not stop.asked and (wait := until - time.monotonic()) > 0:
+                time.sleep(min(wait, 0.05))
+        if stop.asked:
+            return
         yield item
 
 
@@ -139,16 +154,22 @@ def replay(
     kind: str, selected: list[str], *, rate: float | None = None, show_queue: bool = False
 ) -> None:
     """Replay each record: one transition each, so a record replayed by someone else at the
-    same time is reported and not run twice. Ctrl-C stops after the record in hand."""
+    same time is reported and not run twice. Ctrl-C stops after the record in hand, which is
+    counted (a KeyboardInterrupt could land between a replay and its count)."""
     from calhook.store.connect import pair_store
     from calhook.store.pairs import ReplayError
 
     pairs = pair_store(broker_client(), get_settings())
     outcome: Counter[str] = Counter()
+    stop = _Stop()
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, stop)
     try:
         with click.progressbar(
-            _paced(selected, rate), length=len(selected), label="replaying", file=sys.stderr
-        ) as bar:
+            _paced(selected, rate, stop), length=len(selected), label="replaying",
+            file=sys.stderr,
+        ) as bar:  # fmt: skip
             for record_id in bar:
                 try:
                     queue = pairs.replay(kind, record_id)
@@ -156,10 +177,13 @@ def replay(
                     outcome["failed" if "expired" in str(exc) else "gone"] += 1
                     click.echo(f"\n{record_id}: {exc}", err=True)
                     continue
+                outcome["replayed"] += 1
                 if show_queue:
                     click.echo(f"{record_id}: queued on {queue}")
-                outcome["replayed"] += 1
-    except KeyboardInterrupt:
+    finally:
+        if previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, previous)
+    if stop.asked:
         left = len(selected) - sum(outcome.values())
         click.echo(f"{_report(outcome, 'replayed')}\nstopped with {left} left: run the same "
                    "command again to go on")  # fmt: skip
