@@ -50,7 +50,7 @@ import redis.asyncio
 
 from calhook.settings import Settings, decode_whsec
 from calhook.store.connect import async_twin
-from calhook.store.keys import DEAD, NOTICES, NOTICES_MAX
+from calhook.store.keys import DEAD, NOTICES, NOTICES_DEAD_LETTERS, NOTICES_MAX
 from workers.errors import HandlerError, TransientError
 from workers.http import read_answer, sessions
 from workers.notify.chat import POSTED_TTL_S, post_chat, posted_key
@@ -70,7 +70,7 @@ SEND_DEADLINE_S = 30.0
 """The longest one entry's sends take (its channels at once); below the claim time, so no other
 scheduler takes an entry over while it is being sent."""
 URL_TIMEOUT_S = 10.0
-DEAD_LETTER_STATE = f"{NOTICES}:dead_letters"
+DEAD_LETTER_STATE = NOTICES_DEAD_LETTERS
 """``above`` or ``below`` CALHOOK_NOTICE_DEAD_LETTERS, as last told."""
 # Entries one step handles at most from each source, so that retries cannot starve new ones.
 _STEP_MOST = 100

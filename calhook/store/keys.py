@@ -61,6 +61,8 @@ FAILURE_GROUPS: Final = f"{PREFIX}fgroups"  # sorted set: group id by last seen 
 FAILURE_GROUP: Final = f"{PREFIX}fgroup:"  # fgroup:<id>: one group; fgroup:open:<handler> set
 NOTICES: Final = f"{PREFIX}notices"  # stream of operational transitions (workers/notices.py)
 NOTICES_MAX: Final = 10_000  # about this many entries are kept (XADD MAXLEN ~)
+# Whether the dead letters were last told above or below CALHOOK_NOTICE_DEAD_LETTERS.
+NOTICES_DEAD_LETTERS: Final = f"{NOTICES}:dead_letters"
 ROUTES: Final = f"{PREFIX}routes"  # sorted set: worker -> when it last published its routes
 ROUTE: Final = f"{PREFIX}route:"  # route:<worker>: what it serves (workers/routes.py)
 NOTIFY: Final = f"{PREFIX}notify:"  # notify:sent:<pair key> e-mail marks, notify:posted:<pair key>

@@ -28,6 +28,8 @@ from calhook.store.keys import (
     DEAD,
     DISPATCH_PAIR,
     DUE,
+    HELD,
+    HELD_STATE,
     OPEN_STATES,
     PARKED,
     body_key,
@@ -192,7 +194,13 @@ def audit(db: redis.Redis) -> list[str]:
             if value in OPEN_STATES:
                 opened += 1
                 actual[(value, fields.get(f"{pair}/q", ""))] += 1
-                if due_member(event_id, pair) not in due:
+                if value == HELD_STATE:
+                    # Held pairs wait in held:<handler> (the release queues them), never due.
+                    if db.zscore(f"{HELD}{pair}", event_id) is None:
+                        problems.append(f"{event_id}/{pair} is held without an entry in {HELD}")
+                    if due_member(event_id, pair) in due:
+                        problems.append(f"{event_id}/{pair} is held and due")
+                elif due_member(event_id, pair) not in due:
                     problems.append(f"{event_id}/{pair} is {value} without an entry in {DUE}")
         if int(fields.get("open", "0")) != opened:
             problems.append(f"{event_id}: open={fields.get('open')} but {opened} pairs are open")
@@ -204,6 +212,14 @@ def audit(db: redis.Redis) -> list[str]:
             problems.append(
                 f"{event_id}: body {has_body} with {opened} open pairs, {records[event_id]} records"
             )
+    # Nothing but a held pair waits in a held set (the release would queue it again).
+    for key in db.scan_iter(f"{HELD}*", count=1000):
+        pair = key.decode().removeprefix(HELD)
+        members: list[bytes] = db.zrange(key, 0, -1)  # type: ignore[assignment]
+        for member in members:
+            state = db.hget(event_key(member.decode()), f"{pair}/s")
+            if state != HELD_STATE.encode():
+                problems.append(f"{member.decode()}/{pair} is in {HELD}{pair} but {state!r}")
     for s, raw in zip(OPEN_STATES, counts, strict=True):
         stored = {q.decode(): int(v) for q, v in raw.items()}
         for queue in set(stored) | {q for st, q in actual if st == s}:

@@ -140,16 +140,20 @@ def test_resume_releases_the_held_pairs_oldest_first_at_the_pace(
     assert health.resume(H, rate_per_s=5) == 12
     with pytest.raises(HealthError):
         health.resume(H)
-    first = health.release(rate_per_s=100, most=1000, batch_max=1)
+    # The scheduler's ticks, on the store's clock moved by hand (no sleep).
+    now = time.time()
+
+    def release(at_s: float) -> list[tuple[str, int, int]]:
+        raw = health.scripts.call("release", ["100", 1000, 1, 1000], now_s=now + at_s)
+        return [(r[1].decode(), int(r[2]), int(r[3])) for r in raw]
+
     # A second's worth at the chosen pace (5/s), the oldest ones.
-    assert first.released == ((H, 5, 7),)
+    assert release(0) == [(H, 5, 7)]
     queued = [e for e in ids if _state(quiet_pairs, e) == QUEUED]
     assert queued == ids[:5]
-    time.sleep(0.45)
-    assert health.release(rate_per_s=100, most=1000, batch_max=1).released == ((H, 2, 5),)
+    assert release(0.45) == [(H, 2, 5)]
     assert [e for e in ids if _state(quiet_pairs, e) == QUEUED] == ids[:7]
-    time.sleep(1.1)
-    health.release(rate_per_s=100, most=1000, batch_max=1)
+    release(1.55)
     assert all(_state(quiet_pairs, e) == QUEUED for e in ids)
     assert health.holds() == []
     assert _counts(quiet_db, HELD_STATE) == 0

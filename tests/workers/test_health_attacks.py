@@ -19,25 +19,19 @@ import redis
 from calhook.settings import Settings
 from calhook.store.health import Breaker, Health, Released
 from calhook.store.keys import (
-    DUE,
-    HELD,
     HELD_STATE,
     HOLD,
     NOTICES,
-    OPEN_STATES,
     QUEUED,
     RUNNING,
     body_key,
-    due_member,
-    event_key,
     order_key,
-    pairs_key,
 )
 from calhook.store.pairs import Ending, PairStore
 from calhook.store.queues import throughput_key
 from calhook.store.records import DEAD as DEAD_KIND
 from calhook.store.records import RecordStore
-from tests.support import store
+from tests.support import core_rig, store
 from tests.support.core_rig import LEASE_S, Timeline, copies, process, routed, start, take
 
 H, Q = "crm.sync", "crm"
@@ -160,45 +154,8 @@ class Ops:
         return got
 
     def audit(self) -> list[str]:
-        """Counts equal the real states; a held pair is in held:<handler> and not in the due
-        set, every other open pair is in the due set; nothing final is left in held:<h>."""
-        problems: list[str] = []
-        actual: Counter[tuple[str, str]] = Counter()
-        due = {text(m) for m in self.db.zrange(DUE, 0, -1)}
-        held_sets: dict[str, set[str]] = {}
-        for key in self.db.scan_iter(f"{HELD}*"):
-            name = text(key).removeprefix(HELD)
-            held_sets[name] = {text(m) for m in self.db.zrange(key, 0, -1)}
-        for key in self.db.scan_iter(f"{event_key('')}*"):
-            event_id = text(key).removeprefix(event_key(""))
-            fields = {text(k): text(v) for k, v in self.db.hgetall(key).items()}
-            opened = 0
-            for name, value in fields.items():
-                pair, sep, what = name.rpartition("/")
-                if not sep or what != "s":
-                    continue
-                if value in OPEN_STATES:
-                    opened += 1
-                    actual[(value, fields.get(f"{pair}/q", ""))] += 1
-                in_held = event_id in held_sets.get(pair, set())
-                if value == HELD_STATE:
-                    if not in_held:
-                        problems.append(f"{event_id}/{pair} held but not in held:{pair}")
-                    if due_member(event_id, pair) in due:
-                        problems.append(f"{event_id}/{pair} held but due")
-                else:
-                    if in_held:
-                        problems.append(f"{event_id}/{pair} is {value} but in held:{pair}")
-                    if value in OPEN_STATES and due_member(event_id, pair) not in due:
-                        problems.append(f"{event_id}/{pair} is {value} without a due entry")
-            if int(fields.get("open", "0")) != opened:
-                problems.append(f"{event_id}: open={fields.get('open')} but {opened} open")
-        for s in OPEN_STATES:
-            stored = {text(q): int(v) for q, v in self.db.hgetall(pairs_key(s)).items()}
-            for queue in set(stored) | {q for st, q in actual if st == s}:
-                if stored.get(queue, 0) != actual[(s, queue)]:
-                    problems.append(f"pairs:{s} {queue}={stored.get(queue)}, {actual[(s, queue)]}")
-        return problems
+        """The store's invariants at rest (tests/support/core_rig.py), held pairs included."""
+        return core_rig.audit(self.db)
 
 
 @pytest.fixture
