@@ -9,6 +9,7 @@ the test handlers recorded, and counts each way things can go wrong, by name (:d
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -50,7 +51,11 @@ PROBLEMS = (
     "body missing",  # a dead letter or parked record whose body is gone (it cannot be replayed)
     "overlapping runs",  # an outcome the store refused: another run of the pair overlapped it
     "replayed twice though fixed",  # a dead letter both replays queued, though one fixed it
+    "run again without a fault",  # a pair run more often than planned, with no fault near its runs
 )
+# How long before a fault a run may have begun and still be cut by it: the longest run here (the
+# ordered sleeper's 3 s; the in-call retries of a transient failure take up to 2 s).
+REACH_S = 3.0
 _HANDLERS = {
     "lead": ("audit", "record"),
     "flaky": ("flaky",),
@@ -149,11 +154,40 @@ def plan(rng: random.Random, n: int, entities: int = 60) -> list[Planned]:
 
 
 @dataclass
+class Faults:
+    """When the test cut runs short, in wall-clock time (the handlers log their runs' starts in
+    it). A run that began at most :data:`REACH_S` before a kill, or before an outage ended
+    (a lease after it: the lease of a run held up by the outage may run out), may have been cut
+    by it and run again; the audit looks for the others."""
+
+    origin: float = field(default_factory=time.time)
+    windows: list[tuple[float, float]] = field(default_factory=list)
+
+    def kill(self) -> None:
+        """A process (a worker, a pool child) was killed just now."""
+        now = time.time()
+        self.windows.append((now - REACH_S, now))
+
+    def outage(self, began: float, lease_s: float) -> None:
+        """The broker was down from ``began`` until just now."""
+        self.windows.append((began - REACH_S, time.time() + lease_s))
+
+    def explain(self, start: float) -> bool:
+        return any(a <= start <= b for a, b in self.windows)
+
+    def since_origin(self, starts: list[float]) -> str:
+        return ", ".join(f"{at - self.origin:.1f}s" for at in starts)
+
+
+@dataclass
 class Audit:
-    """What the audit counted; ``examples`` names a few offenders of each problem."""
+    """What the audit counted; ``examples`` names a few offenders of each problem; ``cut``, the
+    pairs run more often than planned, by how many runs."""
 
     counts: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    cut: Counter[str] = field(default_factory=Counter)
+    cut_at: list[str] = field(default_factory=list)  # a few of them, with when they ran
 
     def bad(self, problem: str, what: str) -> None:
         assert problem in PROBLEMS, problem
@@ -168,6 +202,8 @@ class Audit:
         lines = ["problems:", *problems, "what happened:", *seen]
         for problem, where in sorted(self.examples.items()):
             lines.append(f"  e.g. {problem}: {', '.join(where)}")
+        if self.cut_at:
+            lines += ["runs cut by a fault (s since the start), e.g.:", *self.cut_at]
         return "\n".join(lines)
 
 
@@ -188,8 +224,11 @@ def check_poison(r: Rig, accepted: Mapping[str, Planned], audit: Audit, when: st
             audit.bad("false poison", f"{record_id} ({when}, {killed} runs)")
 
 
-def audit_store(r: Rig, accepted: Mapping[str, Planned], replays: Counter[str]) -> Audit:
-    """Classify every pair of every accepted event, then look for anything left behind."""
+def audit_store(
+    r: Rig, accepted: Mapping[str, Planned], replays: Counter[str], faults: Faults
+) -> Audit:
+    """Classify every pair of every accepted event, then look for anything left behind and
+    for runs no fault explains (``faults``: the test's; a poison handler's runs kill too)."""
     audit = Audit()
     audit.counts["events accepted"] = len(accepted)
     dead = dead_letters(r)
@@ -206,6 +245,7 @@ def audit_store(r: Rig, accepted: Mapping[str, Planned], replays: Counter[str]) 
             newest[entity] = max(newest.get(entity, (v, event_id)), (v, event_id))
     _check_order(r, newest, audit)
     check_poison(r, accepted, audit, "at the end")
+    _check_cuts(r, audit, faults)
     _check_bodies(r, dead, parked, audit)
     _check_settled(r, audit)
     audit.counts.update(Counter(f"dead letters at the end: {d['reason']}" for d in dead.values()))
@@ -256,7 +296,25 @@ def _check_event(
             audit.bad("replayed twice though fixed", pair)
         if handler != "audit":
             expected = planned.runs(state.state, replayed)
-            audit.counts["runs cut by a fault and run again"] += max(runs[pair] - expected, 0)
+            if cut := max(runs[pair] - expected, 0):
+                audit.cut[pair] = cut
+                audit.counts["runs cut by a fault and run again"] += cut
+                audit.counts[f"runs cut by a fault and run again: {handler}"] += cut
+
+
+def _check_cuts(r: Rig, audit: Audit, faults: Faults) -> None:
+    """Each run beyond the plan's began where a fault may have cut it."""
+    starts = r.run_starts()
+    for pair, runs in starts.items():
+        if pair.endswith(":poison"):
+            faults.windows += [(at - REACH_S, at) for at in runs]
+    for pair, cut in sorted(audit.cut.items()):
+        explained = sum(1 for at in starts.get(pair, []) if faults.explain(at))
+        where = faults.since_origin(starts.get(pair, []))
+        if explained < cut:
+            audit.bad("run again without a fault", f"{pair}: {cut} more than planned, at {where}")
+        elif len(audit.cut_at) < 8:
+            audit.cut_at.append(f"  {pair}: {cut} more than planned, runs at {where}")
 
 
 def _dones_in_trails(r: Rig, ids: list[str]) -> list[Counter[str]]:

@@ -39,7 +39,13 @@ from calhook.store.keys import DUE, OPEN_STATES, event_key, pairs_key
 from calhook.store.pairs import PairState, PairStore
 from ingest import create_app
 from tests.conftest import SECRET
-from tests.support.recording import EFFECT_AT_KEY, EFFECTS_KEY, OUTSIDE_URL_ENV, RUNS_KEY
+from tests.support.recording import (
+    EFFECT_AT_KEY,
+    EFFECTS_KEY,
+    OUTSIDE_URL_ENV,
+    RUN_LOG_KEY,
+    RUNS_KEY,
+)
 from tests.support.worker import TEST_HANDLER_MODULES, SchedulerProcess, WorkerProcess
 
 AUTH = {"Authorization": SECRET, "Content-Type": "application/json"}
@@ -181,6 +187,15 @@ class Rig:
 
     def runs(self) -> Counter[str]:
         return self.counts(RUNS_KEY, self.recorded)
+
+    def run_starts(self) -> dict[str, list[float]]:
+        """When each run of each pair began (wall clock, in the order they began)."""
+        starts: dict[str, list[float]] = {}
+        entries: list[bytes] = self.recorded.lrange(RUN_LOG_KEY, 0, -1)  # type: ignore[assignment]
+        for entry in entries:
+            pair, at = entry.decode().rsplit(" ", 1)
+            starts.setdefault(pair, []).append(float(at))
+        return starts
 
     def effect_times(self) -> list[float]:
         """When each effect applied (wall clock, ascending); recorded on an outside Redis only."""

@@ -45,7 +45,7 @@ from calhook.store.connect import async_client
 from calhook.store.keys import DISPATCH_PAIR, DONE, event_key
 from ingest.app import WRITER
 from ingest.durable import DurableWriter
-from tests.faults.audit import PROBLEMS, Audit, Planned, audit_store, from_logs
+from tests.faults.audit import PROBLEMS, Audit, Faults, Planned, audit_store, from_logs
 from tests.faults.rig import Rig, gather_posts, redis_rig, sentinel_rig
 from tests.support.load import SteadyLoad, Watch
 from tests.support.recording import EFFECTS_KEY, SLOW_TYPE
@@ -95,6 +95,8 @@ class Fault:
     mono: float = field(default_factory=time.monotonic)
     wall: float = field(default_factory=time.time)
     figures: dict[str, object] = field(default_factory=dict)
+    # For the audit: runs this fault may have cut (from the kill until the broker is back).
+    cuts: Faults = field(default_factory=Faults)
 
     def since(self) -> float:
         return round(time.monotonic() - self.mono, 2)
@@ -148,11 +150,11 @@ def outage_figures(r: Rig, load: SteadyLoad, spooling: Watch, fault: Fault) -> l
     return [len(at) for at in outcomes]
 
 
-def audit_leads(r: Rig, ids: list[str]) -> Audit:
+def audit_leads(r: Rig, ids: list[str], fault: Fault) -> Audit:
     """The audit of every accepted lead: dispatch, ``audit`` and ``record`` done, its effect
     once."""
     accepted = {event_id: Planned("lead", "lead.created") for event_id in ids}
-    audit = audit_store(r, accepted, Counter())
+    audit = audit_store(r, accepted, Counter(), fault.cuts)
     audit.counts.update(from_logs(r))
     return audit
 
@@ -220,6 +222,7 @@ async def test_a_sentinel_failover_under_load_loses_no_acknowledged_event(
         # it), and the sentinels make it the new master's replica once they see it (they ask a
         # known replica for INFO every 10 s). Until it has synced, the ingress spools.
         await asyncio.to_thread(killed.restart)
+        fault.cuts.outage(fault.wall, r.settings.lease_s)
         fault.note("killed master restarted (s after the kill)", fault.since())
         await asyncio.sleep(max(0.0, load.started + LOAD_S - time.monotonic()))  # the load goes on
 
@@ -229,7 +232,7 @@ async def test_a_sentinel_failover_under_load_loses_no_acknowledged_event(
         fault.note("events spooled before the kill", spooled_before)
         after = outage_figures(r, load, spooling, fault)
         fault.note("masters (ports)", f"{old[1]} -> {new[1]}")
-        audit = audit_leads(r, ids)
+        audit = audit_leads(r, ids, fault)
         report("sentinel failover under load", fault, audit, tmp_path / "failover.txt")
 
         assert new != old
@@ -299,6 +302,7 @@ async def test_fsynced_acks_survive_a_kill_9_of_redis(
         acked = [s.detail for s in load.sent if s.status == 202 and s.answered < fault.mono]
         await asyncio.sleep(2.0)  # the outage, as long as a supervisor takes to restart it
         await asyncio.to_thread(r.server.restart)
+        fault.cuts.outage(fault.wall, r.settings.lease_s)
         fault.note("redis down (s)", fault.since())
         with r.redis.pipeline(transaction=False) as pipe:
             for event_id in acked:
@@ -313,7 +317,7 @@ async def test_fsynced_acks_survive_a_kill_9_of_redis(
         fault.note("every event handled and final (s after the kill)", fault.since())
         fault.note("events spooled before the kill", spooled_before)
         after = outage_figures(r, load, spooling, fault)
-        audit = audit_leads(r, ids)
+        audit = audit_leads(r, ids, fault)
         report("kill -9 of an fsynced Redis under load", fault, audit, tmp_path / "kill9.txt")
 
         assert all(found), f"{found.count(0)} events answered 202 before the kill were lost"

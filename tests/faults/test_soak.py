@@ -28,6 +28,7 @@ from tests.faults.audit import (
     DEAD_REASON,
     PROBLEMS,
     Audit,
+    Faults,
     Planned,
     audit_store,
     check_poison,
@@ -54,9 +55,6 @@ SOAK_ENV = {
     "CALHOOK_TASK_TIME_LIMIT_S": "10",
     "CALHOOK_VISIBILITY_TIMEOUT_S": "12",
 }
-# Each fault cuts at most the runs in hand: two children per killed worker, and on the Redis
-# restart every child (two workers of two).
-MOST_CUT_RUNS = 2 + 2 + 4
 
 
 class Soak:
@@ -68,6 +66,7 @@ class Soak:
         self.posted = 0
         self.started = time.monotonic()
         self.steps: list[str] = []
+        self.faults = Faults()
 
     def step(self, what: str) -> None:
         self.steps.append(f"  {time.monotonic() - self.started:6.1f}s  {what}")
@@ -108,9 +107,10 @@ def replay_twice_at_once(r: Rig) -> tuple[Counter[str], list[str]]:
     for process in processes:
         out, err = process.communicate(timeout=120)
         assert process.returncode == 0, err
-        lines = out.splitlines()
-        replayed.update(line.split(":")[0] for line in lines if ": queued on " in line)
-        totals.append(lines[-1])
+        queued = [line.split(":")[0] for line in out.splitlines() if ": queued on " in line]
+        replayed.update(queued)
+        report = out.splitlines()[len(queued) :]  # "N replayed", then what else happened
+        totals.append(", ".join(report))
     return replayed, totals
 
 
@@ -139,6 +139,7 @@ async def test_soak_every_pair_ends_once_and_nothing_is_left_behind(tmp_path: Pa
         await soak.post(waves[0])
         await await_for(lambda: sum(r.runs().values()) >= 300, what="handlers under way")
         r.kill(r.workers[0])
+        soak.faults.kill()
         soak.step(f"SIGKILL worker 0 mid-wave ({len(soak.accepted)} accepted so far)")
         r.start_worker()
 
@@ -152,17 +153,20 @@ async def test_soak_every_pair_ends_once_and_nothing_is_left_behind(tmp_path: Pa
         assert pid is not None
         victim = r.worker_of(pid)
         r.kill(victim)
+        soak.faults.kill()
         assert running_pid(r.redis, cut) == pid, "the sleeper was not mid-run when killed"
         soak.step(f"SIGKILL worker {r.workers.index(victim)} while ordered_apply runs v50 of `cut`")
         r.start_worker()
 
         await soak.post(waves[1])
+        down_at = time.time()
         r.server.stop()
         down = time.monotonic()
         soak.step("redis stopped (SIGTERM: its AOF is written); the ingress spools")
         await soak.post(waves[2])
         await soak.hold(LEASE_S / 2, since=down)  # past reconnect attempts, inside the leases
         r.server.start()
+        soak.faults.outage(down_at, LEASE_S)
         soak.step(f"redis up again ({len(waves[2])} events spooled meanwhile)")
 
         scheduler.stop()
@@ -199,7 +203,7 @@ async def test_soak_every_pair_ends_once_and_nothing_is_left_behind(tmp_path: Pa
             )
         )
 
-        audit = audit_store(r, soak.accepted, replays)
+        audit = audit_store(r, soak.accepted, replays, soak.faults)
         audit.counts.update(before_replay.counts)
         for problem, where in before_replay.examples.items():
             audit.examples.setdefault(problem, []).extend(where)
@@ -224,7 +228,9 @@ async def test_soak_every_pair_ends_once_and_nothing_is_left_behind(tmp_path: Pa
     ends = ("pairs stale", *(f"dead letters at the end: {why}" for why in DEAD_REASON.values()))
     for seen in ends:
         assert c[seen], seen
-    assert c["runs cut by a fault and run again"] <= MOST_CUT_RUNS
+    # How many runs the faults cut depends on what each pool child had in hand, and on the
+    # endings of a batch not yet recorded (docs/delivery.md, Batches); each such run began
+    # where a fault could cut it (the audit's "run again without a fault").
 
 
 BACKLOG_EVENTS = int(os.environ.get("CALHOOK_BACKLOG_SOAK_EVENTS", "1500"))
@@ -253,12 +259,15 @@ async def test_a_backlog_drained_in_large_batches_through_kills_ends_every_pair_
         soak.step("two workers and the scheduler up")
         await await_for(lambda: sum(r.runs().values()) >= BACKLOG_EVENTS // 4, what="draining")
         r.kill(r.workers[0])
+        soak.faults.kill()
         soak.step(f"SIGKILL worker 0 mid-drain ({sum(r.runs().values())} runs so far)")
         r.start_worker()
         await await_for(lambda: sum(r.runs().values()) >= BACKLOG_EVENTS // 2, what="more")
+        down_at = time.time()
         r.server.stop()
         await asyncio.sleep(1.0)
         r.server.start()
+        soak.faults.outage(down_at, LEASE_S)
         soak.step("redis restarted mid-drain (SIGTERM: its AOF is written)")
         await await_for(lambda: r.quiet(soak.accepted), timeout_s=300, what="every pair final")
         soak.step("every pair final")
@@ -266,7 +275,7 @@ async def test_a_backlog_drained_in_large_batches_through_kills_ends_every_pair_
         replays, totals = replay_twice_at_once(r)
         soak.step(f"two `dlq replay --all` at once: {' + '.join(totals)} of {len(dead)}")
         await await_for(lambda: r.quiet(soak.accepted), timeout_s=120, what="replays final")
-        audit = audit_store(r, soak.accepted, replays)
+        audit = audit_store(r, soak.accepted, replays, soak.faults)
         audit.counts.update(from_logs(r))
         batches = [int(line.get("events", 1)) for line in r.lines("handler done")]
         audit.counts["largest batch done in one task"] = max(batches, default=0)

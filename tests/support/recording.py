@@ -11,6 +11,7 @@ What the handlers of this module record (runs, effects, views) goes to the broke
 :data:`OUTSIDE_URL_ENV` names another server: there it lives as an outside system's records do,
 untouched when the broker crashes or fails over and rolls back what it had not persisted or
 replicated. A test of such a fault reads them there (each effect also with the time it applied).
+Each run counted is also logged with the time it began (``RUN_LOG_KEY``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from workers.errors import PermanentError, RetryLater
 from workers.registry import HandlerContext, handler
 
 RUNS_KEY = "calhook:test:runs"
+# Every run of a pair counted in RUNS_KEY, as ``event_id:handler <wall-clock start>``.
+RUN_LOG_KEY = "calhook:test:run_log"
 EFFECTS_KEY = "calhook:test:effects"
 VIEWS_KEY = "calhook:test:views"
 FIXED_KEY = "calhook:test:fixed"
@@ -69,7 +72,13 @@ def recorder() -> redis.Redis:
 
 
 def count_run(ctx: HandlerContext) -> int:
-    return int(recorder().hincrby(RUNS_KEY, f"{ctx.event_id}:{ctx.handler}", 1))
+    """Count one run of the pair, and log when it began (``RUN_LOG_KEY``), in one step."""
+    pair = f"{ctx.event_id}:{ctx.handler}"
+    with recorder().pipeline(transaction=True) as pipe:
+        pipe.hincrby(RUNS_KEY, pair, 1)
+        pipe.rpush(RUN_LOG_KEY, f"{pair} {time.time():.3f}")
+        runs, _ = pipe.execute()
+    return int(runs)
 
 
 # Atomic, as an outside system's idempotent write is: a connection lost between marking the key
