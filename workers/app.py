@@ -20,7 +20,7 @@ from celery.signals import setup_logging, worker_ready, worker_shutting_down
 from calhook import logs
 from calhook.constants import DISPATCH_QUEUE, DISPATCH_TASK, HANDLER_TASK
 from calhook.settings import Settings, get_settings
-from calhook.store.connect import celery_broker, pair_store
+from calhook.store.connect import celery_broker, pair_store, sync_client
 from calhook.store.pairs import PairStore
 from workers import kombu_fixes, legacy, routes
 from workers.connections import redis_client
@@ -202,7 +202,12 @@ def create_celery(settings: Settings | None = None) -> Celery:
         # process, which knows the queues it consumes.
         queues = _consumed(app) or {DISPATCH_QUEUE, *registry.queues()}
         described = routes.describe(registry, queues, routes.worker_id())
-        publisher.append(routes.Publisher(redis_client(), described).start())
+        # A client of its own: the withdrawal runs in Celery's signal handler, which must not
+        # wait for a pool lock the thread it interrupted holds (the solo pool runs tasks there).
+        client = sync_client(
+            settings.require_redis_url(), socket_timeout=5, socket_connect_timeout=5
+        )
+        publisher.append(routes.Publisher(client, described).start())
 
     @worker_shutting_down.connect(weak=False)
     def _withdraw_routes(**_: Any) -> None:
