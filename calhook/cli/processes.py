@@ -129,7 +129,8 @@ def exporter(host: str, port: int) -> None:
     "(acknowledgements `replicated` unless CALHOOK_ACK_DURABILITY says otherwise).",
 )
 def dev(port: int | None, sentinel: bool) -> None:
-    """Run everything for development: Redis (embedded if REDIS_URL is unset), ingress, worker."""
+    """Run everything for development: Redis (embedded if REDIS_URL is unset), the ingress, a worker
+    and the scheduler."""
     from calhook.redis_server import RedisServer, RedisServerError
     from calhook.sentinel_cluster import SentinelCluster
 
