@@ -112,8 +112,11 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def calhook_redis_url(redis_url: str) -> str:
     """calhook.testing's harness runs on a database of the test Redis no worker reads (it
-    empties it each run)."""
-    return urllib.parse.urlsplit(redis_url)._replace(path=f"/{HARNESS_DB}").geturl()
+    empties it each run), emptied here once: what an earlier session left is not its own."""
+    url = urllib.parse.urlsplit(redis_url)._replace(path=f"/{HARNESS_DB}").geturl()
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    return url
 
 
 @pytest.fixture

