@@ -32,6 +32,10 @@ def exported_names(tmp_path: Path) -> set[str]:
         fleet = CollectorRegistry(auto_describe=False)
         fleet.register(FleetCollector(client, {"audit"}))
         names |= {s.name for m in fleet.collect() for s in m.samples}
+        # A gauge's samples bear its family's name; those of a destination that is down (held
+        # handlers, breakers, failure groups) have none on an idle fleet, and
+        # tests/workers/test_exporter_health.py lays them out.
+        names |= {m.name for m in fleet.collect() if m.type == "gauge"}
         client.close()
     return names
 
@@ -61,6 +65,8 @@ def test_the_alerts_the_operators_asked_for_are_there() -> None:
         "CalhookOldestPendingTooOld",
         "CalhookQueueNotConsumed",
         "CalhookSpoolNotEmpty",
+        "CalhookBreakerOpen",
+        "CalhookHandlerPausedLong",
     }
 
 
