@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -131,7 +132,17 @@ def test_dev_runs_the_whole_pipeline_with_an_embedded_redis(
         )
     try:
         wait_for(lambda: readyz(port), timeout_s=60, what="`calhook dev` to be ready")
-        sent = calhook("send", str(SAMPLE), env={"CALHOOK_PORT": str(port), **env})
+        # The banner's command, run as in another terminal: neither the secret nor the port set.
+        [try_line] = [ln for ln in log_path.read_text().splitlines() if "Try:" in ln]
+        command = shlex.split(try_line.split("Try:", 1)[1])
+        assert command[:2] == ["calhook", "send"]
+        unset = ("CALHOOK_AUTH_SECRETS", "CALHOOK_PORT")
+        terminal = {k: v for k, v in env.items() if k not in unset}
+        sent = subprocess.run(
+            [sys.executable, "-m", "calhook", *command[1:-1], str(SAMPLE)],
+            cwd=ROOT, env=terminal, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert ": 202 " in sent.stdout, (try_line, sent.stdout, sent.stderr)
         event_id = json.loads(sent.stdout.split(": 202 ", 1)[1])["event_id"]
 
         def handled() -> bool:

@@ -15,7 +15,7 @@ import click
 from calhook import logs
 from calhook.cli._common import broker_settings, cli_settings
 from calhook.constants import DISPATCH_QUEUE
-from calhook.settings import SettingsError
+from calhook.settings import Settings, SettingsError
 
 
 @click.command()
@@ -168,12 +168,17 @@ def dev(port: int | None, sentinel: bool) -> None:
             f"`redis-cli -p {server.sentinel_ports[0]} SENTINEL FAILOVER {server.master_name}`)"
         )
     secret = settings.auth_secrets[0].get_secret_value() if settings.auth_secrets else None
+    # What works from another terminal, where neither the secret nor the port is set.
+    url = f"http://127.0.0.1:{port}/webhooks/calenso"
+    try_send = "calhook send" + (f" --secret {secret}" if secret else "")
+    if port != Settings.model_fields["port"].default:
+        try_send += f" --url {url}"
     click.echo(
         f"\ncalhook is running.\n"
         f"  Redis:   {env['REDIS_URL']}{embedded}\n"
-        f"  Post to: http://127.0.0.1:{port}/webhooks/calenso"
+        f"  Post to: {url}"
         f"{f' with header {settings.auth_header}: {secret}' if secret else ''}\n"
-        f"  Try:     calhook send ../shared/fixtures/calenso/customer.created.nested.json\n"
+        f"  Try:     {try_send} ../shared/fixtures/calenso/customer.created.nested.json\n"
         f"  Inspect: REDIS_URL={env['REDIS_URL']} calhook queues --watch\n"
         f"  Stop:    Ctrl-C\n",
         err=True,
