@@ -112,10 +112,13 @@ def test_retries_run_on_a_fast_schedule_until_done(
 
 
 def test_a_database_holding_what_the_harness_did_not_write_is_refused_not_emptied(
-    redis_db: redis.Redis, redis_url: str, calenso_event: Callable[..., Sample]
+    calhook_redis_url: str, calenso_event: Callable[..., Sample]
 ) -> None:
+    # The harness's database (no worker of the suite reads it), holding someone else's key.
+    redis_db = redis.Redis.from_url(calhook_redis_url)
+    redis_db.flushdb()
     redis_db.set("someone:else", "theirs")
-    harness = Harness(redis_url)
+    harness = Harness(calhook_redis_url)
     try:
         with pytest.raises(HarnessError, match="holds keys calhook\\.testing did not write"):
             harness.run(refuses, calenso_event("customer.created"))
@@ -127,6 +130,7 @@ def test_a_database_holding_what_the_harness_did_not_write_is_refused_not_emptie
             assert result.outcome(0) == "dead"
     finally:
         harness.close()
+        redis_db.close()
 
 
 def test_a_permanent_error_is_a_dead_letter_at_once(
