@@ -211,10 +211,9 @@ def problems(workers: Sequence[dict[str, Any]]) -> list[str]:
         for queue in sorted(queues & consumed):
             # Routed there, but a worker taking its messages does not run it: what that worker
             # takes is dead-lettered as unknown_handler.
-            lacking = [w["worker"] for w in workers if queue in w["queues"]
-                       and handler not in {h["name"] for h in w["handlers"]}]  # fmt: skip
+            consumers = [w for w in workers if queue in w["queues"]]
+            lacking, why = _not_running(consumers, handler)
             if lacking:
-                why = "; ".join(f"{n}: {_why_not(workers, n, handler)}" for n in lacking)
                 found.append(
                     f"{handler} is routed to queue {queue}, but {', '.join(lacking)} consume "
                     f"it without running it ({why}): what they take is dead-lettered as "
@@ -223,10 +222,8 @@ def problems(workers: Sequence[dict[str, Any]]) -> list[str]:
                 )
     # Dispatching workers that disagree: only the events one of them dispatches reach it.
     for handler in sorted(routed):
-        missing = [w["worker"] for w in dispatching
-                   if handler not in {h["name"] for h in w["handlers"]}]  # fmt: skip
+        missing, why = _not_running(dispatching, handler)
         if missing:
-            why = "; ".join(f"{n}: {_why_not(workers, n, handler)}" for n in missing)
             found.append(
                 f"{handler} is routed by some dispatching workers but not by {', '.join(missing)}"
                 f" ({why}): the events those dispatch never reach it."
@@ -235,11 +232,13 @@ def problems(workers: Sequence[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _why_not(workers: Sequence[dict[str, Any]], worker: str, handler: str) -> str:
-    for w in workers:
-        if w["worker"] == worker:
-            return str(w["inactive"].get(handler, "not installed"))
-    return "not installed"
+def _not_running(workers: Sequence[dict[str, Any]], handler: str) -> tuple[list[str], str]:
+    """Which of ``workers`` do not run ``handler``, and why (``worker: reason``, joined)."""
+    lacking = [w for w in workers if handler not in {h["name"] for h in w["handlers"]}]
+    why = "; ".join(
+        f"{w['worker']}: {w['inactive'].get(handler, 'not installed')}" for w in lacking
+    )
+    return [w["worker"] for w in lacking], why
 
 
 def _unrouted(
