@@ -53,7 +53,7 @@ def parse_sentinel(url: str) -> SentinelTarget | None:
     """The Sentinel target ``url`` names, None for a plain server URL; RedisURLError otherwise."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise RedisURLError(f"REDIS_URL {_redact(url)!r} has no scheme; use redis:// or {_FORM}")
+        raise RedisURLError(f"REDIS_URL {redact(url)!r} has no scheme; use redis:// or {_FORM}")
     scheme = scheme.lower()
     if scheme in _DIRECT_SCHEMES:
         return None
@@ -129,7 +129,8 @@ def _one(options: dict[str, list[str]], name: str) -> str | None:
     return unquote(values[-1]) if values else None
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
+    """``url`` without its credentials, to show in a message."""
     _, at, tail = url.rpartition("@")
     return f"***@{tail}" if at else url
 
@@ -141,11 +142,11 @@ def validate(url: str) -> str:
         scheme = url.partition("://")[0].lower()
         parsed = urlsplit(url)
         if scheme != "unix" and not parsed.hostname:
-            raise RedisURLError(f"REDIS_URL {_redact(url)!r} names no host")
+            raise RedisURLError(f"REDIS_URL {redact(url)!r} names no host")
         try:
             parsed.port  # noqa: B018  (reading it validates it)
         except ValueError:
-            raise RedisURLError(f"REDIS_URL {_redact(url)!r} has a bad port") from None
+            raise RedisURLError(f"REDIS_URL {redact(url)!r} has a bad port") from None
     return url
 
 

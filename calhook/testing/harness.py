@@ -29,6 +29,7 @@ import redis
 from calhook.constants import DISPATCH_QUEUE
 from calhook.ids import new_event_id
 from calhook.messages import event_record, read_task_message
+from calhook.redis_url import redact
 from calhook.settings import Settings, load_settings
 from calhook.store.connect import pair_store
 from calhook.store.keys import DISPATCH_PAIR, DUE, dedup_key, due_member
@@ -108,6 +109,7 @@ class Harness:
     def __init__(self, redis_url: str, **settings: Any) -> None:
         self.settings: Settings = load_settings(redis_url=redis_url, **{**FAST, **settings})
         self.client = redis.Redis.from_url(redis_url)
+        self._where = redact(redis_url)
 
     def close(self) -> None:
         self.client.close()
@@ -115,12 +117,10 @@ class Harness:
     def _empty(self) -> None:
         """Empty the database, if it is empty already or the harness's own."""
         if self.client.dbsize() and not self.client.exists(OWNED_KEY):
-            where = self.client.connection_pool.connection_kwargs
             raise HarnessError(
-                f"database {where.get('db', 0)} of the Redis at {where.get('host')}:"
-                f"{where.get('port')} holds keys calhook.testing did not write, and each run "
-                "empties it: give the tests a database of their own (CALHOOK_TEST_REDIS_URL="
-                "redis://host:6379/15, say), or empty that one yourself"
+                f"the Redis database {self._where} holds keys calhook.testing did not write, "
+                "and each run empties it: give the tests a database of their own "
+                "(CALHOOK_TEST_REDIS_URL=redis://host:6379/15, say), or empty that one yourself"
             )
         with self.client.pipeline() as pipe:
             pipe.flushdb()
